@@ -1,0 +1,100 @@
+//! Hugging Face model folders: `config.json` + `model.safetensors` (or a sharded index) +
+//! `tokenizer.json`.
+
+use super::{model_name, Model, Weights};
+use crate::model::{gpt2, llama, t5, Backbone};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+/// Reads and parses a JSON file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
+}
+
+/// Deserialises a config file into `T`; a missing or mistyped field is an error naming it.
+pub fn parse_config<T: serde::de::DeserializeOwned>(path: &Path, value: &serde_json::Value) -> Result<T> {
+    serde_json::from_value(value.clone()).map_err(|e| Error::format(path, format!("bad config: {e}")))
+}
+
+/// The weight files of a folder: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::config(&index, "weight_map", "missing or not an object"))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    Err(Error::format(
+        dir,
+        "no model.safetensors or model.safetensors.index.json in this folder",
+    ))
+}
+
+pub fn load(dir: &Path, device: &Device) -> Result<Model> {
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::config(&config_path, "model_type", "missing"))?
+        .to_string();
+    let weights = Weights::from_safetensors(&weight_files(dir)?, device)?;
+    let name = model_name(dir);
+    let backbone = match model_type.as_str() {
+        "llama" | "mistral" | "qwen2" => {
+            let cfg: llama::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(llama::Llama::new(&cfg, &weights, name)?))
+        }
+        "gpt2" => {
+            let cfg: gpt2::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(gpt2::Gpt2::new(&cfg, &weights, name)?))
+        }
+        "t5" | "mt5" => {
+            let cfg: t5::Config = parse_config(&config_path, &config)?;
+            Backbone::Seq2Seq(Box::new(t5::T5::new(&cfg, &weights, name)?))
+        }
+        other => {
+            return Err(Error::config(
+                &config_path,
+                "model_type",
+                format!("unsupported architecture `{other}` (supported: llama, gpt2, t5)"),
+            ))
+        }
+    };
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.is_file() {
+        let info = backbone.info();
+        let mut tok = Tokenizer::from_file(&tok_path)?;
+        tok.bos_token_id = info.bos_token_id;
+        tok.eos_token_id = info.eos_token_ids.first().copied();
+        // Llama tokenizers put BOS first; their tokenizer.json post-processor does it when
+        // encoding with special tokens, which we do not use, so do it here.
+        tok.add_bos = model_type == "llama" && info.bos_token_id.is_some();
+        Some(tok)
+    } else {
+        None
+    };
+    Ok(Model {
+        backbone,
+        tokenizer,
+        path: dir.to_path_buf(),
+    })
+}

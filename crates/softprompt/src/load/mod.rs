@@ -1,0 +1,53 @@
+//! Loading a frozen model from what users have: a Hugging Face model folder or a GGUF file.
+
+pub mod gguf;
+pub mod hf;
+pub mod weights;
+
+pub use weights::Weights;
+
+use crate::model::Backbone;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+/// A frozen backbone with its tokenizer (absent for folders without `tokenizer.json`).
+pub struct Model {
+    pub backbone: Backbone,
+    pub tokenizer: Option<Tokenizer>,
+    pub path: PathBuf,
+}
+
+impl Model {
+    /// The tokenizer, or an error naming the model path when it has none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::format(&self.path, "model has no tokenizer (tokenizer.json is missing)")
+        })
+    }
+}
+
+/// Loads `path`: a `.gguf` file, or a folder with `config.json` + safetensors weights.
+pub fn load_model(path: &Path, device: &Device) -> Result<Model> {
+    if path.is_dir() {
+        hf::load(path, device)
+    } else if path.is_file() {
+        gguf::load(path, device)
+    } else {
+        Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder"),
+        ))
+    }
+}
+
+/// Name recorded as `base_model_name_or_path`: the folder or file name without extension.
+pub fn model_name(path: &Path) -> String {
+    let p = if path.extension().is_some_and(|e| e == "gguf") {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}

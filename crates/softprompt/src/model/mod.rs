@@ -1,0 +1,214 @@
+//! Frozen backbones: token ids or embeddings in, logits out.
+//!
+//! Every architecture lives in one file and implements one of two small traits:
+//! [`CausalLm`] (decoder-only: Llama family, GPT-2) or [`Seq2SeqLm`] (T5). Both expose the
+//! input embedding table so a soft prompt can be prepended to `embed(ids)`.
+//!
+//! Shapes: `B` batch, `T` new positions, `P` cached (past) positions, `D` d_model, `V` vocab,
+//! `H` heads, `Dh` head dim.
+
+pub mod gpt2;
+pub mod llama;
+pub mod ops;
+pub mod t5;
+
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Gpt2,
+    T5,
+}
+
+/// Facts about a loaded model that the rest of the library needs.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    pub arch: Arch,
+    /// Name recorded in adapters as `base_model_name_or_path`.
+    pub name: String,
+    pub d_model: usize,
+    pub vocab_size: usize,
+    pub n_layers: usize,
+    /// Longest sequence (prompt included) the model can take; `None` when unbounded (T5).
+    pub max_positions: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    /// Generation stops at any of these.
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// Seq2seq only: first decoder input.
+    pub decoder_start_token_id: Option<u32>,
+}
+
+/// Where the LM head is applied. Training needs logits only where labels are.
+#[derive(Clone, Copy, Debug)]
+pub enum LogitsAt<'a> {
+    /// `[B, T, V]`
+    All,
+    /// `[B, V]`: the last position of every row.
+    Last,
+    /// `[M, V]`: rows of the flattened `[B*T]` positions, given as a u32 tensor `[M]`.
+    Rows(&'a Tensor),
+}
+
+/// Keys and values of past positions, one entry per layer, each `[B, H_kv, P, Dh]`.
+/// `cross` is used by encoder-decoder models for the (fixed) encoder keys/values.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub cross: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+            cross: vec![None; n_layers],
+        }
+    }
+
+    /// Number of cached positions `P`.
+    pub fn seq_len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Appends `k`, `v` (`[B, H, T, Dh]`) to layer `i` and returns the full keys/values.
+    pub fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[i].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.layers[i] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Keeps only the given batch rows (used when generation drops finished rows or beams).
+    pub fn index_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for entry in self.layers.iter_mut().chain(self.cross.iter_mut()) {
+            if let Some((k, v)) = entry.take() {
+                *entry = Some((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decoder-only language model (Llama family, GPT-2).
+pub trait CausalLm: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// `ids [B, T]` (u32) -> `[B, T, D]`, the frozen input embedding table.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+
+    /// `embeds [B, T, D]`, `mask [B, P + T]` (1 = real, 0 = pad; any dtype) covering the cached
+    /// positions too. Positions are numbered `P .. P+T-1` for every row, whatever the padding
+    /// (what transformers does when PEFT passes no position ids). Appends to `cache` if given.
+    fn forward(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        at: LogitsAt,
+    ) -> Result<Tensor>;
+
+    /// transformers' `output_hidden_states`: `L + 1` tensors `[B, T, D]` (input of block 0,
+    /// output of each block, the last one after the final norm). For tests and inspection.
+    fn hidden_states(&self, embeds: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>>;
+}
+
+/// Encoder-decoder language model (T5, flan-T5). The soft prompt goes before the encoder input.
+pub trait Seq2SeqLm: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// `ids [B, S]` (u32) -> `[B, S, D]`, the shared embedding table.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+
+    /// `embeds [B, S, D]`, `mask [B, S]` -> encoder output `[B, S, D]`.
+    fn encode(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor>;
+
+    /// `decoder_ids [B, T]` (u32), positions `P .. P+T-1` where `P` is the cache length;
+    /// `encoder_out [B, S, D]`, `encoder_mask [B, S]`. Returns logits as chosen by `at`.
+    fn decode(
+        &self,
+        decoder_ids: &Tensor,
+        encoder_out: &Tensor,
+        encoder_mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        at: LogitsAt,
+    ) -> Result<Tensor>;
+
+    /// Encoder and decoder hidden states as transformers' `output_hidden_states` (for tests).
+    fn hidden_states(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        decoder_ids: &Tensor,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)>;
+}
+
+/// A frozen backbone of either kind.
+pub enum Backbone {
+    Causal(Box<dyn CausalLm>),
+    Seq2Seq(Box<dyn Seq2SeqLm>),
+}
+
+impl Backbone {
+    pub fn info(&self) -> &ModelInfo {
+        match self {
+            Backbone::Causal(m) => m.info(),
+            Backbone::Seq2Seq(m) => m.info(),
+        }
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Backbone::Causal(m) => m.embed(ids),
+            Backbone::Seq2Seq(m) => m.embed(ids),
+        }
+    }
+
+    pub fn is_seq2seq(&self) -> bool {
+        matches!(self, Backbone::Seq2Seq(_))
+    }
+}
+
+/// Additive attention bias `[B, 1, T, P+T]` (f32): 0 where query `i` may attend key `j`,
+/// a large negative number elsewhere. `mask [B, P+T]` marks real keys; with `causal`, query
+/// `i` (at absolute position `P+i`) sees keys `j <= P+i` only. Rows with nothing to attend
+/// to stay finite (softmax then spreads evenly) instead of producing NaN.
+pub fn attention_bias(mask: &Tensor, t: usize, causal: bool) -> Result<Tensor> {
+    let (b, k_len) = mask.dims2()?;
+    let device = mask.device();
+    let keys = mask.to_dtype(DType::F32)?.reshape((b, 1, 1, k_len))?; // [B,1,1,K]
+    let allowed = if causal {
+        let past = k_len - t;
+        let tri: Vec<f32> = (0..t)
+            .flat_map(|i| (0..k_len).map(move |j| if j <= past + i { 1.0 } else { 0.0 }))
+            .collect();
+        let tri = Tensor::from_vec(tri, (1, 1, t, k_len), device)?;
+        keys.broadcast_mul(&tri)? // [B,1,T,K]
+    } else {
+        keys.broadcast_as((b, 1, t, k_len))?.contiguous()?
+    };
+    // (allowed - 1) * BIG: 0 where allowed, -BIG where not.
+    Ok(((allowed - 1.0)? * MASK_VALUE)?)
+}
+
+/// Magnitude of the additive mask; finite so fully masked rows do not give NaN.
+pub const MASK_VALUE: f64 = 1e30;
+
+/// Converts user-facing ids to a u32 tensor `[B, T]`.
+pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let t = rows.first().map(|r| r.len()).unwrap_or(0);
+    if rows.iter().any(|r| r.len() != t) {
+        crate::bail!("ids_tensor: rows have different lengths");
+    }
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), t), device)?)
+}

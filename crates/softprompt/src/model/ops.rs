@@ -1,0 +1,157 @@
+//! Differentiable building blocks shared by the backbones.
+//!
+//! candle's fused kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope`) have no
+//! backward and silently drop gradients, so training goes through these compositions of
+//! primitive ops, each of which candle can differentiate.
+
+use crate::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+/// `x [.., K] @ w^T` for a weight stored as `[N, K]` (nn.Linear layout) -> `[.., N]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?; // [rows, N]
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// Softmax over the last dimension. The max is detached: it only keeps `exp` in range and
+/// its gradient cancels exactly.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Per-token negative log-likelihood: `logits [M, V]`, `targets [M]` (u32) -> `[M]`.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok(picked.neg()?)
+}
+
+/// RMSNorm (Llama, and T5's "LayerNorm"): `x * rsqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(w)?)
+}
+
+/// LayerNorm (GPT-2): `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// Rotary tables for positions `start .. start+t`: `(cos, sin)`, each `[t, Dh/2]`.
+pub fn rope_tables(
+    head_dim: usize,
+    theta: f64,
+    start: usize,
+    t: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for p in start..start + t {
+        for i in 0..half {
+            let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            // Same rounding as transformers: inv_freq and the angle in f32.
+            let angle = (p as f32) * (inv_freq as f32);
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (t, half), device)?,
+        Tensor::from_vec(sin, (t, half), device)?,
+    ))
+}
+
+/// Applies rotary embeddings to `x [B, H, T, Dh]` with tables `[T, Dh/2]`.
+///
+/// `interleaved = false`: transformers' `rotate_half` layout (pairs `(i, i + Dh/2)`).
+/// `interleaved = true`: GGML's layout (adjacent pairs `(2i, 2i+1)`), for q/k weights as
+/// stored in GGUF files, which the converter permuted.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    let cos = cos.reshape((1, 1, t, half))?;
+    let sin = sin.reshape((1, 1, t, half))?;
+    if interleaved {
+        let pairs = x.reshape((b, h, t, half, 2))?;
+        let x1 = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+        let x2 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+        Ok(Tensor::stack(&[&r1, &r2], 4)?.reshape((b, h, t, d))?)
+    } else {
+        let x1 = x.narrow(3, 0, half)?;
+        let x2 = x.narrow(3, half, half)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[&r1, &r2], 3)?)
+    }
+}
+
+/// Scaled dot-product attention with an additive bias.
+/// `q [B, H, T, Dh]`, `k`/`v [B, H_kv, K, Dh]` (grouped-query: `H` a multiple of `H_kv`),
+/// `bias` broadcastable to `[B, H, T, K]`, `scale` multiplies the scores.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let h_kv = k.dim(1)?;
+    let k_len = k.dim(2)?;
+    let group = h / h_kv;
+    // Group queries by their kv head instead of repeating k/v: [B, H_kv, group*T, Dh].
+    let q = q.reshape((b, h_kv, group * t, d))?;
+    let scores = q.matmul(&k.t()?)?; // [B, H_kv, group*T, K]
+    let scores = if scale != 1.0 { (scores * scale)? } else { scores };
+    let scores = scores
+        .reshape((b, h, t, k_len))?
+        .broadcast_add(bias)?;
+    let probs = softmax_last_dim(&scores)?.reshape((b, h_kv, group * t, k_len))?;
+    Ok(probs.matmul(v)?.reshape((b, h, t, d))?) // [B, H, T, Dh]
+}
+
+/// `[B, T, H*Dh]` -> `[B, H, T, Dh]`
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// `[B, H, T, Dh]` -> `[B, T, H*Dh]`
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+/// Picks the LM-head input rows for [`super::LogitsAt`]: `hidden [B, T, D]` -> `[B, T, D]`,
+/// `[B, D]` or `[M, D]`.
+pub fn select_positions(hidden: &Tensor, at: super::LogitsAt) -> Result<Tensor> {
+    let (b, t, d) = hidden.dims3()?;
+    Ok(match at {
+        super::LogitsAt::All => hidden.clone(),
+        super::LogitsAt::Last => hidden.narrow(1, t - 1, 1)?.squeeze(1)?,
+        super::LogitsAt::Rows(rows) => hidden.reshape((b * t, d))?.index_select(rows, 0)?,
+    })
+}
