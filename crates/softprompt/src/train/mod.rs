@@ -1,0 +1,3 @@
+//! Training: optimisers, schedules, the loop, checkpoints.
+pub mod optim;
+pub mod schedule;
