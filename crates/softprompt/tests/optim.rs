@@ -20,11 +20,20 @@ fn reference() -> Value {
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 fn shape(v: &Value) -> Vec<usize> {
-    v["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 fn tensor(values: &Value, shape: &[usize]) -> Tensor {
@@ -34,7 +43,10 @@ fn tensor(values: &Value, shape: &[usize]) -> Tensor {
 /// The case's initial parameters as vars.
 fn init_vars(case: &Value) -> Vec<Var> {
     let params = case["params"].as_array().unwrap();
-    params.iter().map(|p| Var::from_tensor(&tensor(&p["init"], &shape(p))).unwrap()).collect()
+    params
+        .iter()
+        .map(|p| Var::from_tensor(&tensor(&p["init"], &shape(p))).unwrap())
+        .collect()
 }
 
 /// A gradient store holding `grads[i]` for `vars[i]`.
@@ -58,7 +70,10 @@ fn rel_err(ours: &Tensor, reference: &Tensor) -> f64 {
     let b = reference.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(a.len(), b.len());
     let max_ref = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
-    let max_diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
     max_diff / max_ref
 }
 
@@ -74,8 +89,11 @@ fn check_case(kind: &str, case: &Value, vars: &[Var], opt: &mut dyn Optimizer) {
         for (i, (var, p)) in vars.iter().zip(params).enumerate() {
             let expected = tensor(&case["expected"][k][i], &shape(p));
             let err = rel_err(var.as_tensor(), &expected);
-            eprintln!("ERR {kind}/{name} step {} param {i}: {err:.3e}", k + 1);
-            assert!(err <= TOL_REL, "{kind}/{name}: step {}, param {i}: relative error {err:.3e}", k + 1);
+            assert!(
+                err <= TOL_REL,
+                "{kind}/{name}: step {}, param {i}: relative error {err:.3e}",
+                k + 1
+            );
         }
     }
 }
@@ -111,7 +129,12 @@ fn adafactor_matches_optax() {
         let vars = init_vars(case);
         let mut opt = Adafactor::new(vars.clone(), adafactor_config(&case["config"])).unwrap();
         for (i, p) in case["params"].as_array().unwrap().iter().enumerate() {
-            assert_eq!(opt.is_factored(i), p["factored"].as_bool().unwrap(), "{}: param {i}", case["name"]);
+            assert_eq!(
+                opt.is_factored(i),
+                p["factored"].as_bool().unwrap(),
+                "{}: param {i}",
+                case["name"]
+            );
         }
         check_case("adafactor", case, &vars, &mut opt);
     }
@@ -132,8 +155,14 @@ fn adamw_matches_optax() {
 #[test]
 fn adafactor_default_is_the_recipe_and_factoring_rule() {
     let c = AdafactorConfig::default();
-    assert_eq!((c.decay_rate, c.epsilon1, c.clipping_threshold), (0.8, 1e-30, Some(1.0)));
-    assert_eq!((c.momentum, c.weight_decay, c.factored, c.min_dim_size_to_factor), (None, 1e-5, true, 128));
+    assert_eq!(
+        (c.decay_rate, c.epsilon1, c.clipping_threshold),
+        (0.8, 1e-30, Some(1.0))
+    );
+    assert_eq!(
+        (c.momentum, c.weight_decay, c.factored, c.min_dim_size_to_factor),
+        (None, 1e-5, true, 128)
+    );
     assert_eq!(c.factored_dims(&[100, 768]), None); // a 100-token prompt is not factored
     assert_eq!(c.factored_dims(&[128, 768]), Some((0, 1)));
     assert_eq!(c.factored_dims(&[768, 128]), Some((1, 0)));
@@ -150,12 +179,18 @@ fn adafactor_default_is_the_recipe_and_factoring_rule() {
 fn adafactor_weight_decay_is_independent_of_lr() {
     let p0 = Tensor::new(&[[1.0f32, -2.0, 0.5], [3.0, 0.25, -1.0]], &Device::Cpu).unwrap();
     let var = Var::from_tensor(&p0).unwrap();
-    let cfg = AdafactorConfig { weight_decay: 0.125, ..Default::default() };
+    let cfg = AdafactorConfig {
+        weight_decay: 0.125,
+        ..Default::default()
+    };
     let mut opt = Adafactor::new(vec![var.clone()], cfg).unwrap();
     let g = Tensor::new(&[[0.1f32, 0.2, -0.3], [0.4, 0.5, 0.6]], &Device::Cpu).unwrap();
-    assert_eq!(opt.step(&grad_store(&[var.clone()], &[g]), 0.0).unwrap(), 1);
+    assert_eq!(opt.step(&grad_store(std::slice::from_ref(&var), &[g]), 0.0).unwrap(), 1);
     let expected = (p0 * 0.875).unwrap();
-    assert_eq!(var.as_tensor().to_vec2::<f32>().unwrap(), expected.to_vec2::<f32>().unwrap());
+    assert_eq!(
+        var.as_tensor().to_vec2::<f32>().unwrap(),
+        expected.to_vec2::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -166,15 +201,22 @@ fn vars_without_gradient_are_skipped_and_counted() {
     let b0 = b.as_tensor().to_vec1::<f32>().unwrap();
     let ga = Tensor::new(&[[0.5f32, -0.5], [0.25, 1.0]], &dev).unwrap();
     let configs = [
-        OptimizerConfig::Adafactor(AdafactorConfig { momentum: Some(0.9), ..Default::default() }),
+        OptimizerConfig::Adafactor(AdafactorConfig {
+            momentum: Some(0.9),
+            ..Default::default()
+        }),
         OptimizerConfig::AdamW(AdamWConfig::new(0.01)),
     ];
     for config in configs {
         let mut opt = config.build(vec![a.clone(), b.clone()]).unwrap();
-        let store = grad_store(&[a.clone()], &[ga.clone()]);
+        let store = grad_store(std::slice::from_ref(&a), std::slice::from_ref(&ga));
         assert_eq!(opt.step(&store, 0.1).unwrap(), 1);
         assert_eq!(opt.step(&GradStore::default(), 0.1).unwrap(), 0);
-        assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), b0, "{config:?}: b has no gradient");
+        assert_eq!(
+            b.as_tensor().to_vec1::<f32>().unwrap(),
+            b0,
+            "{config:?}: b has no gradient"
+        );
         let state = opt.state().unwrap();
         let prefix = match config {
             OptimizerConfig::Adafactor(_) => "adafactor",
@@ -183,14 +225,19 @@ fn vars_without_gradient_are_skipped_and_counted() {
         assert_eq!(state.scalar(&format!("{prefix}.0.step")).unwrap(), 1.0);
         assert_eq!(state.scalar(&format!("{prefix}.1.step")).unwrap(), 0.0);
         // A gradient of the wrong shape is an error, not a silent broadcast.
-        let bad = grad_store(&[b.clone()], &[Tensor::zeros((2, 2), DType::F32, &dev).unwrap()]);
+        let bad = grad_store(
+            std::slice::from_ref(&b),
+            &[Tensor::zeros((2, 2), DType::F32, &dev).unwrap()],
+        );
         assert!(opt.step(&bad, 0.1).is_err());
         assert!(opt.step(&store, f64::NAN).is_err());
     }
 }
 
 fn snapshot(vars: &[Var]) -> Vec<Vec<f32>> {
-    vars.iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    vars.iter()
+        .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect()
 }
 
 /// Saves a state the way a checkpoint would: tensors through a safetensors file, scalars through JSON.
@@ -212,7 +259,11 @@ fn through_files(state: &OptimizerState, tag: &str) -> OptimizerState {
 fn state_round_trip_resumes_bit_exactly() {
     let r = reference();
     // Factored + unfactored vars, with momentum; and AdamW with weight decay and a changing lr.
-    let runs = [(&r["adafactor"][2], "adafactor"), (&r["adafactor"][0], "adafactor"), (&r["adamw"][1], "adamw")];
+    let runs = [
+        (&r["adafactor"][2], "adafactor"),
+        (&r["adafactor"][0], "adafactor"),
+        (&r["adamw"][1], "adamw"),
+    ];
     for (case, kind) in runs {
         let name = case["name"].as_str().unwrap();
         let build = |vars: Vec<Var>| -> Box<dyn Optimizer> {
@@ -221,16 +272,21 @@ fn state_round_trip_resumes_bit_exactly() {
                 _ => Box::new(AdamW::new(vars, adamw_config(&case["config"])).unwrap()),
             }
         };
-        let lrs: Vec<f64> = case["lr"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let lrs: Vec<f64> = case["lr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         let vars = init_vars(case);
         let mut opt = build(vars.clone());
-        for k in 0..2 {
-            opt.step(&grad_store(&vars, &case_grads(case, k)), lrs[k]).unwrap();
+        for (k, &lr) in lrs.iter().enumerate().take(2) {
+            opt.step(&grad_store(&vars, &case_grads(case, k)), lr).unwrap();
         }
         let saved_params = snapshot(&vars);
         let saved_state = through_files(&opt.state().unwrap(), name);
-        for k in 2..4 {
-            opt.step(&grad_store(&vars, &case_grads(case, k)), lrs[k]).unwrap();
+        for (k, &lr) in lrs.iter().enumerate().skip(2) {
+            opt.step(&grad_store(&vars, &case_grads(case, k)), lr).unwrap();
         }
 
         let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.dims().to_vec()).collect();
@@ -241,10 +297,14 @@ fn state_round_trip_resumes_bit_exactly() {
             .collect();
         let mut opt2 = build(vars2.clone());
         opt2.load_state(&saved_state).unwrap();
-        for k in 2..4 {
-            opt2.step(&grad_store(&vars2, &case_grads(case, k)), lrs[k]).unwrap();
+        for (k, &lr) in lrs.iter().enumerate().skip(2) {
+            opt2.step(&grad_store(&vars2, &case_grads(case, k)), lr).unwrap();
         }
-        assert_eq!(snapshot(&vars), snapshot(&vars2), "{kind}/{name}: resumed params differ");
+        assert_eq!(
+            snapshot(&vars),
+            snapshot(&vars2),
+            "{kind}/{name}: resumed params differ"
+        );
         let (s1, s2) = (opt.state().unwrap(), opt2.state().unwrap());
         assert_eq!(s1.scalars, s2.scalars);
         let mut keys: Vec<&String> = s1.tensors.keys().collect();
@@ -267,7 +327,11 @@ fn load_state_rejects_mismatches() {
     // Another optimizer's state.
     assert!(adam.load_state(&ada.state().unwrap()).is_err());
     // Other shapes.
-    let other = AdamW::new(vec![Var::zeros((4, 3), DType::F32, &dev).unwrap()], AdamWConfig::new(0.0)).unwrap();
+    let other = AdamW::new(
+        vec![Var::zeros((4, 3), DType::F32, &dev).unwrap()],
+        AdamWConfig::new(0.0),
+    )
+    .unwrap();
     assert!(adam.load_state(&other.state().unwrap()).is_err());
     // More vars than this optimizer has.
     let two = AdamW::new(vec![var(), var()], AdamWConfig::new(0.0)).unwrap();
@@ -287,7 +351,10 @@ fn clip_grad_norm_scales_to_max_norm() {
     let b = Var::from_tensor(&Tensor::new(&[[12.0f32]], &dev).unwrap()).unwrap();
     let c = Var::from_tensor(&Tensor::new(&[1.0f32], &dev).unwrap()).unwrap(); // no gradient
     let vars = [a.clone(), b.clone(), c.clone()];
-    let grads = [Tensor::new(&[3.0f32, 4.0], &dev).unwrap(), Tensor::new(&[[12.0f32]], &dev).unwrap()];
+    let grads = [
+        Tensor::new(&[3.0f32, 4.0], &dev).unwrap(),
+        Tensor::new(&[[12.0f32]], &dev).unwrap(),
+    ];
     // |g| = sqrt(9 + 16 + 144) = 13: above 6.5, so every gradient is scaled by 6.5 / (13 + 1e-6).
     let mut store = grad_store(&vars[..2], &grads);
     let norm = clip_grad_norm(&mut store, &vars, 6.5).unwrap();
@@ -303,14 +370,21 @@ fn clip_grad_norm_scales_to_max_norm() {
     // Below the limit: untouched.
     let mut store = grad_store(&vars[..2], &grads);
     assert!((clip_grad_norm(&mut store, &vars, 20.0).unwrap() - 13.0).abs() < 1e-9);
-    assert_eq!(store.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 4.0]);
+    assert_eq!(
+        store.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+        vec![3.0, 4.0]
+    );
     assert!(clip_grad_norm(&mut store, &vars, 0.0).is_err());
 }
 
 #[track_caller]
 fn assert_lr(s: &Schedule, step: usize, expected: f64) {
     let got = s.lr_at(step);
-    assert!((got - expected).abs() < 1e-12, "{:?} at step {step}: {got} != {expected}", s.decay);
+    assert!(
+        (got - expected).abs() < 1e-12,
+        "{:?} at step {step}: {got} != {expected}",
+        s.decay
+    );
 }
 
 #[test]
@@ -331,11 +405,23 @@ fn schedules_by_hand() {
     // Linear: warmup 2, T = 10, decay over 8 steps: 1 - (s - 2) / 8.
     let l = Schedule::linear(1.0, 2, 10);
     l.validate().unwrap();
-    for (step, lr) in [(0, 0.5), (1, 1.0), (2, 1.0), (3, 0.875), (6, 0.5), (9, 0.125), (10, 0.0), (50, 0.0)] {
+    for (step, lr) in [
+        (0, 0.5),
+        (1, 1.0),
+        (2, 1.0),
+        (3, 0.875),
+        (6, 0.5),
+        (9, 0.125),
+        (10, 0.0),
+        (50, 0.0),
+    ] {
         assert_lr(&l, step, lr);
     }
     // Linear without warmup to lr_end = 0.1: 0.1 + 0.9 * (1 - s / 4).
-    let l2 = Schedule { lr_end: 0.1, ..Schedule::linear(1.0, 0, 4) };
+    let l2 = Schedule {
+        lr_end: 0.1,
+        ..Schedule::linear(1.0, 0, 4)
+    };
     for (step, lr) in [(0, 1.0), (1, 0.775), (2, 0.55), (4, 0.1)] {
         assert_lr(&l2, step, lr);
     }

@@ -21,7 +21,13 @@ const SUPPORTED: &str = "llama";
 
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
     let corrupt = |e: &dyn std::fmt::Display| {
-        Error::format(path, format!("not a valid GGUF file (truncated or corrupt): {}", first_line(e)))
+        Error::format(
+            path,
+            format!(
+                "not a valid GGUF file (truncated or corrupt): {}",
+                first_line(e)
+            ),
+        )
     };
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let file_size = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -30,10 +36,24 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
     // against arithmetic panics on crafted headers.
     let content = catch_unwind(AssertUnwindSafe(|| Content::read(&mut reader)))
         .map_err(|_| corrupt(&"unreadable header"))?
-        .map_err(|e| corrupt(&e))?;
+        .map_err(
+            |e| match first_line(&e).strip_prefix("unknown dtype for tensor ") {
+                Some(code) => Error::format(
+                    path,
+                    format!(
+                    "unsupported GGML tensor type {code} (supported: F32, F16, BF16, Q4_0, Q4_1, \
+                     Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"
+                ),
+                ),
+                None => corrupt(&e),
+            },
+        )?;
     check_tensor_extents(path, &content, file_size)?;
 
-    let meta = Meta { path, map: &content.metadata };
+    let meta = Meta {
+        path,
+        map: &content.metadata,
+    };
     let arch = meta.string("general.architecture")?;
     if arch != SUPPORTED {
         return Err(Error::config(
@@ -51,7 +71,9 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         };
         let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
             let q = content.tensor(&mut reader, name, &Device::Cpu)?;
-            q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?.to_device(device)
+            q.dequantize(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_device(device)
         }))
         .map_err(|_| corrupt(&format!("tensor `{name}` cannot be decoded")))?
         .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", first_line(&e))))?;
@@ -76,16 +98,26 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
 /// Every tensor must fit in the file: catches truncated downloads before any work.
 fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
     for (name, info) in &content.tensor_infos {
-        let TensorInfo { ggml_dtype, shape, offset } = info;
+        let TensorInfo {
+            ggml_dtype,
+            shape,
+            offset,
+        } = info;
         let elems = shape
             .dims()
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-        let (block, type_size) = (ggml_dtype.block_size() as u64, ggml_dtype.type_size() as u64);
+        let (block, type_size) = (
+            ggml_dtype.block_size() as u64,
+            ggml_dtype.type_size() as u64,
+        );
         let bytes = elems
             .filter(|e| e % block == 0)
             .and_then(|e| (e / block).checked_mul(type_size));
-        let end = bytes.and_then(|b| b.checked_add(content.tensor_data_offset)?.checked_add(*offset));
+        let end = bytes.and_then(|b| {
+            b.checked_add(content.tensor_data_offset)?
+                .checked_add(*offset)
+        });
         match end {
             None => {
                 return Err(Error::format(
@@ -151,7 +183,11 @@ impl Meta<'_> {
     }
 
     fn wrong(&self, key: &str, want: &str, v: &Value) -> Error {
-        Error::config(self.path, key, format!("expected {want}, found {:?}", v.value_type()))
+        Error::config(
+            self.path,
+            key,
+            format!("expected {want}, found {:?}", v.value_type()),
+        )
     }
 
     fn string(&self, key: &str) -> Result<String> {
@@ -253,19 +289,29 @@ fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
         intermediate_size: meta.usize(&key("feed_forward_length"))?,
         num_hidden_layers: meta.usize(&key("block_count"))?,
         num_attention_heads: heads,
-        num_key_value_heads: Some(meta.opt(&key("attention.head_count_kv"), Meta::usize)?.unwrap_or(heads)),
+        num_key_value_heads: Some(
+            meta.opt(&key("attention.head_count_kv"), Meta::usize)?
+                .unwrap_or(heads),
+        ),
         head_dim: Some(head_dim),
         rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: Some(meta.opt(&key("rope.freq_base"), Meta::f64)?.unwrap_or(10000.0)),
+        rope_theta: Some(
+            meta.opt(&key("rope.freq_base"), Meta::f64)?
+                .unwrap_or(10000.0),
+        ),
         rope_parameters: None,
         rope_scaling: None,
         vocab_size,
         max_position_embeddings: Some(meta.usize(&key("context_length"))?),
         // Without `output.weight` the head is the embedding.
         tie_word_embeddings: None,
-        bos_token_id: meta.opt("tokenizer.ggml.bos_token_id", Meta::usize)?.map(|i| i as u32),
+        bos_token_id: meta
+            .opt("tokenizer.ggml.bos_token_id", Meta::usize)?
+            .map(|i| i as u32),
         eos_token_id: Some(llama::TokenIds::Many(eos_ids)),
-        pad_token_id: meta.opt("tokenizer.ggml.padding_token_id", Meta::usize)?.map(|i| i as u32),
+        pad_token_id: meta
+            .opt("tokenizer.ggml.padding_token_id", Meta::usize)?
+            .map(|i| i as u32),
         rope_interleaved: true,
     })
 }
@@ -284,7 +330,9 @@ fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
             format!("unsupported tokenizer `{model}` (supported: gpt2, byte-level BPE)"),
         ));
     }
-    let pre = meta.opt("tokenizer.ggml.pre", Meta::string)?.unwrap_or_else(|| "default".into());
+    let pre = meta
+        .opt("tokenizer.ggml.pre", Meta::string)?
+        .unwrap_or_else(|| "default".into());
     let byte_level = ByteLevel::new(false, true, true);
     let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
         "default" | "gpt2" => byte_level.into(),
@@ -292,13 +340,13 @@ fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
         "smollm" | "starcoder" | "refact" | "codeshell" => {
             Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
         }
-        other => {
-            return Err(Error::config(
-                meta.path,
-                "tokenizer.ggml.pre",
-                format!("unsupported pre-tokenizer `{other}` (supported: default, gpt2, smollm, starcoder)"),
-            ))
-        }
+        other => return Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.pre",
+            format!(
+                "unsupported pre-tokenizer `{other}` (supported: default, gpt2, smollm, starcoder)"
+            ),
+        )),
     };
 
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
@@ -313,7 +361,13 @@ fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
         .map(|m| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| Error::config(meta.path, "tokenizer.ggml.merges", format!("bad merge `{m}`")))
+                .ok_or_else(|| {
+                    Error::config(
+                        meta.path,
+                        "tokenizer.ggml.merges",
+                        format!("bad merge `{m}`"),
+                    )
+                })
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
@@ -331,8 +385,12 @@ fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
         let mut user = Vec::new();
         for (tok, ty) in tokens.iter().zip(types) {
             match ty {
-                Value::I32(3) | Value::U32(3) => special.push(AddedToken::from(tok.to_string(), true)),
-                Value::I32(4) | Value::U32(4) => user.push(AddedToken::from(tok.to_string(), false)),
+                Value::I32(3) | Value::U32(3) => {
+                    special.push(AddedToken::from(tok.to_string(), true))
+                }
+                Value::I32(4) | Value::U32(4) => {
+                    user.push(AddedToken::from(tok.to_string(), false))
+                }
                 _ => {}
             }
         }
@@ -340,8 +398,13 @@ fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
         inner.add_tokens(&user);
     }
 
-    let add_bos = meta.opt("tokenizer.ggml.add_bos_token", Meta::bool)?.unwrap_or(false);
-    let eos = cfg.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+    let add_bos = meta
+        .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
+        .unwrap_or(false);
+    let eos = cfg
+        .eos_token_id
+        .as_ref()
+        .and_then(|e| e.to_vec().first().copied());
     if add_bos && cfg.bos_token_id.is_none() {
         return Err(Error::config(
             meta.path,

@@ -140,7 +140,9 @@ impl Llama {
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Self> {
         let bad = |msg: String| Error::format(w.source(), msg);
         if let Some(kind) = cfg.unsupported_rope() {
-            return Err(bad(format!("unsupported rope type `{kind}` (only plain RoPE)")));
+            return Err(bad(format!(
+                "unsupported rope type `{kind}` (only plain RoPE)"
+            )));
         }
         let (d, heads, kv_heads, hd) = (
             cfg.hidden_size,
@@ -178,7 +180,9 @@ impl Llama {
         let norm = w.get("model.norm.weight", &[d])?;
         let lm_head = match cfg.tie_word_embeddings {
             Some(true) => embed.clone(),
-            _ => w.get_opt("lm_head.weight", &[v, d])?.unwrap_or_else(|| embed.clone()),
+            _ => w
+                .get_opt("lm_head.weight", &[v, d])?
+                .unwrap_or_else(|| embed.clone()),
         };
         let info = ModelInfo {
             arch: super::Arch::Llama,
@@ -188,7 +192,11 @@ impl Llama {
             n_layers: cfg.num_hidden_layers,
             max_positions: cfg.max_position_embeddings,
             bos_token_id: cfg.bos_token_id,
-            eos_token_ids: cfg.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
+            eos_token_ids: cfg
+                .eos_token_id
+                .as_ref()
+                .map(TokenIds::to_vec)
+                .unwrap_or_default(),
             pad_token_id: cfg.pad_token_id,
             decoder_start_token_id: None,
         };
@@ -218,7 +226,10 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, d) = embeds.dims3()?;
         if d != self.info.d_model {
-            crate::bail!("llama: embeddings have width {d}, the model has {}", self.info.d_model);
+            crate::bail!(
+                "llama: embeddings have width {d}, the model has {}",
+                self.info.d_model
+            );
         }
         if t == 0 {
             crate::bail!("llama: empty input (no positions)");

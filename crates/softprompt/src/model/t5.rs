@@ -5,6 +5,8 @@
 //! (relative-distance bucket, head) added to the attention scores. That bias lives in block 0
 //! of each stack and is shared by all blocks. v1.0 ties the LM head to the embedding table and
 //! scales the decoder output by `d_model^-0.5`; v1.1 has a separate `lm_head` and no scaling.
+//!
+//! Computation runs in the dtype of the weights (f32 as loaded; the tests also run f64).
 
 use super::ops::{self, linear, merge_heads, rms_norm, split_heads};
 use super::{attention_bias, Arch, KvCache, LogitsAt, ModelInfo, Seq2SeqLm};
@@ -292,7 +294,11 @@ impl T5 {
             n_layers: n_dec,
             max_positions: None,
             bos_token_id: None,
-            eos_token_ids: cfg.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_else(|| vec![1]),
+            eos_token_ids: cfg
+                .eos_token_id
+                .as_ref()
+                .map(TokenIds::to_vec)
+                .unwrap_or_else(|| vec![1]),
             pad_token_id: Some(pad),
             decoder_start_token_id: Some(cfg.decoder_start_token_id.unwrap_or(pad)),
         };
@@ -347,9 +353,15 @@ impl T5 {
         k_len: usize,
         bidirectional: bool,
     ) -> Result<Tensor> {
-        let ids: Vec<u32> = (q_start..q_start + t_q)
-            .flat_map(|q| (0..k_len).map(move |k| (q, k)))
-            .map(|(q, k)| self.bucket(k as i64 - q as i64, bidirectional))
+        // One bucket per distinct relative distance `k - q`, from `-(q_end - 1)` up.
+        let q_end = q_start + t_q;
+        let lowest = 1 - q_end as i64;
+        let by_distance: Vec<u32> = (lowest..k_len as i64)
+            .map(|rel| self.bucket(rel, bidirectional))
+            .collect();
+        let ids: Vec<u32> = (q_start..q_end)
+            .flat_map(|q| (0..k_len).map(move |k| (k as i64 - q as i64 - lowest) as usize))
+            .map(|i| by_distance[i])
             .collect();
         let ids = Tensor::from_vec(ids, t_q * k_len, table.device())?;
         let bias = table.index_select(&ids, 0)?; // [Tq*K, H]
@@ -361,19 +373,33 @@ impl T5 {
     }
 
     fn check_hidden(&self, x: &Tensor, mask: &Tensor, what: &str) -> Result<(usize, usize)> {
-        let (b, s, d) = x
-            .dims3()
-            .map_err(|_| crate::Error::invalid(format!("t5 {what}: expected [B, S, D], got {:?}", x.dims())))?;
+        let (b, s, d) = x.dims3().map_err(|_| {
+            crate::Error::invalid(format!("t5 {what}: expected [B, S, D], got {:?}", x.dims()))
+        })?;
         if d != self.info.d_model {
-            crate::bail!("t5 {what}: last dimension is {d}, the model's d_model is {}", self.info.d_model);
+            crate::bail!(
+                "t5 {what}: last dimension is {d}, the model's d_model is {}",
+                self.info.d_model
+            );
+        }
+        if s == 0 {
+            crate::bail!("t5 {what}: no positions");
         }
         if mask.dims() != [b, s] {
-            crate::bail!("t5 {what}: mask has shape {:?}, expected [{b}, {s}]", mask.dims());
+            crate::bail!(
+                "t5 {what}: mask has shape {:?}, expected [{b}, {s}]",
+                mask.dims()
+            );
         }
         Ok((b, s))
     }
 
-    fn run_encoder(&self, embeds: &Tensor, mask: &Tensor, mut states: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
+    fn run_encoder(
+        &self,
+        embeds: &Tensor,
+        mask: &Tensor,
+        mut states: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let (_, s) = self.check_hidden(embeds, mask, "encoder input")?;
         let pos = self.position_bias(&self.encoder.relative_bias, 0, s, s, true)?; // [1,H,S,S]
         let bias = attention_bias(mask, s, false)?
@@ -409,9 +435,12 @@ impl T5 {
         mut states: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let (b_enc, _) = self.check_hidden(encoder_out, encoder_mask, "encoder output")?;
-        let (b, t) = decoder_ids
-            .dims2()
-            .map_err(|_| crate::Error::invalid(format!("t5 decoder ids: expected [B, T], got {:?}", decoder_ids.dims())))?;
+        let (b, t) = decoder_ids.dims2().map_err(|_| {
+            crate::Error::invalid(format!(
+                "t5 decoder ids: expected [B, T], got {:?}",
+                decoder_ids.dims()
+            ))
+        })?;
         if b != b_enc {
             crate::bail!("t5 decode: {b} decoder rows but {b_enc} encoder rows");
         }
@@ -524,11 +553,17 @@ impl Seq2SeqLm for T5 {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         check_ids(ids, self.info.vocab_size)?;
-        let (b, s) = ids
-            .dims2()
-            .map_err(|_| crate::Error::invalid(format!("t5 embed: expected ids [B, S], got {:?}", ids.dims())))?;
+        let (b, s) = ids.dims2().map_err(|_| {
+            crate::Error::invalid(format!(
+                "t5 embed: expected ids [B, S], got {:?}",
+                ids.dims()
+            ))
+        })?;
         let flat = ids.flatten_all()?;
-        Ok(self.shared.index_select(&flat, 0)?.reshape((b, s, self.info.d_model))?)
+        Ok(self
+            .shared
+            .index_select(&flat, 0)?
+            .reshape((b, s, self.info.d_model))?)
     }
 
     fn encode(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -55,3 +55,103 @@ pub fn encode_pair(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair) -> 
     target.extend(info.eos_token_ids.first());
     Ok(Example { source, target })
 }
+
+pub mod movie;
+
+/// A text with a class label (index into the task's labels).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabeledText {
+    pub text: String,
+    pub label: usize,
+    /// 1-based line in the source file.
+    pub line: usize,
+}
+
+/// A classification task: a template with `{text}`, label names, the verbalizer (the target
+/// text of each label) and its splits.
+#[derive(Clone, Debug)]
+pub struct ClassificationTask {
+    pub name: String,
+    pub template: String,
+    pub labels: Vec<String>,
+    pub verbalizer: Vec<String>,
+    pub train: Vec<LabeledText>,
+    pub dev: Vec<LabeledText>,
+    pub test: Vec<LabeledText>,
+}
+
+impl ClassificationTask {
+    /// The model input for `text`.
+    pub fn format(&self, text: &str) -> String {
+        self.template.replace("{text}", text)
+    }
+
+    /// Tokenized target of each label: the verbalizer's tokens; encoder-decoder targets end
+    /// with EOS, decoder-only classification targets do not (the label is the answer).
+    pub fn label_targets(&self, tokenizer: &Tokenizer, info: &ModelInfo) -> Result<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(self.verbalizer.len());
+        for (label, text) in self.labels.iter().zip(&self.verbalizer) {
+            let mut ids = tokenizer.encode(text)?;
+            if ids.is_empty() {
+                crate::bail!("task {}: label `{label}` (verbalizer `{text}`) tokenizes to nothing", self.name);
+            }
+            if info.decoder_start_token_id.is_some() {
+                ids.extend(info.eos_token_ids.first());
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    }
+
+    /// Tokenized model inputs of a split (template applied; encoder inputs end with EOS).
+    pub fn sources(&self, tokenizer: &Tokenizer, info: &ModelInfo, rows: &[LabeledText]) -> Result<Vec<Vec<u32>>> {
+        rows.iter()
+            .map(|r| {
+                let mut ids = tokenizer.encode_input(&self.format(&r.text))?;
+                if info.decoder_start_token_id.is_some() {
+                    ids.extend(info.eos_token_ids.first());
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    /// Training examples of a split: (source, target of the gold label).
+    pub fn examples(&self, tokenizer: &Tokenizer, info: &ModelInfo, rows: &[LabeledText]) -> Result<Vec<Example>> {
+        let targets = self.label_targets(tokenizer, info)?;
+        let sources = self.sources(tokenizer, info, rows)?;
+        Ok(sources
+            .into_iter()
+            .zip(rows)
+            .map(|(source, r)| Example {
+                source,
+                target: targets[r.label].clone(),
+            })
+            .collect())
+    }
+
+    /// Text pairs (formatted input, verbalized label) of a split.
+    pub fn pairs(&self, rows: &[LabeledText]) -> Vec<TextPair> {
+        rows.iter()
+            .map(|r| TextPair {
+                input: self.format(&r.text),
+                target: self.verbalizer[r.label].clone(),
+                line: r.line,
+            })
+            .collect()
+    }
+}
+
+/// Deterministic shuffle of `rows` with `seed`, then `train_frac` / `dev_frac` / rest.
+pub fn split<T>(mut rows: Vec<T>, seed: u64, train_frac: f64, dev_frac: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    rows.shuffle(&mut rng);
+    let n = rows.len();
+    let n_train = (n as f64 * train_frac).round() as usize;
+    let n_dev = (n as f64 * dev_frac).round() as usize;
+    let test = rows.split_off((n_train + n_dev).min(n));
+    let dev = rows.split_off(n_train.min(rows.len()));
+    (rows, dev, test)
+}

@@ -40,22 +40,43 @@ pub struct Schedule {
 impl Schedule {
     /// `lr` at every step.
     pub fn constant(lr: f64) -> Self {
-        Schedule { lr, warmup_steps: 0, decay: Decay::Constant, total_steps: 0, lr_end: lr }
+        Schedule {
+            lr,
+            warmup_steps: 0,
+            decay: Decay::Constant,
+            total_steps: 0,
+            lr_end: lr,
+        }
     }
 
     /// Linear warmup over `warmup_steps`, then `lr`.
     pub fn warmup_constant(lr: f64, warmup_steps: usize) -> Self {
-        Schedule { warmup_steps, ..Schedule::constant(lr) }
+        Schedule {
+            warmup_steps,
+            ..Schedule::constant(lr)
+        }
     }
 
     /// Optional warmup, then linear decay to 0 at `total_steps`.
     pub fn linear(lr: f64, warmup_steps: usize, total_steps: usize) -> Self {
-        Schedule { lr, warmup_steps, decay: Decay::Linear, total_steps, lr_end: 0.0 }
+        Schedule {
+            lr,
+            warmup_steps,
+            decay: Decay::Linear,
+            total_steps,
+            lr_end: 0.0,
+        }
     }
 
     /// Optional warmup, then cosine decay to 0 at `total_steps`.
     pub fn cosine(lr: f64, warmup_steps: usize, total_steps: usize) -> Self {
-        Schedule { lr, warmup_steps, decay: Decay::Cosine, total_steps, lr_end: 0.0 }
+        Schedule {
+            lr,
+            warmup_steps,
+            decay: Decay::Cosine,
+            total_steps,
+            lr_end: 0.0,
+        }
     }
 
     /// Checks the settings (finite, non-negative rates; a decay needs `total_steps > warmup_steps`).
@@ -65,7 +86,10 @@ impl Schedule {
         }
         if self.decay != Decay::Constant {
             if !(self.lr_end.is_finite() && self.lr_end >= 0.0) {
-                bail!("schedule: final learning rate must be a finite number >= 0, got {}", self.lr_end);
+                bail!(
+                    "schedule: final learning rate must be a finite number >= 0, got {}",
+                    self.lr_end
+                );
             }
             if self.total_steps <= self.warmup_steps {
                 bail!(

@@ -116,8 +116,15 @@ impl AdafactorConfig {
 /// Second-moment statistics of one var.
 enum Second {
     /// `row`: p's shape with axis `b` set to 1; `col`: with axis `a` set to 1.
-    Factored { a: usize, b: usize, row: Tensor, col: Tensor },
-    Full { v: Tensor },
+    Factored {
+        a: usize,
+        b: usize,
+        row: Tensor,
+        col: Tensor,
+    },
+    Full {
+        v: Tensor,
+    },
 }
 
 struct VarState {
@@ -154,7 +161,9 @@ impl Adafactor {
                     row: Tensor::zeros(with_axis_one(shape, b), DType::F32, dev)?,
                     col: Tensor::zeros(with_axis_one(shape, a), DType::F32, dev)?,
                 },
-                None => Second::Full { v: Tensor::zeros(shape, DType::F32, dev)? },
+                None => Second::Full {
+                    v: Tensor::zeros(shape, DType::F32, dev)?,
+                },
             };
             let m = match config.momentum {
                 Some(_) => Some(Tensor::zeros(shape, DType::F32, dev)?),
@@ -271,8 +280,20 @@ impl Optimizer for Adafactor {
                 Second::Factored { a, b, .. } => Second::Factored {
                     a: *a,
                     b: *b,
-                    row: take_tensor(state, &format!("adafactor.{i}.v_row"), &with_axis_one(shape, *b), like, &mut used)?,
-                    col: take_tensor(state, &format!("adafactor.{i}.v_col"), &with_axis_one(shape, *a), like, &mut used)?,
+                    row: take_tensor(
+                        state,
+                        &format!("adafactor.{i}.v_row"),
+                        &with_axis_one(shape, *b),
+                        like,
+                        &mut used,
+                    )?,
+                    col: take_tensor(
+                        state,
+                        &format!("adafactor.{i}.v_col"),
+                        &with_axis_one(shape, *a),
+                        like,
+                        &mut used,
+                    )?,
                 },
                 Second::Full { .. } => Second::Full {
                     v: take_tensor(state, &format!("adafactor.{i}.v"), shape, like, &mut used)?,

@@ -31,7 +31,12 @@ pub struct AdamWConfig {
 impl AdamWConfig {
     /// betas (0.9, 0.999), eps 1e-8 (torch's defaults) and the given weight decay.
     pub fn new(weight_decay: f64) -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -70,7 +75,11 @@ impl AdamW {
         let mut states = Vec::with_capacity(vars.len());
         for var in &vars {
             let zeros = Tensor::zeros(var.dims(), DType::F32, var.device())?;
-            states.push(VarState { step: 0, m: zeros.clone(), v: zeros });
+            states.push(VarState {
+                step: 0,
+                m: zeros.clone(),
+                v: zeros,
+            });
         }
         Ok(AdamW { vars, config, states })
     }

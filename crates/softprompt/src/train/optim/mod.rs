@@ -124,7 +124,11 @@ pub(crate) fn grad_f32(grads: &GradStore, var: &Var, index: usize) -> Result<Opt
         return Ok(None);
     };
     if g.dims() != var.dims() {
-        bail!("optimizer: gradient of var {index} has shape {:?}, the var {:?}", g.dims(), var.dims());
+        bail!(
+            "optimizer: gradient of var {index} has shape {:?}, the var {:?}",
+            g.dims(),
+            var.dims()
+        );
     }
     Ok(Some(g.to_dtype(DType::F32)?))
 }
@@ -141,7 +145,10 @@ pub(crate) fn check_lr(lr: f64) -> Result<()> {
 pub(crate) fn check_vars(vars: &[Var]) -> Result<()> {
     for (i, v) in vars.iter().enumerate() {
         if !v.dtype().is_float() {
-            bail!("optimizer: var {i} has dtype {:?}, only floating point vars can be trained", v.dtype());
+            bail!(
+                "optimizer: var {i} has dtype {:?}, only floating point vars can be trained",
+                v.dtype()
+            );
         }
     }
     Ok(())
@@ -157,10 +164,16 @@ pub(crate) fn take_tensor(
 ) -> Result<Tensor> {
     let t = state.tensor(key)?;
     if t.dims() != shape {
-        bail!("optimizer state: tensor `{key}` has shape {:?}, expected {shape:?}", t.dims());
+        bail!(
+            "optimizer state: tensor `{key}` has shape {:?}, expected {shape:?}",
+            t.dims()
+        );
     }
     if t.dtype() != DType::F32 {
-        bail!("optimizer state: tensor `{key}` has dtype {:?}, expected F32", t.dtype());
+        bail!(
+            "optimizer state: tensor `{key}` has dtype {:?}, expected F32",
+            t.dtype()
+        );
     }
     used.push(key.to_string());
     // A copy, so the loaded state shares no storage with the caller's tensors.

@@ -1,0 +1,119 @@
+//! Rank classification: score every label's verbalizer text by its log-likelihood given the
+//! (prompted) input and pick the most likely, as the official prompt-tuning code can.
+
+use crate::batch::{collate, per_example_sums, Example};
+use crate::model::Backbone;
+use crate::objective::target_nll;
+use crate::Result;
+use candle_core::{Device, Tensor};
+
+/// Log-likelihood scores `[K][L]` of `labels` (tokenized targets, EOS included) for each
+/// source, computed `batch_size` rows (source x label pairs) at a time.
+pub fn label_log_likelihoods(
+    backbone: &Backbone,
+    prompt: Option<&Tensor>,
+    sources: &[Vec<u32>],
+    labels: &[Vec<u32>],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    if labels.is_empty() {
+        crate::bail!("rank classification needs at least one label");
+    }
+    if labels.iter().all(|l| l.len() == 1) {
+        if let Backbone::Causal(_) = backbone {
+            return single_token_scores(backbone, prompt, sources, labels, batch_size, device);
+        }
+    }
+    let n_prompt = match prompt {
+        Some(p) => p.dim(p.rank() - 2)?,
+        None => 0,
+    };
+    let pairs: Vec<Example> = sources
+        .iter()
+        .flat_map(|s| {
+            labels.iter().map(move |l| Example {
+                source: s.clone(),
+                target: l.clone(),
+            })
+        })
+        .collect();
+    let mut flat = Vec::with_capacity(pairs.len());
+    let step = batch_size.max(1);
+    for chunk in pairs.chunks(step) {
+        let batch = collate(chunk, backbone.info(), n_prompt, device)?;
+        let nll = target_nll(backbone, prompt, &batch)?;
+        flat.extend(per_example_sums(&nll, &batch)?.into_iter().map(|x| -x));
+    }
+    Ok(flat.chunks(labels.len()).map(|c| c.to_vec()).collect())
+}
+
+/// Decoder-only models with one-token labels: a single forward per source; the scores are
+/// the log-probabilities of the label tokens at the last input position.
+fn single_token_scores(
+    backbone: &Backbone,
+    prompt: Option<&Tensor>,
+    sources: &[Vec<u32>],
+    labels: &[Vec<u32>],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    let label_ids: Vec<u32> = labels.iter().map(|l| l[0]).collect();
+    let label_ids = Tensor::new(label_ids.as_slice(), device)?; // [L]
+    let mut out = Vec::with_capacity(sources.len());
+    for (c, chunk) in sources.chunks(batch_size.max(1)).enumerate() {
+        let logits = last_logits(backbone, prompt, chunk, c * batch_size.max(1), device)?; // [B, V]
+        let logp = crate::model::ops::log_softmax_last_dim(&logits)?;
+        let picked = logp.index_select(&label_ids, 1)?; // [B, L]
+        out.extend(picked.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Logits `[B, V]` at the last position of left-padded `sources` with the prompt
+/// (`[N, D]`, or `[B_total, N, D]` per row, of which rows `offset..offset+B` are used).
+pub fn last_logits(
+    backbone: &Backbone,
+    prompt: Option<&Tensor>,
+    sources: &[Vec<u32>],
+    offset: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let Backbone::Causal(m) = backbone else {
+        crate::bail!("last_logits needs a decoder-only model");
+    };
+    let info = m.info();
+    let pad = info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0);
+    let b = sources.len();
+    let s = sources.iter().map(Vec::len).max().unwrap_or(0);
+    if s == 0 {
+        crate::bail!("cannot score an empty input");
+    }
+    let mut ids = Vec::with_capacity(b * s);
+    let mut mask = Vec::with_capacity(b * s);
+    for src in sources {
+        let pads = s - src.len();
+        ids.extend(std::iter::repeat(pad).take(pads).chain(src.iter().copied()));
+        mask.extend((0..s).map(|j| if j < pads { 0f32 } else { 1. }));
+    }
+    let ids = Tensor::from_vec(ids, (b, s), device)?;
+    let mask = Tensor::from_vec(mask, (b, s), device)?;
+    let embeds = m.embed(&ids)?; // [B, S, D]
+    let (embeds, mask) = match prompt {
+        Some(p) if p.rank() == 3 => crate::prompt::prepend(&p.narrow(0, offset, b)?, &embeds, &mask)?,
+        Some(p) => crate::prompt::prepend(p, &embeds, &mask)?,
+        None => (embeds, mask),
+    };
+    m.forward(&embeds, &mask, None, crate::model::LogitsAt::Last)
+}
+
+/// Index of the largest score (ties: the first).
+pub fn argmax(scores: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = i;
+        }
+    }
+    best
+}
