@@ -6,7 +6,7 @@ use clap::Args;
 use softprompt::batch::{collate, per_example_sums};
 use softprompt::eval::generate::{greedy, GenerateOptions};
 use softprompt::objective::target_nll;
-use softprompt::task::{encode_pair, read_jsonl};
+use softprompt::task::{encode_pair_with, read_jsonl};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -25,6 +25,9 @@ pub struct ScoreArgs {
     pub json: bool,
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Score the target text alone, without the EOS that training appends (decoder-only).
+    #[arg(long)]
+    pub no_eos: bool,
 }
 
 pub fn run_score(args: ScoreArgs) -> Result<()> {
@@ -44,7 +47,7 @@ pub fn run_score(args: ScoreArgs) -> Result<()> {
     for chunk in pairs.chunks(args.batch_size.max(1)) {
         let examples = chunk
             .iter()
-            .map(|p| encode_pair(tokenizer, info, p))
+            .map(|p| encode_pair_with(tokenizer, info, p, !args.no_eos))
             .collect::<softprompt::Result<Vec<_>>>()?;
         let batch = collate(&examples, info, n_prompt, &device)?;
         let nll = target_nll(&model.backbone, prompt.as_ref(), &batch)?;

@@ -47,12 +47,23 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<TextPair>> {
 /// Tokenizes a pair for `info`'s model: the input as model input (BOS where the model wants
 /// one), the target followed by EOS (PEFT's recipe; T5 targets always end with EOS).
 pub fn encode_pair(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair) -> Result<Example> {
+    encode_pair_with(tokenizer, info, pair, true)
+}
+
+/// Like [`encode_pair`]; `target_eos = false` scores the target text alone (decoder-only).
+pub fn encode_pair_with(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair, target_eos: bool) -> Result<Example> {
     let mut source = tokenizer.encode_input(&pair.input)?;
-    if info.decoder_start_token_id.is_some() {
+    let seq2seq = info.decoder_start_token_id.is_some();
+    if seq2seq {
         source.extend(info.eos_token_ids.first()); // T5 encoder inputs end with EOS
     }
     let mut target = tokenizer.encode(&pair.target)?;
-    target.extend(info.eos_token_ids.first());
+    if target_eos || seq2seq {
+        target.extend(info.eos_token_ids.first());
+    }
+    if target.is_empty() {
+        return Err(Error::invalid(format!("line {}: the target tokenizes to nothing", pair.line)));
+    }
     Ok(Example { source, target })
 }
 

@@ -80,3 +80,8 @@ pub const TOL_HIDDEN: f32 = 2e-4;
 pub const TOL_LOSS: f32 = 1e-5;
 /// Relative to max |grad|.
 pub const TOL_GRAD_REL: f32 = 1e-4;
+
+/// A fresh temporary folder, removed when dropped.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary folder")
+}
