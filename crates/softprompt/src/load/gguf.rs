@@ -92,6 +92,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         backbone: Backbone::Causal(Box::new(llama)),
         tokenizer: Some(tokenizer),
         path: path.to_path_buf(),
+        device: device.clone(),
     })
 }
 

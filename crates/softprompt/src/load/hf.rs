@@ -96,5 +96,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<Model> {
         backbone,
         tokenizer,
         path: dir.to_path_buf(),
+        device: device.clone(),
     })
 }

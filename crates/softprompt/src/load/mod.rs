@@ -17,6 +17,8 @@ pub struct Model {
     pub backbone: Backbone,
     pub tokenizer: Option<Tokenizer>,
     pub path: PathBuf,
+    /// Where the weights live.
+    pub device: Device,
 }
 
 impl Model {

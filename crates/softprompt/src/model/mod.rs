@@ -7,6 +7,7 @@
 //! Shapes: `B` batch, `T` new positions, `P` cached (past) positions, `D` d_model, `V` vocab,
 //! `H` heads, `Dh` head dim.
 
+pub mod frozen;
 pub mod gpt2;
 pub mod llama;
 pub mod ops;

@@ -8,11 +8,20 @@ use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 
 /// `x [.., K] @ w^T` for a weight stored as `[N, K]` (nn.Linear layout) -> `[.., N]`.
+///
+/// When `x` needs a gradient and `w` is frozen (not a variable, not computed from one), the
+/// product goes through [`super::frozen::matmul_t`], whose backward skips the weight's
+/// gradient; same forward result, cheaper backward. Otherwise candle's plain matmul.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, k))?.matmul(&w.t()?)?; // [rows, N]
+    let x2 = x.reshape((rows, k))?;
+    let y = if super::frozen::applies(&x2, w) {
+        super::frozen::matmul_t(&x2, w)?
+    } else {
+        x2.matmul(&w.t()?)?
+    }; // [rows, N]
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

@@ -1,8 +1,10 @@
 //! Soft prompts: the trainable `[N, D]` matrix `P` prepended to the input embeddings,
 //! `[P; embed(X)]`, while the backbone stays frozen.
 
+pub mod init;
 pub mod peft;
 
+pub use init::PromptInit;
 pub use peft::{AdapterConfig, PeftAdapter};
 
 use crate::Result;

@@ -67,6 +67,8 @@ pub fn encode_pair_with(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair
     Ok(Example { source, target })
 }
 
+pub mod bigbench;
+pub mod formats;
 pub mod movie;
 
 /// A text with a class label (index into the task's labels).

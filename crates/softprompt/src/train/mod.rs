@@ -1,3 +1,9 @@
 //! Training: optimisers, schedules, the loop, checkpoints.
+pub mod checkpoint;
+pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
+pub mod trainer;
+
+pub use trainer::{train, TrainConfig, TrainReport};

@@ -1,0 +1,183 @@
+//! `softprompt train` end to end on the llama-tiny fixture with a word-level tokenizer
+//! (`w{i}` is token `i`), so that JSONL text data can be used.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_softprompt"))
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run softprompt");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// llama-tiny's config and weights plus a word-level tokenizer.json.
+fn model_dir(root: &Path) -> PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
+    let dir = root.join("llama-words");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    vocab.insert("<s>".into(), 1.into());
+    vocab.insert("</s>".into(), 2.into());
+    for i in 3..256 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    dir
+}
+
+/// `n` lines: filler words then a class word; the target is the class's answer word.
+fn write_data(path: &Path, n: usize, offset: usize) {
+    let mut text = String::new();
+    for i in 0..n {
+        let class = (i + offset) % 2;
+        let filler: Vec<String> = (0..1 + (i % 3)).map(|j| format!("w{}", 10 + (i * 7 + j * 3 + offset) % 30)).collect();
+        text.push_str(
+            &serde_json::json!({
+                "input": format!("{} w{}", filler.join(" "), [60, 70][class]),
+                "target": format!("w{}", [100, 200][class]),
+            })
+            .to_string(),
+        );
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    train: PathBuf,
+    dev: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let model = model_dir(&root);
+    let train = root.join("train.jsonl");
+    let dev = root.join("dev.jsonl");
+    write_data(&train, 16, 0);
+    write_data(&dev, 6, 1);
+    Setup { _tmp: tmp, root, model, train, dev }
+}
+
+fn train_cmd(s: &Setup, out: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.arg("train")
+        .arg("--model")
+        .arg(&s.model)
+        .arg("--data")
+        .arg(&s.train)
+        .arg("--dev")
+        .arg(&s.dev)
+        .args(["--batch-size", "4", "--eval-every", "2", "--quiet"])
+        .arg("--output")
+        .arg(out)
+        .args(extra);
+    if !extra.contains(&"--n-tokens") {
+        c.args(["--n-tokens", "4"]);
+    }
+    c
+}
+
+#[test]
+fn train_writes_an_adapter_and_resumes() {
+    let s = setup();
+    let out = s.root.join("run");
+    let (ok, stdout, stderr) = run(&mut train_cmd(&s, &out, &["--steps", "4", "--labels", "w100,w200"]));
+    assert!(ok, "train failed: {stderr}");
+    assert!(stdout.contains("trained 4 steps"), "{stdout}");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "task.json",
+        "metrics.jsonl",
+        "loss.svg",
+        "checkpoint/checkpoint.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let task: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("task.json")).unwrap()).unwrap();
+    assert_eq!(task["init"]["kind"], "class-labels");
+    assert_eq!(task["labels"], serde_json::json!(["w100", "w200"]));
+    assert!(task["target_format"].is_string());
+
+    // Same folder without --resume: refused; with it: continues.
+    let (ok, _, stderr) = run(&mut train_cmd(&s, &out, &["--steps", "6", "--labels", "w100,w200"]));
+    assert!(!ok && stderr.contains("--resume"), "{stderr}");
+    let (ok, stdout, stderr) = run(&mut train_cmd(&s, &out, &["--steps", "6", "--labels", "w100,w200", "--resume"]));
+    assert!(ok, "resume failed: {stderr}");
+    assert!(stdout.contains("trained 6 steps (resumed at step 4)"), "{stdout}");
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+
+    // The adapter is usable by `score`.
+    let (ok, stdout, stderr) = run(bin()
+        .arg("score")
+        .arg("--model")
+        .arg(&s.model)
+        .arg("--prompt")
+        .arg(&out)
+        .arg("--data")
+        .arg(&s.dev)
+        .arg("--json"));
+    assert!(ok, "score with the trained adapter failed: {stderr}");
+    assert!(stdout.contains("mean_nll"), "{stdout}");
+}
+
+#[test]
+fn bad_arguments_fail_before_training() {
+    let s = setup();
+    let empty = s.root.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--lr".into(), "nan".into()], "--lr must be a positive number"),
+        (vec!["--lr".into(), "0".into()], "--lr must be a positive number"),
+        (vec!["--n-tokens".into(), "0".into()], "--n-tokens must be at least 1"),
+        (vec!["--labels".into(), "w100, ".into()], "tokenizes to no tokens"),
+        (vec!["--init".into(), "text".into()], "--init-text"),
+        (vec!["--n-tokens".into(), "2045".into()], "context of 2048"),
+    ];
+    for (extra, want) in cases {
+        let out = s.root.join("bad");
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (ok, _, stderr) = run(&mut train_cmd(&s, &out, &extra));
+        assert!(!ok, "{extra:?} should fail");
+        assert!(stderr.contains(want), "{extra:?}: expected `{want}` in: {stderr}");
+        assert!(!out.join("metrics.jsonl").exists(), "{extra:?}: training started");
+    }
+    let out = s.root.join("bad-empty");
+    let (ok, _, stderr) = run(bin()
+        .arg("train")
+        .arg("--model")
+        .arg(&s.model)
+        .arg("--data")
+        .arg(&empty)
+        .arg("--output")
+        .arg(&out)
+        .arg("--quiet"));
+    assert!(!ok && stderr.contains("no examples"), "{stderr}");
+}
