@@ -136,7 +136,9 @@ fn prompt_init(args: &TrainArgs) -> Result<PromptInit> {
         InitKind::SampledVocab
     });
     Ok(match kind {
-        InitKind::RandomUniform => PromptInit::RandomUniform { range: args.init_range },
+        InitKind::RandomUniform => PromptInit::RandomUniform {
+            range: args.init_range,
+        },
         InitKind::SampledVocab => PromptInit::SampledVocab,
         InitKind::ClassLabels => {
             if args.labels.is_empty() {
@@ -165,7 +167,8 @@ fn read_examples(path: &Path, model: &softprompt::load::Model) -> Result<Vec<Exa
     pairs
         .iter()
         .map(|p| {
-            encode_pair(tokenizer, info, p).with_context(|| format!("{}:{}", path.display(), p.line))
+            encode_pair(tokenizer, info, p)
+                .with_context(|| format!("{}:{}", path.display(), p.line))
         })
         .collect()
 }
@@ -180,7 +183,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         bail!("--n-tokens must be at least 1");
     }
     let schedule = match args.schedule {
-        ScheduleKind::Constant if args.warmup_steps > 0 => Schedule::warmup_constant(args.lr, args.warmup_steps),
+        ScheduleKind::Constant if args.warmup_steps > 0 => {
+            Schedule::warmup_constant(args.lr, args.warmup_steps)
+        }
         ScheduleKind::Constant => Schedule::constant(args.lr),
         ScheduleKind::Linear => Schedule::linear(args.lr, args.warmup_steps, args.steps),
         ScheduleKind::Cosine => Schedule::cosine(args.lr, args.warmup_steps, args.steps),
@@ -201,7 +206,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, _) => 100,
     };
     let train_set = read_examples(&args.data, &model)?;
-    let dev_set = args.dev.as_deref().map(|p| read_examples(p, &model)).transpose()?;
+    let dev_set = args
+        .dev
+        .as_deref()
+        .map(|p| read_examples(p, &model))
+        .transpose()?;
 
     let mut cfg = TrainConfig::paper(&args.output);
     cfg.n_tokens = n_tokens;
@@ -219,13 +228,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.log_every = args.log_every;
     cfg.resume = args.resume;
     cfg.quiet = args.quiet;
-    cfg.task.insert("data".into(), args.data.display().to_string().into());
-    cfg.task.insert("dev".into(), args.dev.as_ref().map(|p| p.display().to_string()).into());
+    cfg.task
+        .insert("data".into(), args.data.display().to_string().into());
+    cfg.task.insert(
+        "dev".into(),
+        args.dev.as_ref().map(|p| p.display().to_string()).into(),
+    );
     cfg.task.insert(
         "input_format".into(),
-        "the `input` text as model input: BOS first where the model wants one; T5: followed by EOS".into(),
+        "the `input` text as model input: BOS first where the model wants one; T5: followed by EOS"
+            .into(),
     );
-    cfg.task.insert("target_format".into(), "the `target` text followed by EOS".into());
+    cfg.task.insert(
+        "target_format".into(),
+        "the `target` text followed by EOS".into(),
+    );
 
     let report = train(&model, &train_set, dev_set.as_deref(), &cfg)?;
     let mut line = format!("trained {} steps", report.steps);
@@ -242,6 +259,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         line.push_str("; stopped early");
     }
     println!("{line}");
-    println!("adapter (prompt of step {}) written to {}", report.exported_step, args.output.display());
+    println!(
+        "adapter (prompt of step {}) written to {}",
+        report.exported_step,
+        args.output.display()
+    );
     Ok(())
 }

@@ -19,7 +19,8 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 
 /// llama-tiny's config and weights plus a word-level tokenizer.json.
 fn model_dir(root: &Path) -> PathBuf {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
     let dir = root.join("llama-words");
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
@@ -52,7 +53,9 @@ fn write_data(path: &Path, n: usize, offset: usize) {
     let mut text = String::new();
     for i in 0..n {
         let class = (i + offset) % 2;
-        let filler: Vec<String> = (0..1 + (i % 3)).map(|j| format!("w{}", 10 + (i * 7 + j * 3 + offset) % 30)).collect();
+        let filler: Vec<String> = (0..1 + (i % 3))
+            .map(|j| format!("w{}", 10 + (i * 7 + j * 3 + offset) % 30))
+            .collect();
         text.push_str(
             &serde_json::json!({
                 "input": format!("{} w{}", filler.join(" "), [60, 70][class]),
@@ -81,7 +84,13 @@ fn setup() -> Setup {
     let dev = root.join("dev.jsonl");
     write_data(&train, 16, 0);
     write_data(&dev, 6, 1);
-    Setup { _tmp: tmp, root, model, train, dev }
+    Setup {
+        _tmp: tmp,
+        root,
+        model,
+        train,
+        dev,
+    }
 }
 
 fn train_cmd(s: &Setup, out: &Path, extra: &[&str]) -> Command {
@@ -107,7 +116,11 @@ fn train_cmd(s: &Setup, out: &Path, extra: &[&str]) -> Command {
 fn train_writes_an_adapter_and_resumes() {
     let s = setup();
     let out = s.root.join("run");
-    let (ok, stdout, stderr) = run(&mut train_cmd(&s, &out, &["--steps", "4", "--labels", "w100,w200"]));
+    let (ok, stdout, stderr) = run(&mut train_cmd(
+        &s,
+        &out,
+        &["--steps", "4", "--labels", "w100,w200"],
+    ));
     assert!(ok, "train failed: {stderr}");
     assert!(stdout.contains("trained 4 steps"), "{stdout}");
     for f in [
@@ -120,17 +133,29 @@ fn train_writes_an_adapter_and_resumes() {
     ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
-    let task: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("task.json")).unwrap()).unwrap();
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("task.json")).unwrap()).unwrap();
     assert_eq!(task["init"]["kind"], "class-labels");
     assert_eq!(task["labels"], serde_json::json!(["w100", "w200"]));
     assert!(task["target_format"].is_string());
 
     // Same folder without --resume: refused; with it: continues.
-    let (ok, _, stderr) = run(&mut train_cmd(&s, &out, &["--steps", "6", "--labels", "w100,w200"]));
+    let (ok, _, stderr) = run(&mut train_cmd(
+        &s,
+        &out,
+        &["--steps", "6", "--labels", "w100,w200"],
+    ));
     assert!(!ok && stderr.contains("--resume"), "{stderr}");
-    let (ok, stdout, stderr) = run(&mut train_cmd(&s, &out, &["--steps", "6", "--labels", "w100,w200", "--resume"]));
+    let (ok, stdout, stderr) = run(&mut train_cmd(
+        &s,
+        &out,
+        &["--steps", "6", "--labels", "w100,w200", "--resume"],
+    ));
     assert!(ok, "resume failed: {stderr}");
-    assert!(stdout.contains("trained 6 steps (resumed at step 4)"), "{stdout}");
+    assert!(
+        stdout.contains("trained 6 steps (resumed at step 4)"),
+        "{stdout}"
+    );
     let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 6);
 
@@ -154,10 +179,22 @@ fn bad_arguments_fail_before_training() {
     let empty = s.root.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--lr".into(), "nan".into()], "--lr must be a positive number"),
-        (vec!["--lr".into(), "0".into()], "--lr must be a positive number"),
-        (vec!["--n-tokens".into(), "0".into()], "--n-tokens must be at least 1"),
-        (vec!["--labels".into(), "w100, ".into()], "tokenizes to no tokens"),
+        (
+            vec!["--lr".into(), "nan".into()],
+            "--lr must be a positive number",
+        ),
+        (
+            vec!["--lr".into(), "0".into()],
+            "--lr must be a positive number",
+        ),
+        (
+            vec!["--n-tokens".into(), "0".into()],
+            "--n-tokens must be at least 1",
+        ),
+        (
+            vec!["--labels".into(), "w100, ".into()],
+            "tokenizes to no tokens",
+        ),
         (vec!["--init".into(), "text".into()], "--init-text"),
         (vec!["--n-tokens".into(), "2045".into()], "context of 2048"),
     ];
@@ -166,8 +203,14 @@ fn bad_arguments_fail_before_training() {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let (ok, _, stderr) = run(&mut train_cmd(&s, &out, &extra));
         assert!(!ok, "{extra:?} should fail");
-        assert!(stderr.contains(want), "{extra:?}: expected `{want}` in: {stderr}");
-        assert!(!out.join("metrics.jsonl").exists(), "{extra:?}: training started");
+        assert!(
+            stderr.contains(want),
+            "{extra:?}: expected `{want}` in: {stderr}"
+        );
+        assert!(
+            !out.join("metrics.jsonl").exists(),
+            "{extra:?}: training started"
+        );
     }
     let out = s.root.join("bad-empty");
     let (ok, _, stderr) = run(bin()

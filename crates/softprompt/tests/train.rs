@@ -69,7 +69,9 @@ fn f32_bits(t: &Tensor) -> Vec<u32> {
 
 /// The embedding table of a fixture model, read straight from its model.safetensors.
 fn embedding_table(name: &str, tensor: &str) -> Tensor {
-    let all = candle_core::safetensors::load(fixture_dir(name).join("model.safetensors"), &Device::Cpu).unwrap();
+    let all =
+        candle_core::safetensors::load(fixture_dir(name).join("model.safetensors"), &Device::Cpu)
+            .unwrap();
     all[tensor].to_dtype(DType::F32).unwrap()
 }
 
@@ -97,8 +99,15 @@ fn toy_mapping_loss_goes_to_zero_causal() {
         let tail: Vec<f64> = rows.iter().rev().take(10).map(|r| r.loss).collect();
         let last = tail.iter().sum::<f64>() / tail.len() as f64;
         eprintln!("{name}: loss {first} -> {last} (mean of the last 10 steps)");
-        assert!(first > 1.0, "{name}: the untrained prompt should not know the mapping ({first})");
-        assert!(last < 0.1, "{name}: loss after {} steps is {last}", report.steps);
+        assert!(
+            first > 1.0,
+            "{name}: the untrained prompt should not know the mapping ({first})"
+        );
+        assert!(
+            last < 0.1,
+            "{name}: loss after {} steps is {last}",
+            report.steps
+        );
     }
 }
 
@@ -125,7 +134,10 @@ fn toy_mapping_loss_drops_seq2seq() {
     let last = tail.iter().sum::<f64>() / tail.len() as f64;
     eprintln!("t5-tiny: loss {first} -> {last}");
     assert!(first > 5.0, "untrained loss {first}");
-    assert!(last < 0.15 * first, "loss after training {last} (from {first})");
+    assert!(
+        last < 0.15 * first,
+        "loss after training {last} (from {first})"
+    );
 }
 
 /// Every tensor the backbone was built from is bit-identical after training to the file's, and
@@ -136,7 +148,8 @@ fn backbone_weights_never_change() {
     let files = hf::weight_files(&dir_model).unwrap();
     let weights = Weights::from_safetensors(&files, &Device::Cpu).unwrap();
     let config = hf::read_json(&dir_model.join("config.json")).unwrap();
-    let cfg_llama: llama::Config = hf::parse_config(&dir_model.join("config.json"), &config).unwrap();
+    let cfg_llama: llama::Config =
+        hf::parse_config(&dir_model.join("config.json"), &config).unwrap();
     let lm = llama::Llama::new(&cfg_llama, &weights, "llama-tiny".into()).unwrap();
     let m = Model {
         backbone: Backbone::Causal(Box::new(lm)),
@@ -151,10 +164,15 @@ fn backbone_weights_never_change() {
     let ids = as_u32(&t["input_ids"]);
     let mask = t["attention_mask"].to_dtype(DType::F32).unwrap();
     let run = |m: &Model| {
-        let Backbone::Causal(lm) = &m.backbone else { unreachable!() };
+        let Backbone::Causal(lm) = &m.backbone else {
+            unreachable!()
+        };
         let embeds = lm.embed(&ids).unwrap();
         let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
-        let all_ids = Tensor::arange(0u32, 256, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let all_ids = Tensor::arange(0u32, 256, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         (f32_bits(&logits), f32_bits(&lm.embed(&all_ids).unwrap()))
     };
     let before = run(&m);
@@ -173,21 +191,34 @@ fn backbone_weights_never_change() {
     for name in fresh.names() {
         let a = fresh.get(name, &[]).or_else(|_| {
             // `get` checks the shape; take it from the fresh copy.
-            let dims = candle_core::safetensors::load(&files[0], &Device::Cpu).unwrap()[name].dims().to_vec();
+            let dims = candle_core::safetensors::load(&files[0], &Device::Cpu).unwrap()[name]
+                .dims()
+                .to_vec();
             fresh.get(name, &dims)
         });
         let a = a.unwrap();
         let b = weights.get(name, a.dims()).unwrap();
-        assert_eq!(f32_bits(&a), f32_bits(&b), "weight {name} changed during training");
+        assert_eq!(
+            f32_bits(&a),
+            f32_bits(&b),
+            "weight {name} changed during training"
+        );
         n += 1;
     }
     assert!(n >= 10, "compared only {n} tensors");
-    assert_eq!(std::fs::read(&files[0]).unwrap(), file_bytes, "model.safetensors changed");
+    assert_eq!(
+        std::fs::read(&files[0]).unwrap(),
+        file_bytes,
+        "model.safetensors changed"
+    );
     let after = run(&m);
     assert!(before.0 == after.0, "the no-prompt logits changed");
     assert!(before.1 == after.1, "the embedding table changed");
     // The embedding table the model uses is the file's, bit for bit.
-    assert_eq!(before.1, f32_bits(&embedding_table("llama-tiny", "model.embed_tokens.weight")));
+    assert_eq!(
+        before.1,
+        f32_bits(&embedding_table("llama-tiny", "model.embed_tokens.weight"))
+    );
 }
 
 fn read_adapter_bits(dir: &Path) -> Vec<u32> {
@@ -224,9 +255,15 @@ fn resume_is_exact() {
         let split = tmp();
         let first = train(&m, &data, Some(&dev), &setup(split.path(), 3)).unwrap();
         assert_eq!(first.steps, 3);
-        let c3 = Checkpoint::load(split.path(), &Device::Cpu).unwrap().unwrap();
+        let c3 = Checkpoint::load(split.path(), &Device::Cpu)
+            .unwrap()
+            .unwrap();
         assert_eq!(c3.step, 3);
-        assert_eq!((c3.epoch, c3.position), (1, 3), "3 steps x 2 batches = 2 epochs of 3 batches");
+        assert_eq!(
+            (c3.epoch, c3.position),
+            (1, 3),
+            "3 steps x 2 batches = 2 epochs of 3 batches"
+        );
         // Without --resume, an existing checkpoint is an error.
         let err = train(&m, &data, Some(&dev), &setup(split.path(), 6)).unwrap_err();
         assert!(err.to_string().contains("--resume"), "{err}");
@@ -241,19 +278,41 @@ fn resume_is_exact() {
         assert_eq!(r2.resumed_from, Some(3));
         assert_eq!(r2.steps, 6);
 
-        assert_eq!(f32_bits(&r1.prompt), f32_bits(&r2.prompt), "exported prompt differs");
-        assert_eq!(read_adapter_bits(straight.path()), read_adapter_bits(split.path()));
-        assert_eq!(r1.best_dev_loss.map(f64::to_bits), r2.best_dev_loss.map(f64::to_bits));
+        assert_eq!(
+            f32_bits(&r1.prompt),
+            f32_bits(&r2.prompt),
+            "exported prompt differs"
+        );
+        assert_eq!(
+            read_adapter_bits(straight.path()),
+            read_adapter_bits(split.path())
+        );
+        assert_eq!(
+            r1.best_dev_loss.map(f64::to_bits),
+            r2.best_dev_loss.map(f64::to_bits)
+        );
         assert_eq!(r1.best_step, r2.best_step);
-        let a = Checkpoint::load(straight.path(), &Device::Cpu).unwrap().unwrap();
-        let b = Checkpoint::load(split.path(), &Device::Cpu).unwrap().unwrap();
-        assert_eq!(f32_bits(&a.prompt), f32_bits(&b.prompt), "last prompt differs");
+        let a = Checkpoint::load(straight.path(), &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let b = Checkpoint::load(split.path(), &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            f32_bits(&a.prompt),
+            f32_bits(&b.prompt),
+            "last prompt differs"
+        );
         assert_eq!((a.step, a.epoch, a.position), (b.step, b.epoch, b.position));
         let keys: BTreeSet<&String> = a.optimizer.tensors.keys().collect();
         assert_eq!(keys, b.optimizer.tensors.keys().collect());
         assert!(!keys.is_empty());
         for k in keys {
-            assert_eq!(f32_bits(&a.optimizer.tensors[k]), f32_bits(&b.optimizer.tensors[k]), "optimizer {k}");
+            assert_eq!(
+                f32_bits(&a.optimizer.tensors[k]),
+                f32_bits(&b.optimizer.tensors[k]),
+                "optimizer {k}"
+            );
         }
         assert_eq!(a.optimizer.scalars, b.optimizer.scalars);
         // The metrics of the resumed run continue the first part's.
@@ -262,8 +321,18 @@ fn resume_is_exact() {
         let steps: Vec<usize> = mb.iter().map(|r| r.step).collect();
         assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
         for (x, y) in ma.iter().zip(&mb) {
-            assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "loss at step {}", x.step);
-            assert_eq!(x.dev_loss.map(f64::to_bits), y.dev_loss.map(f64::to_bits), "dev loss at step {}", x.step);
+            assert_eq!(
+                x.loss.to_bits(),
+                y.loss.to_bits(),
+                "loss at step {}",
+                x.step
+            );
+            assert_eq!(
+                x.dev_loss.map(f64::to_bits),
+                y.dev_loss.map(f64::to_bits),
+                "dev loss at step {}",
+                x.step
+            );
         }
         // Another configuration cannot resume this run.
         let mut other = setup(split.path(), 8);
@@ -299,7 +368,11 @@ fn checkpoint_is_never_half_written() {
                 Ok(bytes) => {
                     let c = Checkpoint::from_bytes(&bytes, &path, &Device::Cpu)
                         .unwrap_or_else(|e| panic!("a checkpoint on disk does not load: {e}"));
-                    assert!(c.step >= last_step, "checkpoint went back from {last_step} to {}", c.step);
+                    assert!(
+                        c.step >= last_step,
+                        "checkpoint went back from {last_step} to {}",
+                        c.step
+                    );
                     assert_eq!(c.prompt.dims(), &[5, 32]);
                     last_step = c.step;
                     loads += 1;
@@ -317,16 +390,26 @@ fn checkpoint_is_never_half_written() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, vec![checkpoint::FILE.to_string()], "leftover files");
-    assert_eq!(Checkpoint::load(out.path(), &Device::Cpu).unwrap().unwrap().step, 40);
+    assert_eq!(
+        Checkpoint::load(out.path(), &Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .step,
+        40
+    );
     // A truncated file is detected, not half-read.
     let bytes = std::fs::read(&path).unwrap();
     for cut in [0, 7, bytes.len() / 2, bytes.len() - 1] {
-        assert!(Checkpoint::from_bytes(&bytes[..cut], &path, &Device::Cpu).is_err(), "cut at {cut}");
+        assert!(
+            Checkpoint::from_bytes(&bytes[..cut], &path, &Device::Cpu).is_err(),
+            "cut at {cut}"
+        );
     }
 }
 
 fn json_keys(path: &Path) -> BTreeSet<String> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     v.as_object().unwrap().keys().cloned().collect()
 }
 
@@ -349,11 +432,22 @@ fn outputs_match_peft_layout() {
             json_keys(&fixture.join("adapter_config.json")),
             "{name}: adapter_config.json keys"
         );
-        let ours: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
-        let theirs: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture.join("adapter_config.json")).unwrap()).unwrap();
-        for key in ["peft_type", "task_type", "token_dim", "num_transformer_submodules", "num_layers", "inference_mode"] {
+        let ours: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        for key in [
+            "peft_type",
+            "task_type",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_layers",
+            "inference_mode",
+        ] {
             assert_eq!(ours[key], theirs[key], "{name}: {key}");
         }
         assert_eq!(ours["num_virtual_tokens"], 4);
@@ -366,7 +460,12 @@ fn outputs_match_peft_layout() {
             let v = st.tensor("prompt_embeddings").unwrap();
             assert_eq!(v.dtype(), safetensors::Dtype::F32);
             let n = if dir == out.path() { 4 } else { 5 };
-            assert_eq!(v.shape(), &[n * submodules, 32], "{name}: {}", dir.display());
+            assert_eq!(
+                v.shape(),
+                &[n * submodules, 32],
+                "{name}: {}",
+                dir.display()
+            );
         }
         let back = PeftAdapter::load(out.path(), &Device::Cpu).unwrap();
         back.validate(m.backbone.info(), out.path()).unwrap();
@@ -375,21 +474,34 @@ fn outputs_match_peft_layout() {
         // The exported prompt is the best one on dev.
         let rows = metrics::read(&out.path().join(metrics::FILE)).unwrap();
         assert_eq!(rows.len(), 3);
-        let best = rows.iter().filter_map(|r| r.dev_loss).fold(f64::INFINITY, f64::min);
+        let best = rows
+            .iter()
+            .filter_map(|r| r.dev_loss)
+            .fold(f64::INFINITY, f64::min);
         let reported = report.best_dev_loss.unwrap();
-        assert!((reported - best).abs() <= 1e-12 * best, "best dev loss {reported} vs logged {best}");
+        assert!(
+            (reported - best).abs() <= 1e-12 * best,
+            "best dev loss {reported} vs logged {best}"
+        );
         for r in &rows {
             assert!(r.loss.is_finite() && r.lr == 0.3 && r.grad_norm > 0.0 && r.tokens_per_s > 0.0);
         }
         let line = std::fs::read_to_string(out.path().join(metrics::FILE)).unwrap();
         let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
         for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
-            assert!(first.get(key).is_some(), "metrics line lacks {key}: {first}");
+            assert!(
+                first.get(key).is_some(),
+                "metrics line lacks {key}: {first}"
+            );
         }
         let svg = std::fs::read_to_string(out.path().join("loss.svg")).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "loss.svg");
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "loss.svg"
+        );
         let task: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.path().join("task.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("task.json")).unwrap())
+                .unwrap();
         assert_eq!(task["n_tokens"], 4);
         assert_eq!(task["init"]["kind"], "random-uniform");
     }
@@ -438,7 +550,11 @@ fn row_ids(prompt: &Tensor, table: &Tensor) -> Vec<u32> {
     rows.iter()
         .map(|r| {
             let hits: Vec<usize> = (0..table.len()).filter(|&i| &table[i] == r).collect();
-            assert_eq!(hits.len(), 1, "a prompt row is not exactly one embedding row");
+            assert_eq!(
+                hits.len(),
+                1,
+                "a prompt row is not exactly one embedding row"
+            );
             hits[0] as u32
         })
         .collect()
@@ -451,7 +567,11 @@ fn init_common_tokens_are_lowest_ordinary_ids() {
     let mut info = m.backbone.info().clone();
     let tok = word_tokenizer(dir.path(), 256);
     let ids = common_token_ids(&info, Some(&tok), 10);
-    assert_eq!(ids, (5..15).collect::<Vec<u32>>(), "specials 0, 1, 2, 4 and byte piece 3 excluded");
+    assert_eq!(
+        ids,
+        (5..15).collect::<Vec<u32>>(),
+        "specials 0, 1, 2, 4 and byte piece 3 excluded"
+    );
     // A vocabulary larger than 5,000: exactly the 5,000 lowest ordinary ids.
     info.vocab_size = 6000;
     let big = word_tokenizer(dir.path(), 6000);
@@ -480,7 +600,10 @@ fn init_sampled_vocab_draws_distinct_common_ids() {
     let other = init_prompt(&PromptInit::SampledVocab, &m, 50, 12).unwrap();
     assert_ne!(f32_bits(&p), f32_bits(&other));
     // More slots than ordinary tokens (251): every token once, then again.
-    let many = row_ids(&init_prompt(&PromptInit::SampledVocab, &m, 300, 1).unwrap(), &table);
+    let many = row_ids(
+        &init_prompt(&PromptInit::SampledVocab, &m, 300, 1).unwrap(),
+        &table,
+    );
     let first: HashSet<u32> = many[..251].iter().copied().collect();
     assert_eq!(first.len(), 251);
 }
@@ -498,19 +621,39 @@ fn init_class_labels_average_multi_token_labels() {
     let rows = p.to_vec2::<f32>().unwrap();
     for d in 0..32 {
         let mean = (t[10][d] + t[20][d]) / 2.0;
-        assert!((rows[0][d] - mean).abs() <= 1e-7, "dim {d}: {} vs {mean}", rows[0][d]);
+        assert!(
+            (rows[0][d] - mean).abs() <= 1e-7,
+            "dim {d}: {} vs {mean}",
+            rows[0][d]
+        );
         assert_eq!(rows[1][d], t[30][d]);
     }
     // The other 3 slots: distinct sampled ordinary tokens, none of the labels'.
     let rest = row_ids(&p.narrow(0, 2, 3).unwrap(), &table);
     let set: HashSet<u32> = rest.iter().copied().collect();
     assert_eq!(set.len(), 3);
-    assert!(rest.iter().all(|i| ![0, 1, 2, 3, 4, 10, 20, 30].contains(i)), "{rest:?}");
+    assert!(
+        rest.iter()
+            .all(|i| ![0, 1, 2, 3, 4, 10, 20, 30].contains(i)),
+        "{rest:?}"
+    );
 
     // Errors: a label with no tokens, more labels than slots, no labels.
-    let err = init_prompt(&PromptInit::ClassLabels(vec!["w5".into(), "  ".into()]), &m, 5, 0).unwrap_err();
+    let err = init_prompt(
+        &PromptInit::ClassLabels(vec!["w5".into(), "  ".into()]),
+        &m,
+        5,
+        0,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("tokenizes to no tokens"), "{err}");
-    let err = init_prompt(&PromptInit::ClassLabels(vec!["w5".into(), "w6".into()]), &m, 1, 0).unwrap_err();
+    let err = init_prompt(
+        &PromptInit::ClassLabels(vec!["w5".into(), "w6".into()]),
+        &m,
+        1,
+        0,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("do not fit"), "{err}");
     assert!(init_prompt(&PromptInit::ClassLabels(vec![]), &m, 3, 0).is_err());
     // No tokenizer: a clear error.
@@ -538,8 +681,10 @@ fn init_text_repeats_and_truncates() {
     cfg.init = text;
     cfg.steps = 1;
     train(&m, &toy_data(4, 1, 2), None, &cfg).unwrap();
-    let conf: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap()).unwrap();
+    let conf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(conf["prompt_tuning_init"], "TEXT");
     assert_eq!(conf["prompt_tuning_init_text"], "w5 w6 w7");
     assert!(conf["tokenizer_name_or_path"].is_string());
@@ -552,7 +697,10 @@ fn init_random_uniform_and_file() {
     let v: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
     assert!(v.iter().all(|x| (-0.5..=0.5).contains(x)));
     let mean_abs = v.iter().map(|x| x.abs()).sum::<f32>() / v.len() as f32;
-    assert!((mean_abs - 0.25).abs() < 0.03, "mean |x| {mean_abs} (U[-0.5, 0.5] gives 0.25)");
+    assert!(
+        (mean_abs - 0.25).abs() < 0.03,
+        "mean |x| {mean_abs} (U[-0.5, 0.5] gives 0.25)"
+    );
     let again = init_prompt(&PromptInit::RandomUniform { range: 0.5 }, &m, 20, 9).unwrap();
     assert_eq!(f32_bits(&p), f32_bits(&again));
     assert!(init_prompt(&PromptInit::RandomUniform { range: f64::NAN }, &m, 20, 9).is_err());
@@ -560,7 +708,10 @@ fn init_random_uniform_and_file() {
     // Prompt transfer from the fixture's adapter: its rows, checked against the model.
     let adapter = fixture_dir("gpt2-tiny").join("adapter");
     let p = init_prompt(&PromptInit::File(adapter.clone()), &m, 5, 0).unwrap();
-    assert_eq!(f32_bits(&p), f32_bits(&expected_tensors("gpt2-tiny")["prompt"]));
+    assert_eq!(
+        f32_bits(&p),
+        f32_bits(&expected_tensors("gpt2-tiny")["prompt"])
+    );
     let err = init_prompt(&PromptInit::File(adapter), &m, 6, 0).unwrap_err();
     assert!(err.to_string().contains("num_virtual_tokens"), "{err}");
     // A seq2seq adapter does not fit a causal model.
@@ -575,13 +726,55 @@ fn bad_input_is_rejected_before_training() {
     let words = llama_with_words(dir.path());
     let gpt2 = model("gpt2-tiny"); // context 128
     let data = toy_data(4, 1, 2);
-    let cases: Vec<(&str, &Model, Vec<Example>, Option<Vec<Example>>, Box<dyn Fn(&mut TrainConfig)>)> = vec![
-        ("training set is empty", &words, vec![], None, Box::new(|_| {})),
-        ("dev set is empty", &words, data.clone(), Some(vec![]), Box::new(|_| {})),
-        ("n_tokens", &words, data.clone(), None, Box::new(|c| c.n_tokens = 0)),
-        ("learning rate", &words, data.clone(), None, Box::new(|c| c.schedule = Schedule::constant(f64::NAN))),
-        ("learning rate", &words, data.clone(), None, Box::new(|c| c.schedule = Schedule::constant(0.0))),
-        ("learning rate", &words, data.clone(), None, Box::new(|c| c.schedule = Schedule::constant(-0.1))),
+    let cases: Vec<(
+        &str,
+        &Model,
+        Vec<Example>,
+        Option<Vec<Example>>,
+        Box<dyn Fn(&mut TrainConfig)>,
+    )> = vec![
+        (
+            "training set is empty",
+            &words,
+            vec![],
+            None,
+            Box::new(|_| {}),
+        ),
+        (
+            "dev set is empty",
+            &words,
+            data.clone(),
+            Some(vec![]),
+            Box::new(|_| {}),
+        ),
+        (
+            "n_tokens",
+            &words,
+            data.clone(),
+            None,
+            Box::new(|c| c.n_tokens = 0),
+        ),
+        (
+            "learning rate",
+            &words,
+            data.clone(),
+            None,
+            Box::new(|c| c.schedule = Schedule::constant(f64::NAN)),
+        ),
+        (
+            "learning rate",
+            &words,
+            data.clone(),
+            None,
+            Box::new(|c| c.schedule = Schedule::constant(0.0)),
+        ),
+        (
+            "learning rate",
+            &words,
+            data.clone(),
+            None,
+            Box::new(|c| c.schedule = Schedule::constant(-0.1)),
+        ),
         (
             "tokenizes to no tokens",
             &words,
@@ -592,21 +785,30 @@ fn bad_input_is_rejected_before_training() {
         (
             "longer than the model's context of 128",
             &gpt2,
-            vec![Example { source: vec![5; 20], target: vec![6; 9] }],
+            vec![Example {
+                source: vec![5; 20],
+                target: vec![6; 9],
+            }],
             None,
             Box::new(|c| c.n_tokens = 100),
         ),
         (
             "outside the model's vocabulary",
             &words,
-            vec![Example { source: vec![5, 300], target: vec![6] }],
+            vec![Example {
+                source: vec![5, 300],
+                target: vec![6],
+            }],
             None,
             Box::new(|_| {}),
         ),
         (
             "empty target",
             &words,
-            vec![Example { source: vec![5], target: vec![] }],
+            vec![Example {
+                source: vec![5],
+                target: vec![],
+            }],
             None,
             Box::new(|_| {}),
         ),
@@ -615,16 +817,33 @@ fn bad_input_is_rejected_before_training() {
         let out = tmp();
         let mut cfg = base_config(out.path());
         edit(&mut cfg);
-        let err = train(m, &train_set, dev.as_deref(), &cfg).unwrap_err().to_string();
-        assert!(err.contains(want), "expected an error about `{want}`, got: {err}");
-        assert!(std::fs::read_dir(out.path()).unwrap().next().is_none(), "{want}: files were written");
+        let err = train(m, &train_set, dev.as_deref(), &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(want),
+            "expected an error about `{want}`, got: {err}"
+        );
+        assert!(
+            std::fs::read_dir(out.path()).unwrap().next().is_none(),
+            "{want}: files were written"
+        );
     }
     // At the context limit exactly (100 + 28 = 128) training works.
     let out = tmp();
     let mut cfg = base_config(out.path());
     cfg.n_tokens = 100;
     cfg.steps = 1;
-    train(&gpt2, &[Example { source: vec![5; 20], target: vec![6; 8] }], None, &cfg).unwrap();
+    train(
+        &gpt2,
+        &[Example {
+            source: vec![5; 20],
+            target: vec![6; 8],
+        }],
+        None,
+        &cfg,
+    )
+    .unwrap();
 }
 
 /// A backbone whose logits do not depend on its input: the prompt gets no gradient, which must
@@ -639,7 +858,11 @@ impl CausalLm for Detached {
     }
     fn embed(&self, ids: &Tensor) -> softprompt::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(Tensor::zeros((b, t, self.info.d_model), DType::F32, &Device::Cpu)?)
+        Ok(Tensor::zeros(
+            (b, t, self.info.d_model),
+            DType::F32,
+            &Device::Cpu,
+        )?)
     }
     fn forward(
         &self,
@@ -648,8 +871,14 @@ impl CausalLm for Detached {
         _cache: Option<&mut softprompt::model::KvCache>,
         at: LogitsAt,
     ) -> softprompt::Result<Tensor> {
-        let LogitsAt::Rows(rows) = at else { panic!("training asks for label rows") };
-        Ok(Tensor::zeros((rows.dim(0)?, self.info.vocab_size), DType::F32, &Device::Cpu)?)
+        let LogitsAt::Rows(rows) = at else {
+            panic!("training asks for label rows")
+        };
+        Ok(Tensor::zeros(
+            (rows.dim(0)?, self.info.vocab_size),
+            DType::F32,
+            &Device::Cpu,
+        )?)
     }
     fn hidden_states(&self, _: &Tensor, _: &Tensor) -> softprompt::Result<Vec<Tensor>> {
         unimplemented!()
@@ -681,8 +910,16 @@ fn epoch_order_depends_on_seed_and_epoch_only() {
         let b = epoch_batches(&lengths, 8, 5, epoch);
         let mut all: Vec<usize> = b.iter().flatten().copied().collect();
         all.sort();
-        assert_eq!(all, (0..103).collect::<Vec<_>>(), "every example once per epoch");
-        assert_eq!(b.iter().filter(|x| x.len() != 8).count(), 1, "one short batch (103 = 12 * 8 + 7)");
+        assert_eq!(
+            all,
+            (0..103).collect::<Vec<_>>(),
+            "every example once per epoch"
+        );
+        assert_eq!(
+            b.iter().filter(|x| x.len() != 8).count(),
+            1,
+            "one short batch (103 = 12 * 8 + 7)"
+        );
         // Length-bucketed: inside a batch lengths are sorted.
         for batch in &b {
             assert!(batch.windows(2).all(|w| lengths[w[0]] <= lengths[w[1]]));

@@ -62,8 +62,12 @@ impl PromptInit {
     pub fn describe(&self) -> serde_json::Value {
         use serde_json::json;
         match self {
-            PromptInit::RandomUniform { range } => json!({"kind": "random-uniform", "range": range}),
-            PromptInit::SampledVocab => json!({"kind": "sampled-vocab", "common_tokens": COMMON_TOKENS}),
+            PromptInit::RandomUniform { range } => {
+                json!({"kind": "random-uniform", "range": range})
+            }
+            PromptInit::SampledVocab => {
+                json!({"kind": "sampled-vocab", "common_tokens": COMMON_TOKENS})
+            }
             PromptInit::ClassLabels(labels) => json!({"kind": "class-labels", "labels": labels}),
             PromptInit::Text(text) => json!({"kind": "text", "text": text}),
             PromptInit::File(dir) => json!({"kind": "file", "adapter": dir.display().to_string()}),
@@ -183,7 +187,11 @@ pub fn common_token_ids(info: &ModelInfo, tokenizer: Option<&Tokenizer>, limit: 
 /// `<0x0A>`-style SentencePiece byte pieces.
 fn is_byte_fallback(token: &str) -> bool {
     let b = token.as_bytes();
-    b.len() == 6 && token.starts_with("<0x") && token.ends_with('>') && b[3].is_ascii_hexdigit() && b[4].is_ascii_hexdigit()
+    b.len() == 6
+        && token.starts_with("<0x")
+        && token.ends_with('>')
+        && b[3].is_ascii_hexdigit()
+        && b[4].is_ascii_hexdigit()
 }
 
 /// `k` ids drawn from `pool` without replacement (a partial Fisher-Yates shuffle). When `k`
@@ -240,7 +248,11 @@ pub fn class_label_prompt(
     if rest > 0 {
         // Labels are not drawn again for the leftover slots.
         let label_set: HashSet<u32> = label_ids.iter().flatten().copied().collect();
-        let pool: Vec<u32> = pool.iter().copied().filter(|id| !label_set.contains(id)).collect();
+        let pool: Vec<u32> = pool
+            .iter()
+            .copied()
+            .filter(|id| !label_set.contains(id))
+            .collect();
         let ids = sample_distinct(&pool, rest, rng)?;
         rows.push(embed_rows(backbone, &ids, device)?);
     }
@@ -254,7 +266,11 @@ pub fn embed_rows(backbone: &Backbone, ids: &[u32], device: &Device) -> Result<T
         bail!("token id {bad} is outside the model's vocabulary of {vocab}");
     }
     let t = Tensor::new(ids, device)?.unsqueeze(0)?; // [1, K]
-    Ok(backbone.embed(&t)?.squeeze(0)?.to_dtype(DType::F32)?.contiguous()?) // [K, D]
+    Ok(backbone
+        .embed(&t)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?
+        .contiguous()?) // [K, D]
 }
 
 /// Seed stream for the prompt initialisation.
@@ -270,7 +286,9 @@ pub struct Rng {
 impl Rng {
     /// A generator for `(seed, stream)`: different streams give unrelated sequences.
     pub fn new(seed: u64, stream: u64) -> Self {
-        let mut r = Rng { state: seed ^ stream.rotate_left(17) };
+        let mut r = Rng {
+            state: seed ^ stream.rotate_left(17),
+        };
         let s = r.next_u64() ^ stream;
         Rng { state: s }
     }

@@ -75,9 +75,12 @@ fn f64_to_hex(v: f64) -> String {
 }
 
 fn hex_to_f64(s: &str, path: &Path, what: &str) -> Result<f64> {
-    u64::from_str_radix(s, 16)
-        .map(f64::from_bits)
-        .map_err(|_| Error::format(path, format!("checkpoint: `{what}` = `{s}` is not a hex float")))
+    u64::from_str_radix(s, 16).map(f64::from_bits).map_err(|_| {
+        Error::format(
+            path,
+            format!("checkpoint: `{what}` = `{s}` is not a hex float"),
+        )
+    })
 }
 
 /// `OUTPUT/checkpoint/checkpoint.safetensors`
@@ -105,13 +108,17 @@ impl Checkpoint {
                 .map(|(k, v)| (k.clone(), f64_to_hex(*v)))
                 .collect(),
         };
-        let json = serde_json::to_string(&header).map_err(|e| Error::invalid(format!("checkpoint header: {e}")))?;
+        let json = serde_json::to_string(&header)
+            .map_err(|e| Error::invalid(format!("checkpoint header: {e}")))?;
         let mut tensors: Vec<(String, Tensor)> = vec![("prompt".into(), cpu_f32(&self.prompt)?)];
         if let Some(best) = &self.best {
             tensors.push(("best_prompt".into(), cpu_f32(&best.prompt)?));
         }
         for (k, t) in &self.optimizer.tensors {
-            tensors.push((format!("{OPTIMIZER_PREFIX}{k}"), t.to_device(&Device::Cpu)?.contiguous()?));
+            tensors.push((
+                format!("{OPTIMIZER_PREFIX}{k}"),
+                t.to_device(&Device::Cpu)?.contiguous()?,
+            ));
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let metadata = HashMap::from([
@@ -131,15 +138,27 @@ impl Checkpoint {
             .metadata()
             .as_ref()
             .and_then(|m| m.get(METADATA_KEY))
-            .ok_or_else(|| bad(format!("no `{METADATA_KEY}` metadata: not a softprompt checkpoint")))?;
-        let header: Header = serde_json::from_str(json).map_err(|e| bad(format!("bad state JSON: {e}")))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "no `{METADATA_KEY}` metadata: not a softprompt checkpoint"
+                ))
+            })?;
+        let header: Header =
+            serde_json::from_str(json).map_err(|e| bad(format!("bad state JSON: {e}")))?;
         if header.version != FORMAT_VERSION {
-            return Err(bad(format!("format version {} (this build reads {FORMAT_VERSION})", header.version)));
+            return Err(bad(format!(
+                "format version {} (this build reads {FORMAT_VERSION})",
+                header.version
+            )));
         }
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let load = |name: &str| -> Result<Tensor> {
-            let view = st.tensor(name).map_err(|_| bad(format!("missing tensor `{name}`")))?;
-            candle_core::safetensors::Load::load(&view, device).map_err(|e| bad(format!("tensor `{name}`: {e}")))
+            let view = st
+                .tensor(name)
+                .map_err(|_| bad(format!("missing tensor `{name}`")))?;
+            candle_core::safetensors::Load::load(&view, device)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))
         };
         let prompt = load("prompt")?;
         let best = match (header.best_dev_loss.as_deref(), header.best_step) {
@@ -149,7 +168,11 @@ impl Checkpoint {
                 prompt: load("best_prompt")?,
             }),
             (None, None) => None,
-            _ => return Err(bad("best_dev_loss and best_step must be given together".into())),
+            _ => {
+                return Err(bad(
+                    "best_dev_loss and best_step must be given together".into()
+                ))
+            }
         };
         let mut optimizer = OptimizerState::default();
         for name in st.names() {
@@ -191,5 +214,7 @@ impl Checkpoint {
 }
 
 fn cpu_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.contiguous()?)
+    Ok(t.to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .contiguous()?)
 }

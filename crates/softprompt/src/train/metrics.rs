@@ -69,7 +69,10 @@ impl MetricsLog {
         let path = output.join(FILE);
         let rows: Vec<StepMetrics> = match keep_up_to {
             None => Vec::new(),
-            Some(step) => read_inner(&path, true)?.into_iter().filter(|m| m.step <= step).collect(),
+            Some(step) => read_inner(&path, true)?
+                .into_iter()
+                .filter(|m| m.step <= step)
+                .collect(),
         };
         let mut text = String::new();
         for r in &rows {

@@ -24,7 +24,11 @@ pub fn plot_loss(rows: &[StepMetrics], path: &Path) -> Result<()> {
         .collect();
     let dev: Vec<(f64, f64)> = rows
         .iter()
-        .filter_map(|r| r.dev_loss.filter(|d| d.is_finite()).map(|d| (r.step as f64, d)))
+        .filter_map(|r| {
+            r.dev_loss
+                .filter(|d| d.is_finite())
+                .map(|d| (r.step as f64, d))
+        })
         .collect();
     let mut smooth = Vec::with_capacity(train.len());
     let mut ema: Option<f64> = None;
@@ -54,7 +58,10 @@ pub fn plot_loss(rows: &[StepMetrics], path: &Path) -> Result<()> {
         let root = SVGBackend::with_string(&mut svg, (900, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("prompt tuning loss (mean target-token NLL)", ("sans-serif", 20))
+            .caption(
+                "prompt tuning loss (mean target-token NLL)",
+                ("sans-serif", 20),
+            )
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
@@ -68,12 +75,18 @@ pub fn plot_loss(rows: &[StepMetrics], path: &Path) -> Result<()> {
             .map_err(|e| err(&e))?;
         let light = RGBColor(150, 180, 230);
         chart
-            .draw_series(LineSeries::new(train.iter().copied(), light.stroke_width(1)))
+            .draw_series(LineSeries::new(
+                train.iter().copied(),
+                light.stroke_width(1),
+            ))
             .map_err(|e| err(&e))?
             .label("train")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], light));
         chart
-            .draw_series(LineSeries::new(smooth.iter().copied(), BLUE.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                smooth.iter().copied(),
+                BLUE.stroke_width(2),
+            ))
             .map_err(|e| err(&e))?
             .label("train (smoothed)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));

@@ -124,7 +124,12 @@ pub struct TrainReport {
 /// All input checks run before the first step: an empty data set, `n_tokens` 0, a bad learning
 /// rate, examples that do not fit the model's context with the prompt, tokens outside the
 /// vocabulary, an initialisation that cannot be made.
-pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &TrainConfig) -> Result<TrainReport> {
+pub fn train(
+    model: &Model,
+    train: &[Example],
+    dev: Option<&[Example]>,
+    cfg: &TrainConfig,
+) -> Result<TrainReport> {
     let info = model.backbone.info();
     validate(cfg, info, train, dev)?;
     // Made even when resuming: it checks the init (labels, text, adapter) before any work.
@@ -134,30 +139,34 @@ pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &Tr
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
     let existing = Checkpoint::load(out, &model.device)?;
-    let resumed = match existing {
-        Some(c) if cfg.resume => {
-            if c.config_hash != hash {
-                return Err(Error::format(
-                    checkpoint::path(out),
-                    "the checkpoint was written by a run with another configuration or data \
+    let resumed =
+        match existing {
+            Some(c) if cfg.resume => {
+                if c.config_hash != hash {
+                    return Err(Error::format(
+                        checkpoint::path(out),
+                        "the checkpoint was written by a run with another configuration or data \
                      (prompt length, init, optimizer, schedule, batching, clipping, seed, model \
                      or examples differ); use the same settings to resume or another output folder",
-                ));
+                    ));
+                }
+                if c.prompt.dims() != [cfg.n_tokens, info.d_model] {
+                    bail!(
+                        "checkpoint prompt {:?} does not match [{}, {}]",
+                        c.prompt.dims(),
+                        cfg.n_tokens,
+                        info.d_model
+                    );
+                }
+                Some(c)
             }
-            if c.prompt.dims() != [cfg.n_tokens, info.d_model] {
-                bail!("checkpoint prompt {:?} does not match [{}, {}]", c.prompt.dims(), cfg.n_tokens, info.d_model);
-            }
-            Some(c)
-        }
-        Some(_) => {
-            return Err(Error::format(
+            Some(_) => return Err(Error::format(
                 checkpoint::path(out),
                 "the output folder already has a checkpoint: pass --resume to continue that run, \
                  or choose another output folder",
-            ))
-        }
-        None => None,
-    };
+            )),
+            None => None,
+        };
 
     let prompt = Var::from_tensor(&match &resumed {
         Some(c) => c.prompt.to_dtype(DType::F32)?.to_device(&model.device)?,
@@ -187,7 +196,10 @@ pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &Tr
     let mut log = MetricsLog::open(out, resumed_from)?;
 
     let bar = progress_bar(cfg, state.step);
-    let lengths: Vec<usize> = train.iter().map(|e| e.source.len() + e.target.len()).collect();
+    let lengths: Vec<usize> = train
+        .iter()
+        .map(|e| e.source.len() + e.target.len())
+        .collect();
     let mut plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, state.epoch);
     let mut final_loss = None;
     let mut pending = LogAccumulator::default();
@@ -202,7 +214,12 @@ pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &Tr
                 state.position = 0;
                 plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, state.epoch);
             }
-            micro.push(plan[state.position].iter().map(|&i| train[i].clone()).collect());
+            micro.push(
+                plan[state.position]
+                    .iter()
+                    .map(|&i| train[i].clone())
+                    .collect(),
+            );
             state.position += 1;
         }
         let target_tokens: usize = micro.iter().flatten().map(|e| e.target.len()).sum();
@@ -250,7 +267,10 @@ pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &Tr
             None => global_norm(&grads, &prompt)?,
         };
         if !grad_norm.is_finite() {
-            bail!("the prompt gradient is not finite at step {} (norm {grad_norm})", state.step + 1);
+            bail!(
+                "the prompt gradient is not finite at step {} (norm {grad_norm})",
+                state.step + 1
+            );
         }
         let lr = cfg.schedule.lr_at(state.step);
         let updated = optimizer.step(&grads, lr)?;
@@ -260,7 +280,11 @@ pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &Tr
         state.step += 1;
         final_loss = Some(loss_sum);
         let elapsed = started.elapsed().as_secs_f64();
-        let tokens_per_s = if elapsed > 0.0 { n_tokens as f64 / elapsed } else { 0.0 };
+        let tokens_per_s = if elapsed > 0.0 {
+            n_tokens as f64 / elapsed
+        } else {
+            0.0
+        };
         pending.add(loss_sum);
 
         let last = state.step == cfg.steps;
@@ -285,7 +309,11 @@ pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &Tr
                 }
             }
         }
-        if last || dev_loss.is_some() || state.stopped_early || state.step % cfg.log_every.max(1) == 0 {
+        if last
+            || dev_loss.is_some()
+            || state.stopped_early
+            || state.step % cfg.log_every.max(1) == 0
+        {
             log.append(StepMetrics {
                 step: state.step,
                 loss: pending.take(),
@@ -297,10 +325,15 @@ pub fn train(model: &Model, train: &[Example], dev: Option<&[Example]>, cfg: &Tr
         }
         bar.set_position(state.step as u64);
         bar.set_message(match state.best.as_ref() {
-            Some(b) => format!("loss {loss_sum:.4}  best dev {:.4}  {tokens_per_s:.0} tok/s", b.dev_loss),
+            Some(b) => format!(
+                "loss {loss_sum:.4}  best dev {:.4}  {tokens_per_s:.0} tok/s",
+                b.dev_loss
+            ),
             None => format!("loss {loss_sum:.4}  {tokens_per_s:.0} tok/s"),
         });
-        let save = last || state.stopped_early || (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0);
+        let save = last
+            || state.stopped_early
+            || (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0);
         if save {
             save_checkpoint(cfg, &state, &prompt, optimizer.as_ref(), &hash)?;
             plot::plot_loss(&log.rows, &out.join(plot::FILE))?;
@@ -377,7 +410,12 @@ fn save_checkpoint(
 }
 
 /// Checks every input before any work (see [`train`]).
-pub fn validate(cfg: &TrainConfig, info: &ModelInfo, train: &[Example], dev: Option<&[Example]>) -> Result<()> {
+pub fn validate(
+    cfg: &TrainConfig,
+    info: &ModelInfo,
+    train: &[Example],
+    dev: Option<&[Example]>,
+) -> Result<()> {
     if cfg.n_tokens == 0 {
         bail!("n_tokens must be at least 1");
     }
@@ -416,14 +454,31 @@ pub fn validate(cfg: &TrainConfig, info: &ModelInfo, train: &[Example], dev: Opt
     Ok(())
 }
 
-fn check_examples(what: &str, examples: &[Example], n_tokens: usize, info: &ModelInfo) -> Result<()> {
+fn check_examples(
+    what: &str,
+    examples: &[Example],
+    n_tokens: usize,
+    info: &ModelInfo,
+) -> Result<()> {
     let seq2seq = info.decoder_start_token_id.is_some() || info.arch == Arch::T5;
     for (i, e) in examples.iter().enumerate() {
         if e.target.is_empty() {
-            bail!("{what} example {}: empty target, nothing to learn from", i + 1);
+            bail!(
+                "{what} example {}: empty target, nothing to learn from",
+                i + 1
+            );
         }
-        if let Some(&bad) = e.source.iter().chain(&e.target).find(|&&t| t as usize >= info.vocab_size) {
-            bail!("{what} example {}: token id {bad} is outside the model's vocabulary of {}", i + 1, info.vocab_size);
+        if let Some(&bad) = e
+            .source
+            .iter()
+            .chain(&e.target)
+            .find(|&&t| t as usize >= info.vocab_size)
+        {
+            bail!(
+                "{what} example {}: token id {bad} is outside the model's vocabulary of {}",
+                i + 1,
+                info.vocab_size
+            );
         }
         if let Some(max) = info.max_positions {
             let len = if seq2seq {
@@ -448,15 +503,26 @@ fn check_examples(what: &str, examples: &[Example], n_tokens: usize, info: &Mode
 /// The batches of epoch `epoch`: lists of example indices (see the module doc). Depends only
 /// on the lengths, the batch size, `seed` and `epoch`. Every example appears exactly once;
 /// only the last batch of an epoch may be smaller.
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
-    let mut rng = Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), STREAM_DATA);
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    let mut rng = Rng::new(
+        seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        STREAM_DATA,
+    );
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     rng.shuffle(&mut order);
     let window = batch_size.max(1) * BUCKET_BATCHES;
     for chunk in order.chunks_mut(window) {
         chunk.sort_by_key(|&i| lengths[i]); // stable: ties keep the shuffled order
     }
-    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect();
+    let mut batches: Vec<Vec<usize>> = order
+        .chunks(batch_size.max(1))
+        .map(|c| c.to_vec())
+        .collect();
     rng.shuffle(&mut batches);
     batches
 }
@@ -481,7 +547,12 @@ pub fn dev_nll(model: &Model, prompt: &Tensor, dev: &[Example], cfg: &TrainConfi
 
 fn global_norm(grads: &GradStore, prompt: &Var) -> Result<f64> {
     Ok(match grads.get(prompt.as_tensor()) {
-        Some(g) => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt(),
+        Some(g) => g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?
+            .sqrt(),
         None => 0.0,
     })
 }
@@ -490,9 +561,17 @@ fn global_norm(grads: &GradStore, prompt: &Var) -> Result<f64> {
 /// optimizer, schedule, batching, clipping, seed, model and data. Not `steps` (unless the
 /// schedule decays over them), so a finished run can be resumed for more steps; not the
 /// evaluation cadence, patience, output folder, logging or checkpoint frequency.
-pub fn config_hash(cfg: &TrainConfig, info: &ModelInfo, train: &[Example], dev: Option<&[Example]>) -> String {
+pub fn config_hash(
+    cfg: &TrainConfig,
+    info: &ModelInfo,
+    train: &[Example],
+    dev: Option<&[Example]>,
+) -> String {
     let schedule = match cfg.schedule.decay {
-        Decay::Constant => format!("constant lr={:?} warmup={}", cfg.schedule.lr, cfg.schedule.warmup_steps),
+        Decay::Constant => format!(
+            "constant lr={:?} warmup={}",
+            cfg.schedule.lr, cfg.schedule.warmup_steps
+        ),
         _ => format!("{:?}", cfg.schedule),
     };
     let desc = serde_json::json!({
@@ -529,7 +608,13 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Writes the adapter and `task.json`.
-fn export(model: &Model, cfg: &TrainConfig, prompt: &Tensor, train: &[Example], dev: Option<&[Example]>) -> Result<()> {
+fn export(
+    model: &Model,
+    cfg: &TrainConfig,
+    prompt: &Tensor,
+    train: &[Example],
+    dev: Option<&[Example]>,
+) -> Result<()> {
     let info = model.backbone.info();
     let mut config = AdapterConfig::new(info, cfg.n_tokens, cfg.init.peft_name());
     if let PromptInit::Text(text) = &cfg.init {
@@ -544,7 +629,10 @@ fn export(model: &Model, cfg: &TrainConfig, prompt: &Tensor, train: &[Example], 
     let mut task = serde_json::Map::new();
     task.insert("model".into(), info.name.clone().into());
     task.insert("model_path".into(), model.path.display().to_string().into());
-    task.insert("arch".into(), serde_json::to_value(info.arch).unwrap_or_default());
+    task.insert(
+        "arch".into(),
+        serde_json::to_value(info.arch).unwrap_or_default(),
+    );
     task.insert("n_tokens".into(), cfg.n_tokens.into());
     task.insert("init".into(), cfg.init.describe());
     task.insert(
