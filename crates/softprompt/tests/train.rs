@@ -593,7 +593,7 @@ fn init_sampled_vocab_draws_distinct_common_ids() {
     let ids = row_ids(&p, &table);
     let set: HashSet<u32> = ids.iter().copied().collect();
     assert_eq!(set.len(), 50, "ids drawn twice: {ids:?}");
-    assert!(ids.iter().all(|&i| i < 5000 && i >= 5), "{ids:?}");
+    assert!(ids.iter().all(|i| (5..5000).contains(i)), "{ids:?}");
     // Deterministic in the seed, different across seeds.
     let again = init_prompt(&PromptInit::SampledVocab, &m, 50, 11).unwrap();
     assert_eq!(f32_bits(&p), f32_bits(&again));
@@ -726,13 +726,9 @@ fn bad_input_is_rejected_before_training() {
     let words = llama_with_words(dir.path());
     let gpt2 = model("gpt2-tiny"); // context 128
     let data = toy_data(4, 1, 2);
-    let cases: Vec<(
-        &str,
-        &Model,
-        Vec<Example>,
-        Option<Vec<Example>>,
-        Box<dyn Fn(&mut TrainConfig)>,
-    )> = vec![
+    type Edit = Box<dyn Fn(&mut TrainConfig)>;
+    type Case<'a> = (&'static str, &'a Model, Vec<Example>, Option<Vec<Example>>, Edit);
+    let cases: Vec<Case> = vec![
         (
             "training set is empty",
             &words,

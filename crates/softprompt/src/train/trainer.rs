@@ -263,7 +263,7 @@ pub fn train(
             );
         }
         let grad_norm = match cfg.clip {
-            Some(max) => clip_grad_norm(&mut grads, &[prompt.clone()], max)?,
+            Some(max) => clip_grad_norm(&mut grads, std::slice::from_ref(&prompt), max)?,
             None => global_norm(&grads, &prompt)?,
         };
         if !grad_norm.is_finite() {
@@ -290,7 +290,7 @@ pub fn train(
         let last = state.step == cfg.steps;
         let mut dev_loss = None;
         if let Some(dev) = dev {
-            if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+            if last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
                 let d = dev_nll(model, prompt.as_tensor(), dev, cfg)?;
                 dev_loss = Some(d);
                 let improved = state.best.as_ref().is_none_or(|b| d < b.dev_loss);
@@ -312,7 +312,7 @@ pub fn train(
         if last
             || dev_loss.is_some()
             || state.stopped_early
-            || state.step % cfg.log_every.max(1) == 0
+            || state.step.is_multiple_of(cfg.log_every.max(1))
         {
             log.append(StepMetrics {
                 step: state.step,
@@ -333,7 +333,7 @@ pub fn train(
         });
         let save = last
             || state.stopped_early
-            || (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0);
+            || (cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every));
         if save {
             save_checkpoint(cfg, &state, &prompt, optimizer.as_ref(), &hash)?;
             plot::plot_loss(&log.rows, &out.join(plot::FILE))?;
