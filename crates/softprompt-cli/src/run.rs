@@ -23,7 +23,7 @@ pub struct RunArgs {
     /// The longer recipe: more steps, the whole dev split for model selection.
     #[arg(long)]
     pub full: bool,
-    /// Optimizer steps (default: 150, or 1500 with --full).
+    /// Optimizer steps (default: 100, or 1500 with --full).
     #[arg(long)]
     pub steps: Option<usize>,
     #[arg(long, default_value_t = 16)]
@@ -74,7 +74,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let zero_shot_time = t0.elapsed().as_secs_f64();
 
     // 2. Prompt tuning.
-    let steps = args.steps.unwrap_or(if args.full { 1500 } else { 150 });
+    let steps = args.steps.unwrap_or(if args.full { 1500 } else { 100 });
     let dev_rows = if args.full { &task.dev[..] } else { &task.dev[..task.dev.len().min(200)] };
     let train_examples = task.examples(tokenizer, info, &task.train)?;
     let dev_examples = task.examples(tokenizer, info, dev_rows)?;
@@ -84,7 +84,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     cfg.schedule = softprompt::train::schedule::Schedule::constant(args.lr);
     cfg.steps = steps;
     cfg.batch_size = args.batch_size;
-    cfg.eval_every = (steps / 5).max(1);
+    cfg.eval_every = (steps / 4).max(1);
     cfg.checkpoint_every = (steps / 10).max(1);
     cfg.resume = args.resume;
     cfg.quiet = args.quiet;

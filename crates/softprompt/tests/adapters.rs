@@ -76,7 +76,7 @@ fn written_adapters_have_pefts_file_format_and_load_back() {
             serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
         let theirs_cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(peft_dir.join("adapter_config.json")).unwrap()).unwrap();
-        for key in ["peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers"] {
+        for key in ["peft_type", "task_type", "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_layers", "num_attention_heads"] {
             assert_eq!(ours_cfg[key], theirs_cfg[key], "{name}: {key}");
         }
         let back = PeftAdapter::load(&out, &Device::Cpu).unwrap();

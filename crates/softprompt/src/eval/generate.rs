@@ -102,7 +102,9 @@ pub fn greedy(
                 }
             }
             Backbone::Seq2Seq(m) => {
-                let enc = encoder.as_ref().expect("encoder output");
+                let enc = encoder
+                    .as_ref()
+                    .ok_or_else(|| crate::Error::invalid("seq2seq generation without encoder output"))?;
                 m.decode(&next_input, enc, &mask, Some(&mut cache), LogitsAt::Last)?
             }
         }; // [B, V]

@@ -74,7 +74,7 @@ impl Activation {
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         // All three have a backward in candle (unlike its fused kernels).
         Ok(match self {
-            Activation::GeluTanh => x.gelu()?,
+            Activation::GeluTanh => ops::gelu_tanh(x)?,
             Activation::GeluErf => x.gelu_erf()?,
             Activation::Relu => x.relu()?,
         })
@@ -186,6 +186,7 @@ impl Gpt2 {
             d_model: d,
             vocab_size: cfg.vocab_size,
             n_layers: cfg.n_layer,
+            n_heads: cfg.n_head,
             max_positions: Some(cfg.n_positions),
             bos_token_id: cfg.bos_token_id,
             eos_token_ids: cfg.eos_token_id.into_iter().collect(),

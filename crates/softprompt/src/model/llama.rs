@@ -190,6 +190,7 @@ impl Llama {
             d_model: d,
             vocab_size: v,
             n_layers: cfg.num_hidden_layers,
+            n_heads: cfg.num_attention_heads,
             max_positions: cfg.max_position_embeddings,
             bos_token_id: cfg.bos_token_id,
             eos_token_ids: cfg
@@ -279,9 +280,9 @@ impl Llama {
             x = (x + ops::linear(&a, &layer.o, None)?)?;
 
             let h = ops::rms_norm(&x, &layer.post_norm, self.eps)?;
-            let g = ops::linear(&h, &layer.gate, None)?.silu()?; // [B, T, F]
+            let g = ops::linear(&h, &layer.gate, None)?; // [B, T, F]
             let u = ops::linear(&h, &layer.up, None)?;
-            x = (x + ops::linear(&(g * u)?, &layer.down, None)?)?;
+            x = (x + ops::linear(&ops::silu_mul(&g, &u)?, &layer.down, None)?)?;
             if let Some(s) = states.as_mut() {
                 if i + 1 < self.layers.len() {
                     s.push(x.clone());

@@ -8,6 +8,7 @@
 //! `H` heads, `Dh` head dim.
 
 pub mod frozen;
+pub mod fused;
 pub mod gpt2;
 pub mod llama;
 pub mod ops;
@@ -34,6 +35,8 @@ pub struct ModelInfo {
     pub d_model: usize,
     pub vocab_size: usize,
     pub n_layers: usize,
+    /// Attention heads per layer (recorded in PEFT adapter configs).
+    pub n_heads: usize,
     /// Longest sequence (prompt included) the model can take; `None` when unbounded (T5).
     pub max_positions: Option<usize>,
     pub bos_token_id: Option<u32>,

@@ -138,7 +138,7 @@ impl Activation {
         Ok(match self {
             Activation::Relu => x.relu()?,
             Activation::Gelu => x.gelu_erf()?,
-            Activation::GeluNew => x.gelu()?,
+            Activation::GeluNew => ops::gelu_tanh(x)?,
             Activation::Silu => x.silu()?,
         })
     }
@@ -292,6 +292,7 @@ impl T5 {
             vocab_size: cfg.vocab_size,
             // The decoder's: the number of self-attention caches generation needs.
             n_layers: n_dec,
+            n_heads: cfg.num_heads,
             max_positions: None,
             bos_token_id: None,
             eos_token_ids: cfg
@@ -515,10 +516,14 @@ impl T5 {
     fn feed_forward(&self, x: &Tensor, block: &Block) -> Result<Tensor> {
         let ff = &block.ff;
         let h = rms_norm(x, &block.ff_norm, self.eps)?;
-        let mut a = ff.act.apply(&linear(&h, &ff.wi, None)?)?; // [B,T,F]
-        if let Some(gate) = &ff.wi_gate {
-            a = (a * linear(&h, gate, None)?)?;
-        }
+        let wi = linear(&h, &ff.wi, None)?; // [B,T,F]
+        let a = match &ff.wi_gate {
+            Some(gate) if ff.act == Activation::GeluNew => {
+                ops::gelu_tanh_mul(&wi, &linear(&h, gate, None)?)?
+            }
+            Some(gate) => (ff.act.apply(&wi)? * linear(&h, gate, None)?)?,
+            None => ff.act.apply(&wi)?,
+        };
         linear(&a, &ff.wo, None)
     }
 

@@ -66,7 +66,7 @@ impl AdapterConfig {
             num_virtual_tokens: n_tokens,
             token_dim: info.d_model,
             num_transformer_submodules: Some(if seq2seq { 2 } else { 1 }),
-            num_attention_heads: None,
+            num_attention_heads: Some(info.n_heads),
             num_layers: Some(info.n_layers),
             base_model_name_or_path: Some(info.name.clone()),
             prompt_tuning_init: init.into(),
