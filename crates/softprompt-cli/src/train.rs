@@ -4,11 +4,11 @@ use crate::common;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use softprompt::batch::Example;
-use softprompt::prompt::{PeftAdapter, PromptInit};
+use softprompt::prompt::{EncoderKind, PeftAdapter, PromptInit};
 use softprompt::task::{encode_pair, read_jsonl};
 use softprompt::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
 use softprompt::train::schedule::Schedule;
-use softprompt::train::{train, TrainConfig};
+use softprompt::train::{model_tuning, p_tuning, train, BaselineReport, TrainConfig};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -33,6 +33,24 @@ pub enum OptimizerKind {
     Adamw,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// Lester et al. 2021: a soft prompt trained on the frozen model.
+    PromptTuning,
+    /// Baseline: every weight trained (AdamW), no soft prompt; writes a model folder.
+    ModelTuning,
+    /// Baseline (Liu et al. 2021): the prompt is the output of a trained prompt encoder.
+    PTuning,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum EncoderArg {
+    /// Linear-ReLU-Linear-ReLU-Linear (PEFT's MLP).
+    Mlp,
+    /// A 2-layer bidirectional LSTM followed by an MLP (PEFT's LSTM).
+    Lstm,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ScheduleKind {
     Constant,
@@ -43,9 +61,19 @@ pub enum ScheduleKind {
 /// Defaults are the prompt-tuning paper's recipe (Lester et al. 2021).
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Model: a GGUF file, a Hugging Face model folder, or `smollm2`.
+    /// Model: a GGUF file, a Hugging Face model folder, or `smollm2` (model tuning: a folder).
     #[arg(long)]
     pub model: String,
+    /// What is trained: the soft prompt (the paper's method), all the model's weights
+    /// (model tuning), or a prompt encoder (P-tuning).
+    #[arg(long, value_enum, default_value_t = Method::PromptTuning)]
+    pub method: Method,
+    /// The prompt encoder of --method p-tuning.
+    #[arg(long, value_enum)]
+    pub encoder: Option<EncoderArg>,
+    /// Hidden size of the prompt encoder of --method p-tuning [default: the model's width].
+    #[arg(long)]
+    pub encoder_hidden: Option<usize>,
     /// Training data: JSONL of {"input": ..., "target": ...} lines.
     #[arg(long)]
     pub data: PathBuf,
@@ -73,19 +101,21 @@ pub struct TrainArgs {
     /// Half-width r of U[-r, r] for --init random-uniform.
     #[arg(long, default_value_t = 0.5)]
     pub init_range: f64,
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Adafactor)]
-    pub optimizer: OptimizerKind,
-    /// Learning rate.
-    #[arg(long, default_value_t = 0.3)]
-    pub lr: f64,
+    /// Optimizer [default: adafactor; adamw for model tuning and P-tuning].
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerKind>,
+    /// Learning rate [default: 0.3; model tuning 1e-4; P-tuning 1e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
     #[arg(long, value_enum, default_value_t = ScheduleKind::Constant)]
     pub schedule: ScheduleKind,
     /// Linear warmup steps before the schedule.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
-    /// Weight decay (Adafactor: per step, not scaled by the learning rate; AdamW: decoupled).
-    #[arg(long, default_value_t = 1e-5)]
-    pub weight_decay: f64,
+    /// Weight decay (Adafactor: per step, not scaled by the learning rate; AdamW: decoupled)
+    /// [default: 1e-5; model tuning and P-tuning 0.01].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// Total optimizer steps (a resumed run continues up to this many).
     #[arg(long, default_value_t = 30_000)]
     pub steps: usize,
@@ -173,29 +203,74 @@ fn read_examples(path: &Path, model: &softprompt::load::Model) -> Result<Vec<Exa
         .collect()
 }
 
+/// Rejects options that the chosen method does not use.
+fn check_method(args: &TrainArgs) -> Result<()> {
+    let m = match args.method {
+        Method::PromptTuning => "prompt-tuning",
+        Method::ModelTuning => "model-tuning",
+        Method::PTuning => "p-tuning",
+    };
+    if args.method != Method::PTuning && (args.encoder.is_some() || args.encoder_hidden.is_some()) {
+        bail!("--encoder and --encoder-hidden are options of --method p-tuning, not {m}");
+    }
+    if args.encoder_hidden == Some(0) {
+        bail!("--encoder-hidden must be at least 1");
+    }
+    if args.method == Method::ModelTuning {
+        let prompt_options = [
+            ("--init", args.init.is_some()),
+            ("--init-text", args.init_text.is_some()),
+            ("--init-file", args.init_file.is_some()),
+            ("--labels", !args.labels.is_empty()),
+            ("--n-tokens", args.n_tokens.is_some()),
+            ("--resume", args.resume),
+        ];
+        if let Some((flag, _)) = prompt_options.iter().find(|(_, set)| *set) {
+            bail!("{flag} does not apply to --method model-tuning: it trains the model's weights with no soft prompt");
+        }
+    }
+    if args.method == Method::PTuning && args.resume {
+        bail!("--resume is not supported with --method p-tuning (it keeps no checkpoint)");
+    }
+    Ok(())
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
+    check_method(&args)?;
     let init = prompt_init(&args)?;
+    let baseline = args.method != Method::PromptTuning;
+    let lr = args.lr.unwrap_or(match args.method {
+        Method::PromptTuning => 0.3,
+        Method::ModelTuning => 1e-4,
+        Method::PTuning => 1e-3,
+    });
+    let weight_decay = args.weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
     // Cheap checks first, before loading anything.
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        bail!("--lr must be a positive number, got {}", args.lr);
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--lr must be a positive number, got {lr}");
     }
     if args.n_tokens == Some(0) {
         bail!("--n-tokens must be at least 1");
     }
     let schedule = match args.schedule {
         ScheduleKind::Constant if args.warmup_steps > 0 => {
-            Schedule::warmup_constant(args.lr, args.warmup_steps)
+            Schedule::warmup_constant(lr, args.warmup_steps)
         }
-        ScheduleKind::Constant => Schedule::constant(args.lr),
-        ScheduleKind::Linear => Schedule::linear(args.lr, args.warmup_steps, args.steps),
-        ScheduleKind::Cosine => Schedule::cosine(args.lr, args.warmup_steps, args.steps),
+        ScheduleKind::Constant => Schedule::constant(lr),
+        ScheduleKind::Linear => Schedule::linear(lr, args.warmup_steps, args.steps),
+        ScheduleKind::Cosine => Schedule::cosine(lr, args.warmup_steps, args.steps),
     };
-    let optimizer = match args.optimizer {
+    let kind = args.optimizer.unwrap_or(if baseline {
+        OptimizerKind::Adamw
+    } else {
+        OptimizerKind::Adafactor
+    });
+    let optimizer = match kind {
         OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
-            weight_decay: args.weight_decay,
+            weight_decay,
             ..AdafactorConfig::default()
         }),
-        OptimizerKind::Adamw => OptimizerConfig::AdamW(AdamWConfig::new(args.weight_decay)),
+        OptimizerKind::Adamw => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
     };
 
     let device = common::device()?;
@@ -244,6 +319,34 @@ pub fn run(args: TrainArgs) -> Result<()> {
         "the `target` text followed by EOS".into(),
     );
 
+    match args.method {
+        Method::PromptTuning => {}
+        Method::ModelTuning => {
+            if !model.path.is_dir() {
+                bail!(
+                    "--method model-tuning needs a Hugging Face model folder, not {}",
+                    model.path.display()
+                );
+            }
+            cfg.task.insert("lr".into(), lr.into());
+            let report = model_tuning(&model.path, &device, &train_set, dev_set.as_deref(), &cfg)?;
+            print_baseline(&report, &args.output, "tuned model folder");
+            return Ok(());
+        }
+        Method::PTuning => {
+            let kind = match args.encoder.unwrap_or(EncoderArg::Mlp) {
+                EncoderArg::Mlp => EncoderKind::Mlp,
+                EncoderArg::Lstm => EncoderKind::Lstm,
+            };
+            let hidden = args
+                .encoder_hidden
+                .unwrap_or(model.backbone.info().d_model);
+            let (report, _) =
+                p_tuning(&model, &train_set, dev_set.as_deref(), &cfg, kind, hidden)?;
+            print_baseline(&report, &args.output, "adapter (the encoder's output)");
+            return Ok(());
+        }
+    }
     let report = train(&model, &train_set, dev_set.as_deref(), &cfg)?;
     let mut line = format!("trained {} steps", report.steps);
     if let Some(from) = report.resumed_from {
@@ -265,4 +368,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+fn print_baseline(report: &BaselineReport, output: &Path, what: &str) {
+    let mut line = format!(
+        "trained {} steps; train loss {:.4} -> {:.4}",
+        report.steps, report.first_loss, report.final_loss
+    );
+    if let Some(d) = report.dev_loss {
+        line.push_str(&format!("; dev loss {d:.4}"));
+    }
+    println!("{line}");
+    println!("{what} written to {}", output.display());
 }

@@ -49,36 +49,15 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn load(dir: &Path, device: &Device) -> Result<Model> {
-    let config_path = dir.join("config.json");
-    let config = read_json(&config_path)?;
-    let model_type = config
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::config(&config_path, "model_type", "missing"))?
-        .to_string();
     let weights = Weights::from_safetensors(&weight_files(dir)?, device)?;
-    let name = model_name(dir);
-    let backbone = match model_type.as_str() {
-        "llama" | "mistral" | "qwen2" => {
-            let cfg: llama::Config = parse_config(&config_path, &config)?;
-            Backbone::Causal(Box::new(llama::Llama::new(&cfg, &weights, name)?))
-        }
-        "gpt2" => {
-            let cfg: gpt2::Config = parse_config(&config_path, &config)?;
-            Backbone::Causal(Box::new(gpt2::Gpt2::new(&cfg, &weights, name)?))
-        }
-        "t5" | "mt5" => {
-            let cfg: t5::Config = parse_config(&config_path, &config)?;
-            Backbone::Seq2Seq(Box::new(t5::T5::new(&cfg, &weights, name)?))
-        }
-        other => {
-            return Err(Error::config(
-                &config_path,
-                "model_type",
-                format!("unsupported architecture `{other}` (supported: llama, gpt2, t5)"),
-            ))
-        }
-    };
+    build(dir, &weights, device)
+}
+
+/// Builds the model of folder `dir` (its `config.json` and `tokenizer.json`) from the given
+/// `weights` instead of its weight files, e.g. tensors of trainable variables: the model then
+/// computes with those very tensors, so updates to the variables are seen by it.
+pub fn build(dir: &Path, weights: &Weights, device: &Device) -> Result<Model> {
+    let (backbone, model_type) = build_backbone(dir, weights)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.is_file() {
         let info = backbone.info();
@@ -98,4 +77,39 @@ pub fn load(dir: &Path, device: &Device) -> Result<Model> {
         path: dir.to_path_buf(),
         device: device.clone(),
     })
+}
+
+/// The backbone of folder `dir` (its `config.json`) computed with `weights`, and the config's
+/// `model_type`. Reads no weight or tokenizer file.
+pub fn build_backbone(dir: &Path, weights: &Weights) -> Result<(Backbone, String)> {
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::config(&config_path, "model_type", "missing"))?
+        .to_string();
+    let name = model_name(dir);
+    let backbone = match model_type.as_str() {
+        "llama" | "mistral" | "qwen2" => {
+            let cfg: llama::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(llama::Llama::new(&cfg, weights, name)?))
+        }
+        "gpt2" => {
+            let cfg: gpt2::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(gpt2::Gpt2::new(&cfg, weights, name)?))
+        }
+        "t5" | "mt5" => {
+            let cfg: t5::Config = parse_config(&config_path, &config)?;
+            Backbone::Seq2Seq(Box::new(t5::T5::new(&cfg, weights, name)?))
+        }
+        other => {
+            return Err(Error::config(
+                &config_path,
+                "model_type",
+                format!("unsupported architecture `{other}` (supported: llama, gpt2, t5)"),
+            ))
+        }
+    };
+    Ok((backbone, model_type))
 }

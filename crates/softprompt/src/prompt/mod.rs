@@ -1,9 +1,11 @@
 //! Soft prompts: the trainable `[N, D]` matrix `P` prepended to the input embeddings,
 //! `[P; embed(X)]`, while the backbone stays frozen.
 
+pub mod encoder;
 pub mod init;
 pub mod peft;
 
+pub use encoder::{EncoderKind, PromptEncoder};
 pub use init::PromptInit;
 pub use peft::{AdapterConfig, PeftAdapter};
 
