@@ -64,7 +64,9 @@ pub fn collate(examples: &[Example], info: &ModelInfo, n_prompt: usize, device: 
         for (i, e) in examples.iter().enumerate() {
             ids.extend(e.source.iter().copied().chain(std::iter::repeat(pad)).take(s));
             mask.extend((0..s).map(|j| if j < e.source.len() { 1f32 } else { 0. }));
-            let shifted = std::iter::once(start).chain(e.target[..e.target.len() - 1].iter().copied());
+            // transformers' shift_right of the padded labels: [start] + target, then pads
+            // (the token after the last target only feeds positions that are not scored).
+            let shifted = std::iter::once(start).chain(e.target.iter().copied());
             dec.extend(shifted.chain(std::iter::repeat(pad)).take(t));
             for (j, &tok) in e.target.iter().enumerate() {
                 label_rows.push((i * t + j) as u32);
