@@ -1,9 +1,12 @@
 //! `softprompt`: the command-line front end. Each subcommand is a thin layer over the library.
 
 mod common;
+mod eval;
 mod fetch;
+mod inspect;
 mod run;
 mod score;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +30,12 @@ enum Command {
     Generate(score::GenerateArgs),
     /// Train a soft prompt (defaults: the paper's recipe) and write a PEFT adapter.
     Train(train::TrainArgs),
+    /// Serve many soft prompts on one frozen model over HTTP (dynamic cross-task batching).
+    Serve(serve::ServeArgs),
+    /// Evaluate a prompt, a prompt ensemble or prompt design (accuracy, macro-F1, exact match).
+    Eval(eval::EvalArgs),
+    /// Nearest vocabulary tokens of each prompt vector (cosine similarity).
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() {
@@ -44,6 +53,9 @@ fn main() {
         Command::Score(a) => score::run_score(a),
         Command::Generate(a) => score::run_generate(a),
         Command::Train(a) => train::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Inspect(a) => inspect::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

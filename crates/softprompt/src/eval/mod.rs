@@ -1,4 +1,10 @@
-//! Evaluation: generation (and, to come, rank classification, metrics, ensembling).
+//! Evaluation: rank classification, greedy and beam generation, metrics, whole-split reports,
+//! prompt ensembling, the prompt-design (k-shot) baseline and nearest-token inspection.
 pub mod classify;
 pub mod generate;
 pub mod metrics;
+pub mod beam;
+pub mod ensemble;
+pub mod inspect;
+pub mod prompt_design;
+pub mod report;
