@@ -1,0 +1,251 @@
+//! The dynamic batcher: a bounded queue and one worker thread that owns the forwards.
+//!
+//! HTTP handlers push jobs and await a oneshot reply; they never run the model, so the
+//! tokio runtime stays responsive. The worker takes the oldest job, waits until `max_batch`
+//! compatible jobs are queued or the oldest has waited `max_wait`, and runs them as one
+//! batch. Compatible means: same kind (generate or classify), and
+//! - with `one_task_per_batch`: the same task (the baseline the load generator compares to);
+//! - for models with absolute position embeddings (GPT-2): the same row lengths, so rows
+//!   need no padding and every request sees exactly the input it would see alone (see
+//!   `engine`). Rotary models mix any lengths.
+
+use crate::engine::{self, ClsItem, ClsOutput, GenItem, GenOutput};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use axum::http::StatusCode;
+use softprompt::load::Model;
+use softprompt::model::Arch;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+#[derive(Clone, Debug)]
+pub struct BatchConfig {
+    /// Most requests in one batch.
+    pub max_batch: usize,
+    /// Longest time the oldest queued request waits for company.
+    pub max_wait: Duration,
+    /// Most requests waiting; more are refused with 429.
+    pub queue: usize,
+    /// Restrict each batch to one task (no mixing; for comparison).
+    pub one_task_per_batch: bool,
+    /// Most rows (request x prompt x label) per classification forward.
+    pub max_rows: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_batch: 16,
+            max_wait: Duration::from_millis(5),
+            queue: 256,
+            one_task_per_batch: false,
+            max_rows: 64,
+        }
+    }
+}
+
+pub enum Work {
+    Generate(GenItem),
+    Classify(ClsItem),
+}
+
+pub enum Reply {
+    Generate(GenOutput),
+    Classify(ClsOutput),
+}
+
+pub type ReplyResult = Result<Reply, ApiError>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Key {
+    generate: bool,
+    /// Row lengths that must match exactly (absolute-position models only).
+    lens: Option<Vec<usize>>,
+    task: Option<String>,
+}
+
+struct Job {
+    task: String,
+    key: Key,
+    work: Work,
+    enqueued: Instant,
+    reply: oneshot::Sender<ReplyResult>,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    shutdown: bool,
+}
+
+pub struct Batcher {
+    cfg: BatchConfig,
+    model: Arc<Model>,
+    metrics: Arc<Metrics>,
+    exact_positions: bool,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Batcher {
+    pub fn new(cfg: BatchConfig, model: Arc<Model>, metrics: Arc<Metrics>) -> Self {
+        let exact_positions = model.backbone.info().arch == Arch::Gpt2;
+        Batcher {
+            cfg,
+            model,
+            metrics,
+            exact_positions,
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), shutdown: false }),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests waiting (not counting the batch being run).
+    pub fn depth(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Queues a job; 429 when the queue is full, 503 when shutting down.
+    pub fn submit(&self, task: &str, work: Work) -> Result<oneshot::Receiver<ReplyResult>, ApiError> {
+        let lens = if self.exact_positions {
+            Some(match &work {
+                Work::Generate(g) => {
+                    let mut l: Vec<usize> = g.prompts.iter().map(|p| p.dim(0).unwrap_or(0) + g.source.len()).collect();
+                    l.sort_unstable();
+                    l.dedup();
+                    l
+                }
+                // Label targets belong to the task: the same task and input length give
+                // the same rows.
+                Work::Classify(c) => vec![c.source.len()],
+            })
+        } else {
+            None
+        };
+        let same_task = self.cfg.one_task_per_batch || (self.exact_positions && matches!(work, Work::Classify(_)));
+        let key = Key {
+            generate: matches!(work, Work::Generate(_)),
+            lens,
+            task: same_task.then(|| task.to_string()),
+        };
+        let (tx, rx) = oneshot::channel();
+        let mut q = self.lock();
+        if q.shutdown {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down"));
+        }
+        if q.jobs.len() >= self.cfg.queue {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("the queue is full ({} requests waiting); retry later", q.jobs.len()),
+            ));
+        }
+        q.jobs.push_back(Job { task: task.to_string(), key, work, enqueued: Instant::now(), reply: tx });
+        drop(q);
+        self.wake.notify_all();
+        Ok(rx)
+    }
+
+    /// Refuses new jobs; the worker finishes what is queued, then returns.
+    pub fn shutdown(&self) {
+        self.lock().shutdown = true;
+        self.wake.notify_all();
+    }
+
+    /// The worker loop (run it on a dedicated thread).
+    pub fn run(&self) {
+        loop {
+            let batch = {
+                let mut q = self.lock();
+                while q.jobs.is_empty() {
+                    if q.shutdown {
+                        return;
+                    }
+                    q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                let key = q.jobs[0].key.clone();
+                let deadline = q.jobs[0].enqueued + self.cfg.max_wait;
+                loop {
+                    let n = q.jobs.iter().filter(|j| j.key == key).count();
+                    let now = Instant::now();
+                    if n >= self.cfg.max_batch || q.shutdown || now >= deadline {
+                        break;
+                    }
+                    q = self.wake.wait_timeout(q, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                }
+                let mut batch = Vec::new();
+                let mut rest = VecDeque::with_capacity(q.jobs.len());
+                while let Some(j) = q.jobs.pop_front() {
+                    if j.key == key && batch.len() < self.cfg.max_batch {
+                        batch.push(j);
+                    } else {
+                        rest.push_back(j);
+                    }
+                }
+                q.jobs = rest;
+                batch
+            };
+            // Requests whose client gave up (timeout, disconnect) are not run.
+            let batch: Vec<Job> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+            if batch.is_empty() {
+                continue;
+            }
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&self, batch: Vec<Job>) {
+        let start = Instant::now();
+        let size = batch.len();
+        let mut tasks: Vec<&str> = batch.iter().map(|j| j.task.as_str()).collect();
+        tasks.sort_unstable();
+        tasks.dedup();
+        let n_tasks = tasks.len();
+        let mut replies = Vec::with_capacity(size);
+        let mut gens = Vec::new();
+        let mut clss = Vec::new();
+        for j in batch {
+            replies.push(j.reply);
+            match j.work {
+                Work::Generate(g) => gens.push(g),
+                Work::Classify(c) => clss.push(c),
+            }
+        }
+        let model = &self.model;
+        let max_rows = self.cfg.max_rows;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> softprompt::Result<Vec<Reply>> {
+            if !gens.is_empty() {
+                let cancelled = |i: usize| replies[i].is_closed();
+                Ok(engine::generate(model, &gens, &cancelled)?.into_iter().map(Reply::Generate).collect())
+            } else {
+                Ok(engine::classify(model, &clss, max_rows)?.into_iter().map(Reply::Classify).collect())
+            }
+        }));
+        let result = match result {
+            Ok(r) => r.map_err(|e| ApiError::internal(format!("model error: {e}"))),
+            Err(_) => Err(ApiError::internal("the model worker panicked on this batch")),
+        };
+        let mut tokens = 0;
+        match result {
+            Ok(outs) => {
+                for (tx, out) in replies.into_iter().zip(outs) {
+                    if let Reply::Generate(g) = &out {
+                        tokens += g.tokens.len();
+                    }
+                    let _ = tx.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                tracing::error!("batch of {size}: {e}");
+                for tx in replies {
+                    let _ = tx.send(Err(e.clone()));
+                }
+            }
+        }
+        self.metrics.batch(size, n_tasks, tokens, start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,319 @@
+//! Routes, request/response bodies, authentication and per-request limits.
+
+use crate::batcher::{Batcher, Reply, Work};
+use crate::engine::{votes, ClsItem, GenItem, GenParams};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Task, Upload};
+use crate::ServeConfig;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use softprompt::load::Model;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct AppState {
+    pub model: Arc<Model>,
+    pub registry: Arc<Registry>,
+    pub batcher: Arc<Batcher>,
+    pub metrics: Arc<Metrics>,
+    pub cfg: ServeConfig,
+}
+
+type AppResult = Result<Response, ApiError>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/generate", post(generate))
+        .route("/v1/classify", post(classify))
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks/{name}", put(put_task).delete(delete_task).get(get_task))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::not_found("no such endpoint (see /openapi.json)") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint")
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), record))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Bearer-token check (when a token is configured); `/health` stays open.
+async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.cfg.token {
+        if req.uri().path() != "/health" {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+                let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                return resp;
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Request counts and latency by endpoint.
+async fn record(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "other".into());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics.request(&endpoint, resp.status().as_u16(), start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Parses a JSON body: 413 over the size limit, 400 for malformed JSON or wrong fields.
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rej| {
+        let status = rej.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(status, "request body is larger than the server's limit")
+        } else {
+            ApiError::new(status, rej.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn task_or_404(s: &AppState, name: &str) -> Result<Arc<Task>, ApiError> {
+    s.registry
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("unknown task `{name}` (see GET /v1/tasks)")))
+}
+
+fn encode(s: &AppState, task: &Task, input: &str) -> Result<Vec<u32>, ApiError> {
+    let tokenizer = s.model.tokenizer().map_err(|e| ApiError::internal(e.to_string()))?;
+    let ids = tokenizer
+        .encode_input(&task.format(input))
+        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the input: {e}")))?;
+    if ids.is_empty() {
+        return Err(ApiError::bad_request("the input tokenizes to nothing"));
+    }
+    Ok(ids)
+}
+
+/// Queues the job and waits for its reply, at most the per-request timeout (504).
+async fn dispatch(s: &AppState, task: &str, work: Work) -> Result<Reply, ApiError> {
+    let rx = s.batcher.submit(task, work)?;
+    match tokio::time::timeout(s.cfg.request_timeout, rx).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer within {} ms", s.cfg.request_timeout.as_millis()),
+        )),
+        Ok(Err(_)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model worker stopped")),
+        Ok(Ok(r)) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateRequest {
+    task: String,
+    input: String,
+    #[serde(default)]
+    max_new_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    seed: Option<u64>,
+}
+
+async fn generate(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult {
+    let req: GenerateRequest = parse(body)?;
+    let max_new = req.max_new_tokens.unwrap_or(16.min(s.cfg.max_new_tokens));
+    if max_new == 0 || max_new > s.cfg.max_new_tokens {
+        return Err(ApiError::bad_request(format!(
+            "max_new_tokens must be between 1 and {} (got {max_new})",
+            s.cfg.max_new_tokens
+        )));
+    }
+    let temperature = req.temperature.unwrap_or(0.0);
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(ApiError::bad_request("temperature must be a number >= 0"));
+    }
+    let task = task_or_404(&s, &req.task)?;
+    let source = encode(&s, &task, &req.input)?;
+    if let Some(max) = s.model.backbone.info().max_positions {
+        let needed = task.max_prompt_len() + source.len() + max_new;
+        if needed > max {
+            return Err(ApiError::bad_request(format!(
+                "prompt + input + max_new_tokens = {needed} positions, more than the model's {max}"
+            )));
+        }
+    }
+    let stop = match req.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    let item = GenItem {
+        prompts: task.prompts.clone(),
+        source,
+        params: GenParams { max_new_tokens: max_new, temperature, stop, seed: req.seed },
+    };
+    match dispatch(&s, &task.name, Work::Generate(item)).await? {
+        Reply::Generate(o) => Ok(Json(serde_json::json!({
+            "task": task.name,
+            "text": o.text,
+            "tokens": o.tokens,
+            "logprobs": o.logprobs,
+            "finish_reason": o.finish_reason,
+            "n_prompts": task.prompts.len(),
+        }))
+        .into_response()),
+        Reply::Classify(_) => Err(ApiError::internal("unexpected reply")),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassifyRequest {
+    task: String,
+    input: String,
+}
+
+async fn classify(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult {
+    let req: ClassifyRequest = parse(body)?;
+    let task = task_or_404(&s, &req.task)?;
+    if task.labels.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "task `{}` has no labels (its task.json needs `labels` and `verbalizer`)",
+            task.name
+        )));
+    }
+    let source = encode(&s, &task, &req.input)?;
+    if let Some(max) = s.model.backbone.info().max_positions {
+        let longest = task.label_targets.iter().map(Vec::len).max().unwrap_or(0);
+        let needed = task.max_prompt_len() + source.len() + longest;
+        if needed > max {
+            return Err(ApiError::bad_request(format!(
+                "prompt + input + label = {needed} positions, more than the model's {max}"
+            )));
+        }
+    }
+    let item = ClsItem { prompts: task.prompts.clone(), source, label_targets: task.label_targets.clone() };
+    match dispatch(&s, &task.name, Work::Classify(item)).await? {
+        Reply::Classify(o) => {
+            let best = softprompt::eval::classify::argmax(&o.scores);
+            let mut scores = serde_json::Map::new();
+            let mut vote_counts = serde_json::Map::new();
+            for (l, name) in task.labels.iter().enumerate() {
+                scores.insert(name.clone(), o.scores[l].into());
+                vote_counts.insert(name.clone(), 0.into());
+            }
+            for v in votes(&o.per_prompt) {
+                let name = &task.labels[v];
+                let n = vote_counts.get(name).and_then(|x| x.as_u64()).unwrap_or(0);
+                vote_counts.insert(name.clone(), (n + 1).into());
+            }
+            let per_prompt: Vec<serde_json::Value> = task
+                .members
+                .iter()
+                .zip(&o.per_prompt)
+                .map(|(m, s)| serde_json::json!({"member": m, "scores": s}))
+                .collect();
+            Ok(Json(serde_json::json!({
+                "task": task.name,
+                "label": task.labels[best],
+                "scores": scores,
+                "votes": vote_counts,
+                "n_prompts": task.prompts.len(),
+                "per_prompt": per_prompt,
+            }))
+            .into_response())
+        }
+        Reply::Generate(_) => Err(ApiError::internal("unexpected reply")),
+    }
+}
+
+async fn list_tasks(State(s): State<Arc<AppState>>) -> AppResult {
+    let tasks: Vec<serde_json::Value> = s.registry.list().iter().map(|t| t.summary()).collect();
+    Ok(Json(tasks).into_response())
+}
+
+async fn get_task(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> AppResult {
+    Ok(Json(task_or_404(&s, &name)?.summary()).into_response())
+}
+
+async fn put_task(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> AppResult {
+    let upload: Upload = parse(body)?;
+    let (registry, model) = (s.registry.clone(), s.model.clone());
+    let (task, replaced) = tokio::task::spawn_blocking(move || registry.put(&name, upload, &model))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(task.summary())).into_response())
+}
+
+async fn delete_task(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> AppResult {
+    let registry = s.registry.clone();
+    let n = name.clone();
+    let removed = tokio::task::spawn_blocking(move || registry.delete(&n))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    if !removed {
+        return Err(ApiError::not_found(format!("unknown task `{name}`")));
+    }
+    Ok(Json(serde_json::json!({ "deleted": name })).into_response())
+}
+
+async fn health(State(s): State<Arc<AppState>>) -> AppResult {
+    let info = s.model.backbone.info();
+    Ok(Json(serde_json::json!({
+        "status": "ok",
+        "model": info.name,
+        "arch": info.arch,
+        "d_model": info.d_model,
+        "tasks": s.registry.len(),
+        "queue_depth": s.batcher.depth(),
+    }))
+    .into_response())
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> AppResult {
+    let text = s.metrics.render(s.batcher.depth(), s.registry.len());
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+async fn openapi(State(s): State<Arc<AppState>>) -> AppResult {
+    Ok(Json(crate::openapi::document(&s.cfg)).into_response())
+}

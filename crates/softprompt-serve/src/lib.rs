@@ -1,0 +1,172 @@
+//! softprompt-serve: many soft prompts on one frozen model over HTTP.
+//!
+//! One model is loaded once; every task is a PEFT prompt-tuning adapter (or an ensemble of
+//! them) in a folder. Requests are queued for a dynamic batcher running on its own thread,
+//! which packs requests of different tasks into one forward pass by giving every row its
+//! own prompt (see [`engine`] for the padding layout and why it leaves results unchanged).
+//!
+//! Endpoints: `POST /v1/generate`, `POST /v1/classify`, `GET /v1/tasks`,
+//! `GET|PUT|DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
+
+pub mod batcher;
+pub mod client;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod openapi;
+pub mod registry;
+
+pub use batcher::BatchConfig;
+pub use error::ApiError;
+
+use softprompt::load::Model;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Server settings (the CLI flags).
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Folder of task folders; uploads are written here.
+    pub prompts_dir: PathBuf,
+    pub addr: SocketAddr,
+    pub batch: BatchConfig,
+    /// Bearer token required on every endpoint but `/health`.
+    pub token: Option<String>,
+    /// Largest request body (413 above).
+    pub max_body_bytes: usize,
+    /// Largest `max_new_tokens` a request may ask for (400 above).
+    pub max_new_tokens: usize,
+    /// Time a request may wait for its answer, queueing included (504 after).
+    pub request_timeout: Duration,
+}
+
+impl ServeConfig {
+    pub fn new(prompts_dir: impl Into<PathBuf>) -> Self {
+        ServeConfig {
+            prompts_dir: prompts_dir.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            batch: BatchConfig::default(),
+            token: None,
+            max_body_bytes: 16 << 20,
+            max_new_tokens: 256,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A running server: its address, and the handle to stop it.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    /// Starts serving `model` on `cfg.addr` (port 0: an ephemeral port; see `addr`) until
+    /// [`Server::shutdown`] is called.
+    pub fn start(model: Arc<Model>, cfg: ServeConfig) -> softprompt::Result<Server> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut server = Self::start_until(model, cfg, async move {
+            let _ = rx.await;
+        })?;
+        server.stop = Some(tx);
+        Ok(server)
+    }
+
+    /// Starts serving until `stop` completes; then in-flight requests are finished, the
+    /// batcher drains its queue and the server thread ends.
+    pub fn start_until(
+        model: Arc<Model>,
+        cfg: ServeConfig,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> softprompt::Result<Server> {
+        engine::causal(&model)?;
+        model.tokenizer()?;
+        let registry = Arc::new(registry::Registry::load(&cfg.prompts_dir, &model)?);
+        let metrics = Arc::new(metrics::Metrics::default());
+        let batcher = Arc::new(batcher::Batcher::new(cfg.batch.clone(), model.clone(), metrics.clone()));
+        let listener = std::net::TcpListener::bind(cfg.addr)
+            .map_err(|e| softprompt::Error::invalid(format!("cannot listen on {}: {e}", cfg.addr)))?;
+        listener.set_nonblocking(true).map_err(|e| softprompt::Error::invalid(e.to_string()))?;
+        let addr = listener.local_addr().map_err(|e| softprompt::Error::invalid(e.to_string()))?;
+        let state = Arc::new(http::AppState { model, registry, batcher: batcher.clone(), metrics, cfg });
+        let worker = {
+            let b = batcher.clone();
+            std::thread::Builder::new()
+                .name("softprompt-batcher".into())
+                .spawn(move || b.run())
+                .map_err(|e| softprompt::Error::invalid(format!("cannot start the worker: {e}")))?
+        };
+        let thread = std::thread::Builder::new()
+            .name("softprompt-http".into())
+            .spawn(move || -> std::io::Result<()> {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?;
+                let result = rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    axum::serve(listener, http::router(state)).with_graceful_shutdown(stop).await
+                });
+                batcher.shutdown();
+                let _ = worker.join();
+                result
+            })
+            .map_err(|e| softprompt::Error::invalid(format!("cannot start the server: {e}")))?;
+        Ok(Server { addr, stop: None, thread: Some(thread) })
+    }
+
+    /// Stops accepting connections, finishes in-flight requests and waits for the end.
+    pub fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.wait()
+    }
+
+    /// Waits until the server ends (its stop future completed).
+    pub fn wait(mut self) -> std::io::Result<()> {
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err(std::io::Error::other("server thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Completes on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
