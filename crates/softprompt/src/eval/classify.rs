@@ -9,7 +9,34 @@ use candle_core::{Device, Tensor};
 
 /// Log-likelihood scores `[K][L]` of `labels` (tokenized targets, EOS included) for each
 /// source, computed `batch_size` rows (source x label pairs) at a time.
+///
+/// With one prompt for all rows (or none) the sources are batched in order of length, which
+/// saves most of the padding (and, for decoder-only models, keeps the pad gaps between prompt
+/// and input small); the scores come back in the caller's order.
 pub fn label_log_likelihoods(
+    backbone: &Backbone,
+    prompt: Option<&Tensor>,
+    sources: &[Vec<u32>],
+    labels: &[Vec<u32>],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<Vec<f32>>> {
+    if prompt.is_some_and(|p| p.rank() == 3) {
+        return scores_in_order(backbone, prompt, sources, labels, batch_size, device);
+    }
+    let mut order: Vec<usize> = (0..sources.len()).collect();
+    order.sort_by_key(|&i| sources[i].len());
+    let sorted: Vec<Vec<u32>> = order.iter().map(|&i| sources[i].clone()).collect();
+    let scores = scores_in_order(backbone, prompt, &sorted, labels, batch_size, device)?;
+    let mut out = vec![Vec::new(); sources.len()];
+    for (score, &i) in scores.into_iter().zip(&order) {
+        out[i] = score;
+    }
+    Ok(out)
+}
+
+/// [`label_log_likelihoods`] batching the sources in the given order.
+fn scores_in_order(
     backbone: &Backbone,
     prompt: Option<&Tensor>,
     sources: &[Vec<u32>],
