@@ -4,6 +4,9 @@
 //! [`load`] a frozen [`model`], tokenize with [`tokenizer`], prepend a [`prompt`], and run
 //! forwards (scoring, generation) or backwards (training).
 
+// No panics on user input: `unwrap`/`expect` are errors in library code (tests may use them).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod batch;
 pub mod error;
 pub mod eval;

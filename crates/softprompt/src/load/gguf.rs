@@ -119,6 +119,14 @@ fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Resul
             b.checked_add(content.tensor_data_offset)?
                 .checked_add(*offset)
         });
+        // An empty tensor is no model weight (and candle's decoder would build a slice from
+        // the dangling pointer of an empty buffer).
+        if elems == Some(0) {
+            return Err(Error::format(
+                path,
+                format!("not a valid GGUF file: tensor `{name}` has no elements (shape {:?})", shape.dims()),
+            ));
+        }
         match end {
             None => {
                 return Err(Error::format(

@@ -158,7 +158,7 @@ impl Gpt2 {
         };
         let wte = w.get(&format!("{root}wte.weight"), &[cfg.vocab_size, d])?;
         let wpe = w.get(&format!("{root}wpe.weight"), &[cfg.n_positions, d])?;
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        let mut blocks = Vec::new(); // not with_capacity: the count comes from the file
         for i in 0..cfg.n_layer {
             let p = format!("{root}h.{i}");
             let mut scale = if cfg.scale_attn_weights {

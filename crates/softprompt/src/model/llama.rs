@@ -150,14 +150,20 @@ impl Llama {
             cfg.num_kv_heads(),
             cfg.head_dim(),
         );
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hd == 0 || hd % 2 != 0 {
+        if heads == 0
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || hd == 0
+            || hd % 2 != 0
+            || heads.checked_mul(hd).is_none()
+        {
             return Err(bad(format!(
                 "bad attention shape: {heads} heads, {kv_heads} kv heads, head_dim {hd}"
             )));
         }
         let (ff, v) = (cfg.intermediate_size, cfg.vocab_size);
         let embed = w.get("model.embed_tokens.weight", &[v, d])?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut layers = Vec::new(); // not with_capacity: the count comes from the file
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let attn = |n: &str, shape: &[usize]| w.get(&format!("{p}.self_attn.{n}"), shape);

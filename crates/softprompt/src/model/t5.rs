@@ -243,7 +243,7 @@ impl T5 {
             )
         };
 
-        let mut enc_blocks = Vec::with_capacity(cfg.num_layers);
+        let mut enc_blocks = Vec::new(); // not with_capacity: the count comes from the file
         for i in 0..cfg.num_layers {
             let p = format!("encoder.block.{i}.layer");
             enc_blocks.push(Block {
@@ -254,7 +254,7 @@ impl T5 {
                 ff: feed_forward(&format!("{p}.1"))?,
             });
         }
-        let mut dec_blocks = Vec::with_capacity(n_dec);
+        let mut dec_blocks = Vec::new();
         for i in 0..n_dec {
             let p = format!("decoder.block.{i}.layer");
             dec_blocks.push(Block {

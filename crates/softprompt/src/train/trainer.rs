@@ -248,13 +248,18 @@ pub fn train(
                     store
                 }
                 Some(mut store) => {
-                    let sum = (store.get(prompt.as_tensor()).expect("inserted above") + pg)?;
+                    let sum = match store.get(prompt.as_tensor()) {
+                        Some(prev) => (prev + pg)?,
+                        None => pg,
+                    };
                     store.insert(prompt.as_tensor(), sum);
                     store
                 }
             });
         }
-        let mut grads = grads.expect("grad_accum >= 1");
+        let Some(mut grads) = grads else {
+            bail!("gradient accumulation must be at least 1 batch");
+        };
         if !loss_sum.is_finite() {
             bail!(
                 "training diverged at step {}: the loss is {loss_sum} (try a lower learning rate); \
