@@ -23,10 +23,10 @@ pub struct RunArgs {
     /// The longer recipe: more steps, the whole dev split for model selection.
     #[arg(long)]
     pub full: bool,
-    /// Optimizer steps (default: 100, or 1500 with --full).
+    /// Optimizer steps (default: 300, or 1500 with --full).
     #[arg(long)]
     pub steps: Option<usize>,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 20)]
     pub n_tokens: usize,
@@ -74,7 +74,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let zero_shot_time = t0.elapsed().as_secs_f64();
 
     // 2. Prompt tuning.
-    let steps = args.steps.unwrap_or(if args.full { 1500 } else { 100 });
+    let steps = args.steps.unwrap_or(if args.full { 1500 } else { 300 });
     let dev_rows = if args.full { &task.dev[..] } else { &task.dev[..task.dev.len().min(200)] };
     let train_examples = task.examples(tokenizer, info, &task.train)?;
     let dev_examples = task.examples(tokenizer, info, dev_rows)?;
