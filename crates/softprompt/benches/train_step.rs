@@ -1,115 +1,362 @@
-//! One prompt-tuning step (forward + backward of the prompt loss) on a SmolLM2-135M-shaped
-//! Llama with random weights, with the frozen-weight linear path (`model::frozen`) against
-//! candle's plain matmul, whose backward also computes every weight's gradient.
+//! Prompt-tuning step and greedy generation on CPU, random weights, four model shapes:
+//! t5-small, flan-t5-small, gpt2 (124M) and a SmolLM2-135M-shaped Llama. Each model runs
+//! with the fused kernels (`model::fused`, the default) and with the composite ops they
+//! replace, alternating step by step so that drifting machine load hits both.
 //!
 //! ```text
-//! cargo bench -p softprompt --bench train_step                 # release build
-//! cargo bench -p softprompt --bench train_step --profile dev   # reuses the dev build
+//! cargo bench -p softprompt --bench train_step --profile dev
+//! BENCH_MODELS=smollm2 BENCH_VARIANTS=fused cargo bench -p softprompt --bench train_step --profile dev
 //! ```
 //!
-//! Environment: `RAYON_NUM_THREADS` (default 2), `BENCH_ITERS` (timed steps per variant,
-//! default 2, after one warm-up step; the two variants alternate).
+//! Workload (same as `bench/peft_baseline.py`): batch 8; decoder-only rows are 120 source +
+//! 8 target tokens (128 input tokens), seq2seq rows are 128 encoder tokens and 8 target
+//! tokens; 20 virtual tokens; loss = mean token cross-entropy on the targets (PEFT's).
+//! Generation: the same 8 x 128 sources (without targets) with the prompt, 20 new tokens
+//! per row, greedy, no early stop.
+//!
+//! Environment: `RAYON_NUM_THREADS` (default 2), `BENCH_MODELS` (comma list of t5-small,
+//! flan-t5-small, gpt2, smollm2; default all), `BENCH_VARIANTS` (`both` or `fused`; default
+//! both), `BENCH_ITERS` (timed steps per variant, default 2, after one warm-up step each),
+//! `BENCH_GEN` (0 skips generation). Every result is also printed as one `BENCH_JSON {...}`
+//! line for `bench/run_side_by_side.sh`.
 
 use candle_core::{DType, Device, Tensor, Var};
-use softprompt::batch::{collate, Example};
+use softprompt::batch::{collate, Batch, Example};
+use softprompt::eval::generate::{greedy, GenerateOptions};
 use softprompt::load::Weights;
-use softprompt::model::llama::{Config, Llama};
-use softprompt::model::{frozen, Backbone};
+use softprompt::model::{fused, gpt2, llama, t5, Backbone};
 use softprompt::objective::mean_loss;
 use std::collections::HashMap;
 use std::time::Instant;
 
 const BATCH: usize = 8;
-const SEQ: usize = 64;
+const INPUT: usize = 128;
 const TARGET: usize = 8;
 const PROMPT: usize = 20;
+const NEW_TOKENS: usize = 20;
 
-fn config() -> Config {
-    serde_json::from_value(serde_json::json!({
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "head_dim": 64,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 100000.0,
-        "vocab_size": 49152,
-        "max_position_embeddings": 8192,
-        "tie_word_embeddings": true,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2
-    }))
-    .expect("config")
+/// Shape facts for the analytic FLOP count.
+struct Shape {
+    d: usize,
+    /// Query heads x head dim.
+    inner: usize,
+    /// Key/value heads x head dim.
+    kv_inner: usize,
+    heads: usize,
+    head_dim: usize,
+    /// Feed-forward matrices per layer (2 plain, 3 gated) and their width.
+    ff_mats: usize,
+    ff: usize,
+    enc_layers: usize,
+    dec_layers: usize,
+    vocab: usize,
 }
 
-/// Random weights with the Hugging Face Llama names.
-fn weights(cfg: &Config) -> candle_core::Result<Weights> {
-    let dev = Device::Cpu;
-    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let hd = cfg.head_dim();
-    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_kv_heads() * hd);
-    let mut map = HashMap::new();
-    let mut put = |name: String, shape: &[usize], std: f32| -> candle_core::Result<()> {
-        let t = if std == 0.0 {
-            Tensor::ones(shape, DType::F32, &dev)?
-        } else {
-            Tensor::randn(0f32, std, shape, &dev)?
-        };
-        map.insert(name, t);
+struct Model {
+    backbone: Backbone,
+    shape: Shape,
+}
+
+fn randn(shape: &[usize], std: f32) -> candle_core::Result<Tensor> {
+    Tensor::randn(0f32, std, shape, &Device::Cpu)
+}
+
+struct Builder(HashMap<String, Tensor>);
+
+impl Builder {
+    fn put(&mut self, name: impl Into<String>, shape: &[usize]) -> candle_core::Result<()> {
+        self.0.insert(name.into(), randn(shape, 0.02)?);
         Ok(())
-    };
-    put("model.embed_tokens.weight".into(), &[v, d], 0.02)?;
-    put("model.norm.weight".into(), &[d], 0.0)?;
+    }
+    fn ones(&mut self, name: impl Into<String>, shape: &[usize]) -> candle_core::Result<()> {
+        self.0.insert(name.into(), Tensor::ones(shape, DType::F32, &Device::Cpu)?);
+        Ok(())
+    }
+    fn weights(self) -> Weights {
+        Weights::new(self.0, "random")
+    }
+}
+
+fn smollm2() -> softprompt::Result<Model> {
+    let cfg: llama::Config = serde_json::from_value(serde_json::json!({
+        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "vocab_size": 49152,
+        "max_position_embeddings": 8192, "tie_word_embeddings": true,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2
+    }))
+    .map_err(|e| softprompt::Error::invalid(e.to_string()))?;
+    let (d, f, v, hd) = (576, 1536, 49152, 64);
+    let (q, kv) = (9 * hd, 3 * hd);
+    let mut b = Builder(HashMap::new());
+    b.put("model.embed_tokens.weight", &[v, d])?;
+    b.ones("model.norm.weight", &[d])?;
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), &[d], 0.0)?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.0)?;
-        put(format!("{p}.self_attn.q_proj.weight"), &[q, d], 0.02)?;
-        put(format!("{p}.self_attn.k_proj.weight"), &[kv, d], 0.02)?;
-        put(format!("{p}.self_attn.v_proj.weight"), &[kv, d], 0.02)?;
-        put(format!("{p}.self_attn.o_proj.weight"), &[d, q], 0.02)?;
-        put(format!("{p}.mlp.gate_proj.weight"), &[f, d], 0.02)?;
-        put(format!("{p}.mlp.up_proj.weight"), &[f, d], 0.02)?;
-        put(format!("{p}.mlp.down_proj.weight"), &[d, f], 0.02)?;
+        b.ones(format!("{p}.input_layernorm.weight"), &[d])?;
+        b.ones(format!("{p}.post_attention_layernorm.weight"), &[d])?;
+        b.put(format!("{p}.self_attn.q_proj.weight"), &[q, d])?;
+        b.put(format!("{p}.self_attn.k_proj.weight"), &[kv, d])?;
+        b.put(format!("{p}.self_attn.v_proj.weight"), &[kv, d])?;
+        b.put(format!("{p}.self_attn.o_proj.weight"), &[d, q])?;
+        b.put(format!("{p}.mlp.gate_proj.weight"), &[f, d])?;
+        b.put(format!("{p}.mlp.up_proj.weight"), &[f, d])?;
+        b.put(format!("{p}.mlp.down_proj.weight"), &[d, f])?;
     }
-    Ok(Weights::new(map, "random"))
+    let m = llama::Llama::new(&cfg, &b.weights(), "smollm2-135m-random".into())?;
+    Ok(Model {
+        backbone: Backbone::Causal(Box::new(m)),
+        shape: Shape {
+            d,
+            inner: q,
+            kv_inner: kv,
+            heads: 9,
+            head_dim: hd,
+            ff_mats: 3,
+            ff: f,
+            enc_layers: 0,
+            dec_layers: 30,
+            vocab: v,
+        },
+    })
+}
+
+fn gpt2() -> softprompt::Result<Model> {
+    let cfg: gpt2::Config = serde_json::from_value(serde_json::json!({
+        "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257,
+        "bos_token_id": 50256, "eos_token_id": 50256
+    }))
+    .map_err(|e| softprompt::Error::invalid(e.to_string()))?;
+    let (d, v) = (768, 50257);
+    let mut b = Builder(HashMap::new());
+    b.put("transformer.wte.weight", &[v, d])?;
+    b.put("transformer.wpe.weight", &[1024, d])?;
+    let lin = |b: &mut Builder, p: String, i: usize, o: usize| -> candle_core::Result<()> {
+        b.put(format!("{p}.weight"), &[i, o])?;
+        b.put(format!("{p}.bias"), &[o])
+    };
+    let norm = |b: &mut Builder, p: String| -> candle_core::Result<()> {
+        b.ones(format!("{p}.weight"), &[d])?;
+        b.put(format!("{p}.bias"), &[d])
+    };
+    for i in 0..12 {
+        let p = format!("transformer.h.{i}");
+        norm(&mut b, format!("{p}.ln_1"))?;
+        norm(&mut b, format!("{p}.ln_2"))?;
+        lin(&mut b, format!("{p}.attn.c_attn"), d, 3 * d)?;
+        lin(&mut b, format!("{p}.attn.c_proj"), d, d)?;
+        lin(&mut b, format!("{p}.mlp.c_fc"), d, 4 * d)?;
+        lin(&mut b, format!("{p}.mlp.c_proj"), 4 * d, d)?;
+    }
+    norm(&mut b, "transformer.ln_f".into())?;
+    let m = gpt2::Gpt2::new(&cfg, &b.weights(), "gpt2-random".into())?;
+    Ok(Model {
+        backbone: Backbone::Causal(Box::new(m)),
+        shape: Shape {
+            d,
+            inner: d,
+            kv_inner: d,
+            heads: 12,
+            head_dim: 64,
+            ff_mats: 2,
+            ff: 4 * d,
+            enc_layers: 0,
+            dec_layers: 12,
+            vocab: v,
+        },
+    })
+}
+
+/// t5-small (`flan = false`: relu, 6+6 layers, 8 heads, d_ff 2048, tied) or flan-t5-small
+/// (gated-gelu, 8+8 layers, 6 heads, d_ff 1024, untied head).
+fn t5(flan: bool) -> softprompt::Result<Model> {
+    let (layers, heads, ff) = if flan { (8, 6, 1024) } else { (6, 8, 2048) };
+    let (d, dkv, v) = (512, 64, 32128);
+    let cfg: t5::Config = serde_json::from_value(serde_json::json!({
+        "vocab_size": v, "d_model": d, "d_kv": dkv, "d_ff": ff, "num_layers": layers,
+        "num_heads": heads, "feed_forward_proj": if flan { "gated-gelu" } else { "relu" },
+        "tie_word_embeddings": !flan, "pad_token_id": 0, "eos_token_id": 1,
+        "decoder_start_token_id": 0
+    }))
+    .map_err(|e| softprompt::Error::invalid(e.to_string()))?;
+    let inner = heads * dkv;
+    let mut b = Builder(HashMap::new());
+    b.put("shared.weight", &[v, d])?;
+    if flan {
+        b.put("lm_head.weight", &[v, d])?;
+    }
+    let attn = |b: &mut Builder, p: String| -> candle_core::Result<()> {
+        b.put(format!("{p}.q.weight"), &[inner, d])?;
+        b.put(format!("{p}.k.weight"), &[inner, d])?;
+        b.put(format!("{p}.v.weight"), &[inner, d])?;
+        b.put(format!("{p}.o.weight"), &[d, inner])
+    };
+    let mlp = |b: &mut Builder, p: String| -> candle_core::Result<()> {
+        let p = format!("{p}.DenseReluDense");
+        if flan {
+            b.put(format!("{p}.wi_0.weight"), &[ff, d])?;
+            b.put(format!("{p}.wi_1.weight"), &[ff, d])?;
+        } else {
+            b.put(format!("{p}.wi.weight"), &[ff, d])?;
+        }
+        b.put(format!("{p}.wo.weight"), &[d, ff])
+    };
+    for stack in ["encoder", "decoder"] {
+        b.put(
+            format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+            &[32, heads],
+        )?;
+        b.ones(format!("{stack}.final_layer_norm.weight"), &[d])?;
+        for i in 0..layers {
+            let p = format!("{stack}.block.{i}.layer");
+            b.ones(format!("{p}.0.layer_norm.weight"), &[d])?;
+            attn(&mut b, format!("{p}.0.SelfAttention"))?;
+            b.ones(format!("{p}.1.layer_norm.weight"), &[d])?;
+            if stack == "encoder" {
+                mlp(&mut b, format!("{p}.1"))?;
+            } else {
+                attn(&mut b, format!("{p}.1.EncDecAttention"))?;
+                b.ones(format!("{p}.2.layer_norm.weight"), &[d])?;
+                mlp(&mut b, format!("{p}.2"))?;
+            }
+        }
+    }
+    let name = if flan { "flan-t5-small" } else { "t5-small" };
+    let m = t5::T5::new(&cfg, &b.weights(), format!("{name}-random"))?;
+    Ok(Model {
+        backbone: Backbone::Seq2Seq(Box::new(m)),
+        shape: Shape {
+            d,
+            inner,
+            kv_inner: inner,
+            heads,
+            head_dim: dkv,
+            ff_mats: if flan { 3 } else { 2 },
+            ff,
+            enc_layers: layers,
+            dec_layers: layers,
+            vocab: v,
+        },
+    })
+}
+
+/// Matmul FLOPs of one training step (forward + backward to the prompt), counted
+/// analytically: a frozen linear layer costs its forward product again backward (input
+/// gradient only), attention products three times (both operands need gradients).
+fn train_flops(s: &Shape, seq2seq: bool) -> f64 {
+    let b = BATCH as f64;
+    let per_pos = |cross: bool| {
+        let attn = s.d * s.inner * 2 + s.d * s.kv_inner * 2;
+        let cross = if cross { s.d * s.inner * 2 } else { 0 }; // q and o of cross-attention
+        2.0 * (attn + cross + s.ff_mats * s.d * s.ff) as f64
+    };
+    let attn = |tq: usize, tk: usize| 4.0 * b * (s.heads * tq * tk * s.head_dim) as f64;
+    let head = 2.0 * b * TARGET as f64 * (s.d * s.vocab) as f64;
+    let (linear, attention) = if seq2seq {
+        let (n, t) = ((PROMPT + INPUT) as f64, TARGET as f64);
+        let enc = s.enc_layers as f64 * (b * n * per_pos(false));
+        let dec = s.dec_layers as f64
+            * (b * t * per_pos(true) + 2.0 * b * n * 2.0 * (s.d * s.kv_inner) as f64);
+        let att = s.enc_layers as f64 * attn(PROMPT + INPUT, PROMPT + INPUT)
+            + s.dec_layers as f64 * (attn(TARGET, TARGET) + attn(TARGET, PROMPT + INPUT));
+        (enc + dec, att)
+    } else {
+        let n = (PROMPT + INPUT) as f64;
+        (s.dec_layers as f64 * b * n * per_pos(false), s.dec_layers as f64 * attn(PROMPT + INPUT, PROMPT + INPUT))
+    };
+    2.0 * (linear + head) + 3.0 * attention
+}
+
+/// Resets the kernel's peak-RSS counter of this process (Linux; a no-op elsewhere).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size in MiB since the last reset (Linux `VmHWM`).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn lcg_tokens(n: usize, vocab: usize, state: &mut u64) -> Vec<u32> {
+    (0..n)
+        .map(|_| {
+            *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Stay clear of the special ids at the bottom of the vocabulary.
+            (10 + (*state >> 33) % (vocab as u64 - 10)) as u32
+        })
+        .collect()
+}
+
+fn examples(seq2seq: bool, vocab: usize) -> Vec<Example> {
+    let mut state = 12345u64;
+    let source = if seq2seq { INPUT } else { INPUT - TARGET };
+    (0..BATCH)
+        .map(|_| Example {
+            source: lcg_tokens(source, vocab, &mut state),
+            target: lcg_tokens(TARGET, vocab, &mut state),
+        })
+        .collect()
 }
 
 #[derive(Default)]
-struct Timing {
-    fwd_s: f64,
+struct Stats {
+    steps: usize,
     step_s: f64,
+    peak_mib: f64,
+    gen_s: Option<f64>,
     grad: Option<Tensor>,
 }
 
-/// One forward + backward of the prompt loss; adds its times to `t` (when `timed`).
-fn step(
-    backbone: &Backbone,
-    prompt: &Var,
-    batch: &softprompt::batch::Batch,
-    use_frozen: bool,
-    t: &mut Timing,
-    timed: bool,
-) -> softprompt::Result<()> {
-    frozen::set_enabled(use_frozen);
+fn step(m: &Model, prompt: &Var, batch: &Batch, st: &mut Stats, timed: bool) -> softprompt::Result<()> {
+    reset_peak_rss();
     let t0 = Instant::now();
-    let loss = mean_loss(backbone, Some(prompt.as_tensor()), batch)?;
-    let _ = loss.to_scalar::<f32>()?;
-    let t1 = Instant::now();
+    let loss = mean_loss(&m.backbone, Some(prompt.as_tensor()), batch)?;
     let grads = loss.backward()?;
     let g = grads
         .get(prompt.as_tensor())
         .ok_or_else(|| softprompt::Error::invalid("the prompt has no gradient"))?
         .clone();
-    let t2 = Instant::now();
+    let _ = g.sum_all()?.to_scalar::<f32>()?;
+    let dt = t0.elapsed().as_secs_f64();
     if timed {
-        t.fwd_s += (t1 - t0).as_secs_f64();
-        t.step_s += (t2 - t0).as_secs_f64();
+        st.steps += 1;
+        st.step_s += dt;
+        st.peak_mib = st.peak_mib.max(peak_rss_mib());
     }
-    t.grad = Some(g);
+    st.grad = Some(g);
     Ok(())
+}
+
+/// Seconds per `BATCH x NEW_TOKENS` greedy generation.
+fn generate(m: &Model, prompt: &Var, batch: &[Example]) -> softprompt::Result<f64> {
+    let sources: Vec<Vec<u32>> = batch.iter().map(|e| e.source.clone()).collect();
+    let opts = GenerateOptions { max_new_tokens: NEW_TOKENS, stop_at_eos: false };
+    let t0 = Instant::now();
+    let out = greedy(&m.backbone, Some(prompt.as_tensor()), &sources, &opts, &Device::Cpu)?;
+    let dt = t0.elapsed().as_secs_f64();
+    assert!(out.tokens.iter().all(|r| r.len() == NEW_TOKENS));
+    Ok(dt)
+}
+
+/// Best of three `n x n x n` f32 matmuls: the sgemm rate candle reaches here.
+fn sgemm_peak() -> candle_core::Result<f64> {
+    let n = 2048;
+    let (a, b) = (randn(&[n, n], 1.0)?, randn(&[n, n], 1.0)?);
+    let _ = a.matmul(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let c = a.matmul(&b)?;
+        let _ = c.get(0)?.get(0)?.to_scalar::<f32>()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best)
 }
 
 fn main() -> softprompt::Result<()> {
@@ -117,76 +364,91 @@ fn main() -> softprompt::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
-    let iters: usize = std::env::var("BENCH_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(2);
+    let env = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
+    let iters: usize = env("BENCH_ITERS").and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(2);
+    let both = env("BENCH_VARIANTS").as_deref() != Some("fused");
+    let with_gen = env("BENCH_GEN").as_deref() != Some("0");
+    let names = env("BENCH_MODELS").unwrap_or_else(|| "t5-small,flan-t5-small,gpt2,smollm2".into());
 
-    let cfg = config();
-    let t0 = Instant::now();
-    let model = Llama::new(&cfg, &weights(&cfg)?, "smollm2-135m-random".into())?;
-    let backbone = Backbone::Causal(Box::new(model));
-    eprintln!(
-        "random weights built in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-
-    // 8 rows of 56 source + 8 target tokens, no padding; a 20-token prompt.
-    let mut state = 12345u64;
-    let mut tok = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) % cfg.vocab_size as u64) as u32
-    };
-    let examples: Vec<Example> = (0..BATCH)
-        .map(|_| Example {
-            source: (0..SEQ - TARGET).map(|_| tok()).collect(),
-            target: (0..TARGET).map(|_| tok()).collect(),
-        })
-        .collect();
-    let batch = collate(&examples, backbone.info(), PROMPT, &Device::Cpu)?;
-    let prompt = Var::from_tensor(&Tensor::randn(
-        0f32,
-        0.5,
-        (PROMPT, cfg.hidden_size),
-        &Device::Cpu,
-    )?)?;
-    let positions = BATCH * (PROMPT + SEQ);
-
-    // One warm-up step, then the variants alternate so that drifting machine load hits both.
-    let (mut plain, mut fast) = (Timing::default(), Timing::default());
-    step(&backbone, &prompt, &batch, true, &mut fast, false)?;
-    for _ in 0..iters {
-        step(&backbone, &prompt, &batch, false, &mut plain, true)?;
-        step(&backbone, &prompt, &batch, true, &mut fast, true)?;
-    }
-    frozen::set_enabled(true);
-    let (g_fast, g_plain) = (
-        fast.grad.clone().expect("a step ran"),
-        plain.grad.clone().expect("a step ran"),
-    );
-
-    let diff = (&g_fast - &g_plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let scale = g_plain.abs()?.max_all()?.to_scalar::<f32>()?;
-
+    let peak = sgemm_peak()?;
+    println!("sgemm peak (2048^3 candle matmul, {threads} threads): {:.1} GFLOP/s", peak / 1e9);
     println!(
-        "\nSmolLM2-135M shape, random weights: batch {BATCH} x {SEQ} tokens + {PROMPT} prompt tokens \
-         ({positions} positions), {TARGET} labels/row, {threads} threads, mean of {iters} steps per variant after 1 warm-up"
+        "BENCH_JSON {}",
+        serde_json::json!({"kind": "sgemm", "threads": threads, "gflops": peak / 1e9})
     );
-    println!("| variant | forward ms | fwd+bwd ms/step | positions/s |");
-    println!("|---|---:|---:|---:|");
-    for (name, t) in [("plain matmul", &plain), ("frozen linear", &fast)] {
-        let (fwd_ms, step_ms) = (t.fwd_s * 1e3 / iters as f64, t.step_s * 1e3 / iters as f64);
-        println!(
-            "| {name} | {fwd_ms:.0} | {step_ms:.0} | {:.0} |",
-            positions as f64 / (step_ms / 1e3)
-        );
-    }
     println!(
-        "speed-up (fwd+bwd): {:.2}x; prompt gradient max abs diff {diff:.3e} (max |grad| {scale:.3e})",
-        plain.step_s / fast.step_s
+        "\nbatch {BATCH} x {INPUT} input tokens + {PROMPT} virtual tokens, {TARGET} target tokens/row, \
+         {threads} threads, mean of {iters} steps per variant after 1 warm-up; generation {BATCH} x {NEW_TOKENS} tokens\n"
     );
+    println!("| model | variant | step ms | input tokens/s | peak RSS MiB | GFLOP/s (% of sgemm) | gen tokens/s |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for name in names.split(',').map(str::trim) {
+        let t0 = Instant::now();
+        let m = match name {
+            "smollm2" => smollm2()?,
+            "gpt2" => gpt2()?,
+            "t5-small" => t5(false)?,
+            "flan-t5-small" => t5(true)?,
+            other => softprompt::bail!("unknown model {other} (t5-small, flan-t5-small, gpt2, smollm2)"),
+        };
+        eprintln!("{name}: random weights in {:.1} s", t0.elapsed().as_secs_f64());
+        let seq2seq = m.backbone.is_seq2seq();
+        let ex = examples(seq2seq, m.shape.vocab);
+        let batch = collate(&ex, m.backbone.info(), PROMPT, &Device::Cpu)?;
+        let prompt = Var::from_tensor(&randn(&[PROMPT, m.shape.d], 0.5)?)?;
+        let flops = train_flops(&m.shape, seq2seq);
+
+        let variants: &[bool] = if both { &[false, true] } else { &[true] };
+        let mut stats: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
+        for (v, st) in variants.iter().zip(stats.iter_mut()) {
+            fused::set_enabled(*v);
+            step(&m, &prompt, &batch, st, false)?;
+        }
+        for _ in 0..iters {
+            for (v, st) in variants.iter().zip(stats.iter_mut()) {
+                fused::set_enabled(*v);
+                step(&m, &prompt, &batch, st, true)?;
+            }
+        }
+        if with_gen {
+            for (v, st) in variants.iter().zip(stats.iter_mut()) {
+                fused::set_enabled(*v);
+                st.gen_s = Some(generate(&m, &prompt, &ex)?);
+            }
+        }
+        fused::set_enabled(true);
+        for (v, st) in variants.iter().zip(&stats) {
+            let step_s = st.step_s / st.steps as f64;
+            let tok_s = (BATCH * INPUT) as f64 / step_s;
+            let gen_tok_s = st.gen_s.map(|s| (BATCH * NEW_TOKENS) as f64 / s);
+            let variant = if *v { "fused" } else { "composite" };
+            println!(
+                "| {name} | {variant} | {:.0} | {tok_s:.0} | {:.0} | {:.1} ({:.0}%) | {} |",
+                step_s * 1e3,
+                st.peak_mib,
+                flops / step_s / 1e9,
+                100.0 * flops / step_s / peak,
+                gen_tok_s.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into()),
+            );
+            println!(
+                "BENCH_JSON {}",
+                serde_json::json!({
+                    "kind": "train", "impl": "softprompt", "model": name, "variant": variant,
+                    "threads": threads, "step_ms": step_s * 1e3, "input_tokens_per_s": tok_s,
+                    "peak_rss_mib": st.peak_mib, "train_gflop": flops / 1e9,
+                    "gflops": flops / step_s / 1e9, "gen_tokens_per_s": gen_tok_s,
+                })
+            );
+        }
+        if both {
+            let (a, b) = (stats[0].grad.as_ref().unwrap(), stats[1].grad.as_ref().unwrap());
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+            let speed = (stats[0].step_s / stats[0].steps as f64) / (stats[1].step_s / stats[1].steps as f64);
+            println!(
+                "|  | fused speed-up {speed:.2}x; prompt grad max abs diff {diff:.2e} (max {scale:.2e}) | | | | | |"
+            );
+        }
+    }
     Ok(())
 }

@@ -2,9 +2,13 @@
 //!
 //! candle's fused kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope`) have no
 //! backward and silently drop gradients, so training goes through these compositions of
-//! primitive ops, each of which candle can differentiate.
+//! primitive ops, each of which candle can differentiate. On the CPU in f32 the row-wise and
+//! element-wise ops run as the fused kernels of [`super::fused`] (same results to rounding,
+//! with their own backward, much less allocation); elsewhere they fall back to the
+//! compositions below.
 
 use crate::Result;
+use super::fused::{self, Act};
 use candle_core::{DType, Device, Tensor, D};
 
 /// `x [.., K] @ w^T` for a weight stored as `[N, K]` (nn.Linear layout) -> `[.., N]`.
@@ -32,9 +36,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
-/// Softmax over the last dimension. The max is detached: it only keeps `exp` in range and
-/// its gradient cancels exactly.
+/// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused::usable(&[x]) {
+        return Ok(fused::softmax_scaled(x, None, 1.0)?);
+    }
+    softmax_composite(x)
+}
+
+/// The max is detached: it only keeps `exp` in range and its gradient cancels exactly.
+fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
@@ -50,13 +61,21 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// Per-token negative log-likelihood: `logits [M, V]`, `targets [M]` (u32) -> `[M]`.
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logp = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let logits = logits.to_dtype(DType::F32)?;
+    if fused::usable(&[&logits]) && targets.dtype() == DType::U32 && targets.device().is_cpu() {
+        return Ok(fused::token_nll(&logits, targets)?);
+    }
+    let logp = log_softmax_last_dim(&logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     Ok(picked.neg()?)
 }
 
 /// RMSNorm (Llama, and T5's "LayerNorm"): `x * rsqrt(mean(x^2) + eps) * w`.
+/// The weight gets a gradient only through the composite path (when it is trained).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::usable(&[x, w]) && !w.track_op() {
+        return Ok(fused::rms_norm(x, w, eps)?);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     Ok(y.broadcast_mul(w)?)
@@ -64,6 +83,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm (GPT-2): `(x - mean) / sqrt(var + eps) * w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::usable(&[x, w, b]) && !w.track_op() && !b.track_op() {
+        return Ok(fused::layer_norm(x, w, b, eps)?);
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -103,6 +125,9 @@ pub fn rope_tables(
 /// `interleaved = true`: GGML's layout (adjacent pairs `(2i, 2i+1)`), for q/k weights as
 /// stored in GGUF files, which the converter permuted.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    if fused::usable(&[x, cos, sin]) && !cos.track_op() && !sin.track_op() {
+        return Ok(fused::rope(x, cos, sin, interleaved)?);
+    }
     let (b, h, t, d) = x.dims4()?;
     let half = d / 2;
     let cos = cos.reshape((1, 1, t, half))?;
@@ -134,12 +159,40 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     // Group queries by their kv head instead of repeating k/v: [B, H_kv, group*T, Dh].
     let q = q.reshape((b, h_kv, group * t, d))?;
     let scores = q.matmul(&k.t()?)?; // [B, H_kv, group*T, K]
-    let scores = if scale != 1.0 { (scores * scale)? } else { scores };
-    let scores = scores
-        .reshape((b, h, t, k_len))?
-        .broadcast_add(bias)?;
-    let probs = softmax_last_dim(&scores)?.reshape((b, h_kv, group * t, k_len))?;
+    let probs = if fused::usable(&[&scores, bias]) && !bias.track_op() {
+        // Scale, bias and softmax in one pass; the bias gets no gradient.
+        fused::softmax_scaled(&scores.reshape((b, h, t, k_len))?, Some(bias), scale)?
+    } else {
+        let scores = if scale != 1.0 { (scores * scale)? } else { scores };
+        let scores = scores.reshape((b, h, t, k_len))?.broadcast_add(bias)?;
+        softmax_composite(&scores)?
+    };
+    let probs = probs.reshape((b, h_kv, group * t, k_len))?;
     Ok(probs.matmul(v)?.reshape((b, h, t, d))?) // [B, H, T, Dh]
+}
+
+/// GELU, tanh approximation (`gelu_new`; candle's `gelu`).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if fused::usable(&[x]) {
+        return Ok(fused::act(x, Act::GeluTanh)?);
+    }
+    Ok(x.gelu()?)
+}
+
+/// `silu(a) * b`, SwiGLU's gate.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused::usable(&[a, b]) {
+        return Ok(fused::act_mul(a, b, Act::Silu)?);
+    }
+    Ok((a.silu()? * b)?)
+}
+
+/// `gelu_tanh(a) * b`, T5 v1.1's gated GELU.
+pub fn gelu_tanh_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused::usable(&[a, b]) {
+        return Ok(fused::act_mul(a, b, Act::GeluTanh)?);
+    }
+    Ok((a.gelu()? * b)?)
 }
 
 /// `[B, T, H*Dh]` -> `[B, H, T, Dh]`
