@@ -143,7 +143,7 @@ pub struct TrainArgs {
     /// Write a metrics.jsonl line every this many steps.
     #[arg(long, default_value_t = 1)]
     pub log_every: usize,
-    /// Output folder: PEFT adapter, task.json, metrics.jsonl, loss.svg, checkpoint/.
+    /// Output folder: PEFT adapter, task.json, metrics.jsonl, loss.svg, loss.png, checkpoint/.
     #[arg(long)]
     pub output: PathBuf,
     /// Continue the run whose checkpoint is in --output (same settings and data), exactly
@@ -223,14 +223,10 @@ fn check_method(args: &TrainArgs) -> Result<()> {
             ("--init-file", args.init_file.is_some()),
             ("--labels", !args.labels.is_empty()),
             ("--n-tokens", args.n_tokens.is_some()),
-            ("--resume", args.resume),
         ];
         if let Some((flag, _)) = prompt_options.iter().find(|(_, set)| *set) {
             bail!("{flag} does not apply to --method model-tuning: it trains the model's weights with no soft prompt");
         }
-    }
-    if args.method == Method::PTuning && args.resume {
-        bail!("--resume is not supported with --method p-tuning (it keeps no checkpoint)");
     }
     Ok(())
 }
@@ -371,10 +367,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn print_baseline(report: &BaselineReport, output: &Path, what: &str) {
-    let mut line = format!(
-        "trained {} steps; train loss {:.4} -> {:.4}",
-        report.steps, report.first_loss, report.final_loss
-    );
+    let mut line = format!("trained {} steps", report.steps);
+    if let Some(from) = report.resumed_from {
+        line.push_str(&format!(" (resumed at step {from})"));
+    }
+    line.push_str(&format!(
+        "; train loss {:.4} -> {:.4}",
+        report.first_loss, report.final_loss
+    ));
     if let Some(d) = report.dev_loss {
         line.push_str(&format!("; dev loss {d:.4}"));
     }

@@ -7,6 +7,9 @@
 //! time, so they land in start-up, in steps, in evaluations and in checkpoint writes.
 //! Runs in about 15 s.
 
+mod common;
+
+use common::word_model_dir;
 use softprompt::prompt::PeftAdapter;
 use softprompt::train::checkpoint::Checkpoint;
 use softprompt::train::metrics;
@@ -20,37 +23,6 @@ const STEPS: usize = 120;
 const KILLS: usize = 8;
 /// Seed of the kill points (`SOFTPROMPT_CRASH_SEED` overrides it).
 const SEED: u64 = 0x5eed_c0de;
-
-/// llama-tiny's config and weights plus a word-level tokenizer.json (`w{i}` is token `i`).
-fn model_dir(root: &Path) -> PathBuf {
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
-    let dir = root.join("llama-words");
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
-    }
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("[UNK]".into(), 0.into());
-    vocab.insert("<s>".into(), 1.into());
-    vocab.insert("</s>".into(), 2.into());
-    for i in 3..256 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    dir
-}
 
 /// `n` lines: filler words then a class word; the target is the class's answer word.
 fn write_data(path: &Path, n: usize, offset: usize) {
@@ -81,7 +53,7 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    let model = model_dir(&root);
+    let model = word_model_dir(&root);
     let train = root.join("train.jsonl");
     let dev = root.join("dev.jsonl");
     write_data(&train, 20, 0);

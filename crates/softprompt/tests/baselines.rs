@@ -221,3 +221,105 @@ fn mlp_encoder_gradient_matches_finite_differences() {
         );
     }
 }
+
+/// The raw bits of every tensor of a safetensors file, by name.
+fn tensor_bits(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn losses(dir: &Path) -> Vec<(usize, u64)> {
+    softprompt::train::metrics::read(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| (r.step, r.loss.to_bits()))
+        .collect()
+}
+
+/// Runs one baseline; `p_tuning` (MLP encoder) or model tuning.
+fn run_baseline(
+    name: &str,
+    p: bool,
+    data: &[Example],
+    cfg: &TrainConfig,
+) -> softprompt::Result<softprompt::train::BaselineReport> {
+    if p {
+        p_tuning(&model(name), data, Some(&data[..8]), cfg, EncoderKind::Mlp, 16).map(|r| r.0)
+    } else {
+        model_tuning(&fixture_dir(name), &Device::Cpu, data, Some(&data[..8]), cfg)
+    }
+}
+
+/// A baseline stopped after 3 steps and resumed to 6 ends bit-identical to a run of 6 steps:
+/// same per-step losses, same outputs, same final checkpoint (weights and optimizer state).
+#[test]
+fn baselines_resume_exactly() {
+    for (name, p, outputs) in [
+        ("llama-tiny", true, ["adapter_model.safetensors", "encoder.safetensors"]),
+        ("gpt2-tiny", false, ["model.safetensors", "model.safetensors"]),
+    ] {
+        let what = if p { "p-tuning" } else { "model tuning" };
+        let m = model(name);
+        let data = toy_data(32, 4, eos(&m)); // 4 batches an epoch: 6 steps cross an epoch
+        let lr = if p { 1e-2 } else { 1e-3 };
+
+        let straight = tempfile::tempdir().unwrap();
+        let mut cfg = config(straight.path(), lr, 6);
+        cfg.checkpoint_every = 2;
+        cfg.clip = Some(1.0);
+        let full = run_baseline(name, p, &data, &cfg).unwrap();
+        assert_eq!((full.steps, full.resumed_from), (6, None));
+
+        let split = tempfile::tempdir().unwrap();
+        let mut cfg = config(split.path(), lr, 3);
+        cfg.checkpoint_every = 2;
+        cfg.clip = Some(1.0);
+        run_baseline(name, p, &data, &cfg).unwrap();
+        // Not without --resume.
+        cfg.steps = 6;
+        let err = run_baseline(name, p, &data, &cfg).err().unwrap().to_string();
+        assert!(err.contains("--resume"), "{what}: {err}");
+        // Not with another configuration.
+        cfg.resume = true;
+        cfg.seed += 1;
+        let err = run_baseline(name, p, &data, &cfg).err().unwrap().to_string();
+        assert!(err.contains("another configuration"), "{what}: {err}");
+        cfg.seed -= 1;
+        // Not as the other baseline, nor as prompt tuning.
+        let err = run_baseline(name, !p, &data, &cfg).err().unwrap().to_string();
+        assert!(err.contains("run, not"), "{what}: {err}");
+        let err = softprompt::train::train(&m, &data, None, &cfg).err().unwrap().to_string();
+        assert!(err.contains("not of prompt tuning"), "{what}: {err}");
+
+        let resumed = run_baseline(name, p, &data, &cfg).unwrap();
+        assert_eq!((resumed.steps, resumed.resumed_from), (6, Some(3)), "{what}");
+        assert_eq!(resumed.first_loss.to_bits(), full.first_loss.to_bits(), "{what}");
+        assert_eq!(resumed.final_loss.to_bits(), full.final_loss.to_bits(), "{what}");
+        assert_eq!(
+            resumed.dev_loss.unwrap().to_bits(),
+            full.dev_loss.unwrap().to_bits(),
+            "{what}: dev loss"
+        );
+        assert_eq!(losses(split.path()), losses(straight.path()), "{what}: metrics");
+        assert_eq!(losses(split.path()).len(), 6);
+        for file in outputs {
+            assert!(
+                tensor_bits(&split.path().join(file)) == tensor_bits(&straight.path().join(file)),
+                "{what}: {file} differs"
+            );
+        }
+        let ckpt = |d: &Path| tensor_bits(&d.join("checkpoint").join("checkpoint.safetensors"));
+        let (a, b) = (ckpt(split.path()), ckpt(straight.path()));
+        assert!(a.iter().any(|(n, _)| n.starts_with("optimizer.")), "{what}: optimizer state");
+        assert!(a.iter().any(|(n, _)| n.starts_with("param.")), "{what}: params");
+        assert!(a == b, "{what}: final checkpoints differ");
+        assert!(split.path().join("loss.png").is_file() && split.path().join("loss.svg").is_file());
+    }
+}

@@ -499,12 +499,34 @@ fn outputs_match_peft_layout() {
             svg.starts_with("<svg") && svg.contains("<polyline"),
             "loss.svg"
         );
+        check_loss_png(&out.path().join("loss.png"));
         let task: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.path().join("task.json")).unwrap())
                 .unwrap();
         assert_eq!(task["n_tokens"], 4);
         assert_eq!(task["init"]["kind"], "random-uniform");
     }
+}
+
+/// `loss.png` is a 900 x 540 RGB PNG with more than one colour, and its caption strip (the
+/// top rows, where only the title's text is drawn) holds dark pixels: the embedded font
+/// rendered text with no system font.
+fn check_loss_png(path: &Path) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "PNG signature");
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((width, height), (900, 540));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+    let mut buf = vec![0u8; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(3).collect();
+    let colours: HashSet<&[u8]> = pixels.iter().copied().collect();
+    assert!(colours.len() > 3, "{} colours", colours.len());
+    let dark_in_caption = pixels[..900 * 40].iter().filter(|p| p.iter().all(|&c| c < 100)).count();
+    assert!(dark_in_caption > 50, "caption text: {dark_in_caption} dark pixels");
 }
 
 /// A word-level tokenizer over the fixture vocabulary: id 0 `[UNK]` (special), id 3 a

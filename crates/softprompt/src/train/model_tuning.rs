@@ -9,30 +9,41 @@
 //!   exported adapter holds that output as `prompt_embeddings` (a plain PEFT prompt-tuning
 //!   adapter) and `task.json` records the encoder.
 //!
-//! Both write `metrics.jsonl` and `loss.svg`; they keep no checkpoint (a run cannot resume).
+//! Both write `metrics.jsonl`, `loss.svg` and `loss.png`, and keep a checkpoint like
+//! [`super::train`]'s (`checkpoint/checkpoint.safetensors`, a [`ParamsCheckpoint`] with the
+//! trained tensors, the optimizer's state and the data position), written every
+//! `checkpoint_every` steps and at the end; with `resume` a run continues from it exactly.
 
 use crate::batch::{collate, Example};
 use crate::fsutil::write_atomic;
 use crate::load::{hf, Model, Weights};
 use crate::objective::target_nll;
 use crate::prompt::encoder::{EncoderKind, PromptEncoder};
-use crate::prompt::init::init_prompt;
+use crate::prompt::init::{init_prompt, PromptInit};
 use crate::prompt::{AdapterConfig, PeftAdapter};
+use crate::model::ModelInfo;
+use crate::train::checkpoint::{self, ParamsCheckpoint};
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::clip_grad_norm;
 use crate::train::plot;
-use crate::train::trainer::{dev_nll, epoch_batches, validate, TrainConfig, TASK_FILE};
+use crate::train::trainer::{
+    config_hash, dev_nll, epoch_batches, validate, TrainConfig, TASK_FILE,
+};
 use crate::{bail, Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
 
 /// What a baseline run did.
 #[derive(Clone, Debug)]
 pub struct BaselineReport {
+    /// Optimizer steps done in total (resumed steps included).
     pub steps: usize,
-    /// Loss of the first and last steps.
+    /// The step the run resumed from, if it did.
+    pub resumed_from: Option<usize>,
+    /// Loss of the first and last steps (read back from the metrics log after a resume).
     pub first_loss: f64,
     pub final_loss: f64,
     /// Mean target-token NLL on the dev set after training.
@@ -92,8 +103,18 @@ pub fn model_tuning(
     let out = &cfg.output;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
-    let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let (first_loss, final_loss, log) = run_loop(train, cfg, &model, 0, all, &|batch| {
+    // n_tokens and init are not used: they must not stop a resume.
+    let mut hashed = cfg.clone();
+    hashed.n_tokens = 0;
+    hashed.init = PromptInit::default();
+    let hash = baseline_hash(
+        &hashed,
+        &info,
+        train,
+        dev,
+        serde_json::json!({"method": MODEL_TUNING}),
+    );
+    let run = run_loop(train, cfg, &model, 0, &vars, MODEL_TUNING, &hash, &|batch| {
         target_nll(&build()?.backbone, None, batch)
     })?;
     let tuned = build()?;
@@ -119,7 +140,7 @@ pub fn model_tuning(
         }
     }
     let mut task = serde_json::Map::new();
-    task.insert("method".into(), "model-tuning".into());
+    task.insert("method".into(), MODEL_TUNING.into());
     task.insert("model".into(), info.name.clone().into());
     task.insert("model_path".into(), dir.display().to_string().into());
     task.insert("optimizer".into(), format!("{:?}", cfg.optimizer).into());
@@ -130,13 +151,32 @@ pub fn model_tuning(
         task.insert(k.clone(), v.clone());
     }
     write_task(out, task)?;
-    plot::plot_loss(&log.rows, &out.join(plot::FILE))?;
+    plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;
     Ok(BaselineReport {
-        steps: cfg.steps,
-        first_loss,
-        final_loss,
+        steps: run.steps,
+        resumed_from: run.resumed_from,
+        first_loss: run.first_loss,
+        final_loss: run.final_loss,
         dev_loss,
     })
+}
+
+const MODEL_TUNING: &str = "model-tuning";
+const P_TUNING: &str = "p-tuning";
+
+/// The prompt-tuning [`config_hash`] of `cfg` extended with the baseline's own settings.
+fn baseline_hash(
+    cfg: &TrainConfig,
+    info: &ModelInfo,
+    train: &[Example],
+    dev: Option<&[Example]>,
+    extra: serde_json::Value,
+) -> String {
+    let text = format!("{} {extra}", config_hash(cfg, info, train, dev));
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// P-tuning of a prompt of `cfg.n_tokens` tokens for the frozen `model`: the encoder's input
@@ -158,12 +198,21 @@ pub fn p_tuning(
     let encoder = PromptEncoder::new(kind, &initial, hidden, cfg.seed)?;
     let out = &cfg.output;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let (first_loss, final_loss, log) = run_loop(
+    let hash = baseline_hash(
+        cfg,
+        info,
+        train,
+        dev,
+        serde_json::json!({"method": P_TUNING, "encoder": kind.name(), "hidden": hidden}),
+    );
+    let run = run_loop(
         train,
         cfg,
         model,
         cfg.n_tokens,
-        encoder.vars(),
+        &encoder.named_vars(),
+        P_TUNING,
+        &hash,
         &|batch| {
             let prompt = encoder.forward()?; // [N, D]
             target_nll(&model.backbone, Some(&prompt), batch)
@@ -189,7 +238,7 @@ pub fn p_tuning(
     std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
 
     let mut task = serde_json::Map::new();
-    task.insert("method".into(), "p-tuning".into());
+    task.insert("method".into(), P_TUNING.into());
     task.insert(
         "encoder".into(),
         serde_json::json!({"kind": kind.name(), "hidden": hidden}),
@@ -205,12 +254,13 @@ pub fn p_tuning(
         task.insert(k.clone(), v.clone());
     }
     write_task(out, task)?;
-    plot::plot_loss(&log.rows, &out.join(plot::FILE))?;
+    plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;
     Ok((
         BaselineReport {
-            steps: cfg.steps,
-            first_loss,
-            final_loss,
+            steps: run.steps,
+            resumed_from: run.resumed_from,
+            first_loss: run.first_loss,
+            final_loss: run.final_loss,
             dev_loss,
         },
         encoder,
@@ -236,30 +286,62 @@ fn dev_nll_no_prompt(model: &Model, dev: &[Example], cfg: &TrainConfig) -> Resul
     Ok(total / count.max(1) as f64)
 }
 
+/// What [`run_loop`] did.
+struct LoopResult {
+    steps: usize,
+    resumed_from: Option<usize>,
+    first_loss: f64,
+    final_loss: f64,
+    log: MetricsLog,
+}
+
 /// The shared loop of the baselines: the data order of [`super::train`] (same seed, same
 /// batches), `grad_accum` batches per step with the token-mean loss over the step, optional
-/// clipping by global norm, the optimizer of `cfg` over `vars`. `nll` gives the per-target-token
-/// NLL `[M]` of a batch (collated for a prompt of `n_prompt` tokens), differentiable with respect
-/// to `vars`. Returns the first and last step losses and the metrics log.
+/// clipping by global norm, the optimizer of `cfg` over the vars of `named`. `nll` gives the
+/// per-target-token NLL `[M]` of a batch (collated for a prompt of `n_prompt` tokens),
+/// differentiable with respect to those vars. Checkpoints (`method`, `hash`) are written every
+/// `cfg.checkpoint_every` steps and after the last; with `cfg.resume` the run first restores
+/// the vars, the optimizer and the data position from the checkpoint of `cfg.output`.
+#[allow(clippy::too_many_arguments)]
 fn run_loop(
     train: &[Example],
     cfg: &TrainConfig,
     model: &Model,
     n_prompt: usize,
-    vars: Vec<Var>,
+    named: &[(String, Var)],
+    method: &str,
+    hash: &str,
     nll: &dyn Fn(&crate::batch::Batch) -> Result<Tensor>,
-) -> Result<(f64, f64, MetricsLog)> {
+) -> Result<LoopResult> {
     let info = model.backbone.info();
+    let out = &cfg.output;
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = cfg.optimizer.build(vars.clone())?;
-    let mut log = MetricsLog::open(&cfg.output, None)?;
+    let (mut step, mut epoch, mut position) = (0usize, 0usize, 0usize);
+    let ckpt = checkpoint::path(out);
+    let mut resumed_from = None;
+    if ckpt.exists() {
+        if !cfg.resume {
+            return Err(Error::format(
+                &ckpt,
+                "the output folder already has a checkpoint: pass --resume to continue that run, \
+                 or choose another output folder",
+            ));
+        }
+        if let Some(c) = ParamsCheckpoint::load(out, &model.device)? {
+            restore(&c, named, method, hash, &ckpt)?;
+            optimizer.load_state(&c.optimizer)?;
+            (step, epoch, position) = (c.step, c.epoch, c.position);
+            resumed_from = Some(c.step);
+        }
+    }
+    let mut log = MetricsLog::open(out, resumed_from)?;
     let lengths: Vec<usize> = train
         .iter()
         .map(|e| e.source.len() + e.target.len())
         .collect();
-    let (mut epoch, mut position) = (0usize, 0usize);
     let mut plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, epoch);
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
-    for step in 0..cfg.steps {
+    while step < cfg.steps {
         let started = std::time::Instant::now();
         let mut micro: Vec<Vec<Example>> = Vec::with_capacity(cfg.grad_accum);
         for _ in 0..cfg.grad_accum {
@@ -294,7 +376,8 @@ fn run_loop(
         }
         if !loss_sum.is_finite() {
             bail!(
-                "training diverged at step {}: the loss is {loss_sum} (try a lower learning rate)",
+                "training diverged at step {}: the loss is {loss_sum} (try a lower learning rate); \
+                 the last checkpoint is intact",
                 step + 1
             );
         }
@@ -317,19 +400,94 @@ fn run_loop(
         if optimizer.step(&grads, lr)? == 0 {
             bail!("no trainable parameter received a gradient");
         }
-        if step == 0 {
-            first = loss_sum;
-        }
-        last = loss_sum;
+        step += 1;
         let elapsed = started.elapsed().as_secs_f64();
         log.append(StepMetrics {
-            step: step + 1,
+            step,
             loss: loss_sum,
             lr,
             grad_norm,
             tokens_per_s: if elapsed > 0.0 { n_tokens as f64 / elapsed } else { 0.0 },
             dev_loss: None,
         })?;
+        if step == cfg.steps || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every)) {
+            ParamsCheckpoint {
+                method: method.to_string(),
+                step,
+                epoch,
+                position,
+                params: named
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+                    .collect(),
+                optimizer: optimizer.state()?,
+                config_hash: hash.to_string(),
+            }
+            .save(out)?;
+            plot::plot_loss(&log.rows, &out.join(plot::FILE))?;
+        }
     }
-    Ok((first, last, log))
+    // Every step is logged, so the log holds the first and last losses, resumed or not.
+    let first_loss = log.rows.first().map_or(f64::NAN, |r| r.loss);
+    let final_loss = log.rows.last().map_or(f64::NAN, |r| r.loss);
+    Ok(LoopResult {
+        steps: step,
+        resumed_from,
+        first_loss,
+        final_loss,
+        log,
+    })
+}
+
+/// Checks that `c` was written by this run's method and configuration and holds exactly the
+/// tensors of `named` with their shapes, then copies them into the vars.
+fn restore(
+    c: &ParamsCheckpoint,
+    named: &[(String, Var)],
+    method: &str,
+    hash: &str,
+    path: &Path,
+) -> Result<()> {
+    if c.method != method {
+        return Err(Error::format(
+            path,
+            format!(
+                "the checkpoint was written by a {} run, not {method}; resume it with \
+                 --method {}, or choose another output folder",
+                c.method, c.method
+            ),
+        ));
+    }
+    if c.config_hash != hash {
+        return Err(Error::format(
+            path,
+            "the checkpoint was written by a run with another configuration or data \
+             (optimizer, schedule, batching, clipping, seed, encoder, model or examples differ); \
+             use the same settings to resume or another output folder",
+        ));
+    }
+    let mut saved: HashMap<&str, &Tensor> = c.params.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    for (name, var) in named {
+        let Some(t) = saved.remove(name.as_str()) else {
+            return Err(Error::format(path, format!("checkpoint: missing tensor `{name}`")));
+        };
+        if t.dims() != var.dims() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "checkpoint: tensor `{name}` is {:?}, the run's is {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    if let Some(extra) = saved.keys().next() {
+        return Err(Error::format(
+            path,
+            format!("checkpoint: unexpected tensor `{extra}` (not a parameter of this run)"),
+        ));
+    }
+    Ok(())
 }
