@@ -12,6 +12,7 @@ use softprompt::eval::report::{
     classify, generate_text, multiple_choice, ClassificationEval, Decoding, Mode,
     MultipleChoiceEval, TextEval,
 };
+use softprompt::prompt::prefix_after_bos;
 use softprompt::task::bigbench::{self, Imported, MultipleChoiceExample, SplitSpec};
 use softprompt::task::formats::{read_labeled, read_pairs, Format, ReadOptions};
 use softprompt::task::{movie, ClassificationTask, LabeledText, TextPair};
@@ -132,6 +133,8 @@ struct Saved {
     template: Option<String>,
     labels: Vec<String>,
     verbalizer: Vec<String>,
+    /// The prompt was trained after BOS (`softprompt train --prompt-after-bos`).
+    prompt_after_bos: bool,
 }
 
 fn saved_task(dir: Option<&PathBuf>) -> Result<Saved> {
@@ -168,6 +171,14 @@ fn saved_task(dir: Option<&PathBuf>) -> Result<Saved> {
             .map(str::to_string),
         labels: strings("labels")?,
         verbalizer: strings("verbalizer")?,
+        prompt_after_bos: match v.get("prompt_after_bos") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(_) => bail!(
+                "{}: `prompt_after_bos` must be true or false",
+                path.display()
+            ),
+        },
     })
 }
 
@@ -420,9 +431,37 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bail!("a prompt ensemble (several --prompt) needs a classification task in rank mode");
     }
 
+    // Every adapter of an ensemble must place its prompt the same way.
+    for dir in args.prompt.iter().skip(1) {
+        if saved_task(Some(dir))?.prompt_after_bos != saved.prompt_after_bos {
+            bail!(
+                "{} and {} place their prompts differently (one after BOS, one before the input); \
+                 an ensemble needs one layout",
+                args.prompt[0].display(),
+                dir.display()
+            );
+        }
+    }
     let device = common::device()?;
-    let model = common::load(&args.model, &device)?;
-    let prompts = load_prompts(&args.prompt, &model)?;
+    let mut model = common::load(&args.model, &device)?;
+    let mut prompts = load_prompts(&args.prompt, &model)?;
+    if saved.prompt_after_bos {
+        // As in training: `[BOS; prompt; input]`, the input without its own BOS.
+        prompts = prompts
+            .iter()
+            .map(|p| prefix_after_bos(p, &model.backbone))
+            .collect::<softprompt::Result<Vec<_>>>()
+            .with_context(|| {
+                format!(
+                    "{}: the prompt was trained after BOS (task.json)",
+                    args.prompt[0].display()
+                )
+            })?;
+        if let Some(t) = model.tokenizer.as_mut() {
+            t.add_bos = false;
+        }
+    }
+    let model = model;
     let tokenizer = model.tokenizer()?;
     let info = model.backbone.info();
     let mut decoding = Decoding {

@@ -153,6 +153,10 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Decoder-only models: put the soft prompt after the BOS token, `[BOS; prompt; input]`,
+    /// instead of before the whole input (the prompt-tuning code's `prefix_prompt_after_bos`).
+    #[arg(long)]
+    pub prompt_after_bos: bool,
 }
 
 fn prompt_init(args: &TrainArgs) -> Result<PromptInit> {
@@ -213,6 +217,9 @@ fn check_method(args: &TrainArgs) -> Result<()> {
     if args.method != Method::PTuning && (args.encoder.is_some() || args.encoder_hidden.is_some()) {
         bail!("--encoder and --encoder-hidden are options of --method p-tuning, not {m}");
     }
+    if args.method == Method::PTuning && args.prompt_after_bos {
+        bail!("--prompt-after-bos is an option of --method prompt-tuning, not {m}");
+    }
     if args.encoder_hidden == Some(0) {
         bail!("--encoder-hidden must be at least 1");
     }
@@ -223,6 +230,7 @@ fn check_method(args: &TrainArgs) -> Result<()> {
             ("--init-file", args.init_file.is_some()),
             ("--labels", !args.labels.is_empty()),
             ("--n-tokens", args.n_tokens.is_some()),
+            ("--prompt-after-bos", args.prompt_after_bos),
         ];
         if let Some((flag, _)) = prompt_options.iter().find(|(_, set)| *set) {
             bail!("{flag} does not apply to --method model-tuning: it trains the model's weights with no soft prompt");
@@ -299,6 +307,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.log_every = args.log_every;
     cfg.resume = args.resume;
     cfg.quiet = args.quiet;
+    cfg.prompt_after_bos = args.prompt_after_bos;
     cfg.task
         .insert("data".into(), args.data.display().to_string().into());
     cfg.task.insert(

@@ -6,17 +6,18 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use softprompt::batch::Example;
+use softprompt::batch::{collate, Example};
 use softprompt::load::{hf, load_model, Model, Weights};
 use softprompt::model::{llama, Backbone, CausalLm, LogitsAt, ModelInfo};
+use softprompt::objective::mean_loss;
 use softprompt::prompt::init::{common_token_ids, init_prompt, Rng, COMMON_TOKENS};
-use softprompt::prompt::{PeftAdapter, PromptInit};
+use softprompt::prompt::{prefix_after_bos, strip_leading_bos, PeftAdapter, PromptInit};
 use softprompt::tokenizer::Tokenizer;
 use softprompt::train::checkpoint::{self, Checkpoint};
 use softprompt::train::metrics;
 use softprompt::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
 use softprompt::train::schedule::Schedule;
-use softprompt::train::trainer::epoch_batches;
+use softprompt::train::trainer::{config_hash, epoch_batches};
 use softprompt::train::{train, TrainConfig};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -943,4 +944,161 @@ fn epoch_order_depends_on_seed_and_epoch_only() {
             assert!(batch.windows(2).all(|w| lengths[w[0]] <= lengths[w[1]]));
         }
     }
+}
+
+/// Synthetic examples whose sources start with BOS (as a Llama tokenizer writes them), all of
+/// one length so batches have no padding: `[BOS, a, b, c, class]` -> `[answer, EOS]`.
+fn bos_data(n: usize, seed: u64, bos: u32, eos: u32) -> Vec<Example> {
+    let mut rng = Rng::new(seed, 43);
+    (0..n)
+        .map(|_| {
+            let class = rng.below(2) as usize;
+            let mut source = vec![bos];
+            source.extend((0..3).map(|_| 10 + rng.below(30) as u32));
+            source.push([60, 70][class]);
+            Example {
+                source,
+                target: vec![[100, 200][class], eos],
+            }
+        })
+        .collect()
+}
+
+/// Mean target NLL computed by hand, one example at a time without padding: the model reads
+/// `[prefix; embed(source); embed(target)]` and target token `j` is predicted at position
+/// `len(prefix) + len(source) + j - 1`.
+fn nll_by_hand(m: &Model, prefix: &Tensor, data: &[Example]) -> f64 {
+    let Backbone::Causal(lm) = &m.backbone else {
+        panic!("a decoder-only model")
+    };
+    let table = embedding_table("llama-tiny", "model.embed_tokens.weight"); // [V, D]
+    let (mut total, mut count) = (0f64, 0usize);
+    for e in data {
+        let ids: Vec<u32> = e.source.iter().chain(&e.target).copied().collect();
+        let ids_t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let x = table.index_select(&ids_t, 0).unwrap(); // [S+T, D]
+        let embeds = Tensor::cat(&[prefix, &x], 0).unwrap().unsqueeze(0).unwrap(); // [1, L, D]
+        let len = embeds.dim(1).unwrap();
+        let mask = Tensor::ones((1, len), DType::F32, &Device::Cpu).unwrap();
+        let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap(); // [1, L, V]
+        let logits: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+        let start = prefix.dim(0).unwrap() + e.source.len();
+        for (j, &tok) in e.target.iter().enumerate() {
+            let row = &logits[start + j - 1];
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            total += lse - row[tok as usize] as f64;
+            count += 1;
+        }
+    }
+    total / count as f64
+}
+
+#[test]
+fn prompt_after_bos_places_the_prompt_after_bos() {
+    let m = model("llama-tiny");
+    let bos = m.backbone.info().bos_token_id.expect("llama-tiny has a BOS");
+    assert_eq!(bos, 1);
+    let data = bos_data(8, 3, bos, eos(&m));
+    let table = embedding_table("llama-tiny", "model.embed_tokens.weight");
+    let bos_row = table.narrow(0, bos as usize, 1).unwrap(); // [1, D]
+
+    // (a) One step over one batch of all examples: the reported loss is the loss of the
+    // initial prompt P, which must be that of [embed(BOS); P; embed(X without BOS)].
+    let dir = tmp();
+    let mut cfg = base_config(dir.path());
+    cfg.init = PromptInit::RandomUniform { range: 0.5 };
+    cfg.batch_size = data.len();
+    cfg.steps = 1;
+    cfg.prompt_after_bos = true;
+    let p0 = init_prompt(&cfg.init, &m, cfg.n_tokens, cfg.seed).unwrap(); // [N, D]
+    let report = train(&m, &data, None, &cfg).unwrap();
+    let got = report.final_loss.unwrap();
+    let stripped: Vec<Example> = data
+        .iter()
+        .map(|e| Example {
+            source: e.source[1..].to_vec(),
+            target: e.target.clone(),
+        })
+        .collect();
+    let after = nll_by_hand(&m, &Tensor::cat(&[&bos_row, &p0], 0).unwrap(), &stripped);
+    let before = nll_by_hand(&m, &p0, &data); // the default layout [P; embed(BOS); embed(X)]
+    eprintln!("prompt after BOS: trainer {got}, by hand {after}; before BOS {before}");
+    assert!(
+        (got - after).abs() < 1e-5,
+        "trainer {got} vs by hand {after}"
+    );
+    assert!(
+        (before - after).abs() > 1e-3,
+        "the layouts should differ ({before} vs {after})"
+    );
+    // The helper: [embed(BOS); P], gradient to P only.
+    let var = candle_core::Var::from_tensor(&p0).unwrap();
+    let prefix = prefix_after_bos(var.as_tensor(), &m.backbone).unwrap(); // [N+1, D]
+    assert_eq!(prefix.dims(), &[cfg.n_tokens + 1, 32]);
+    assert_close(
+        "BOS row",
+        &prefix.narrow(0, 0, 1).unwrap(),
+        &bos_row,
+        0.0,
+    );
+    assert_close("prompt rows", &prefix.narrow(0, 1, cfg.n_tokens).unwrap(), &p0, 0.0);
+    let mut source = vec![bos, 5, bos];
+    strip_leading_bos(&mut source, bos);
+    assert_eq!(source, vec![5, bos]);
+    strip_leading_bos(&mut source, bos);
+    assert_eq!(source, vec![5, bos]);
+
+    // (b) The gradient reaches P (through the prefix) and training lowers the loss.
+    let batch = collate(&stripped, m.backbone.info(), cfg.n_tokens + 1, &Device::Cpu).unwrap();
+    let loss = mean_loss(&m.backbone, Some(&prefix), &batch).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = grads.get(var.as_tensor()).expect("the prompt gets a gradient");
+    assert_eq!(g.dims(), &[cfg.n_tokens, 32]);
+    assert!(max_abs(g) > 0.0, "the prompt gradient is zero");
+
+    let dir2 = tmp();
+    let mut cfg2 = cfg.clone();
+    cfg2.output = dir2.path().to_path_buf();
+    cfg2.steps = 40;
+    cfg2.checkpoint_every = 0;
+    cfg2.schedule = Schedule::linear(0.3, 0, cfg2.steps);
+    let report = train(&m, &data, None, &cfg2).unwrap();
+    let rows = metrics::read(&dir2.path().join(metrics::FILE)).unwrap();
+    let (first, last) = (rows.first().unwrap().loss, rows.last().unwrap().loss);
+    eprintln!("prompt after BOS: loss {first} -> {last}");
+    assert!((first - got).abs() < 1e-9, "same first step ({first} vs {got})");
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    assert_eq!(report.prompt.dims(), &[cfg.n_tokens, 32]);
+
+    // (c) task.json records the layout; the adapter holds P alone (N rows); without the
+    // option the key is absent and the configuration hash differs.
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir2.path().join("task.json")).unwrap())
+            .unwrap();
+    assert_eq!(task["prompt_after_bos"], serde_json::json!(true));
+    let adapter = PeftAdapter::load(dir2.path(), &Device::Cpu).unwrap();
+    assert_eq!(adapter.config.num_virtual_tokens, cfg.n_tokens);
+    let info = m.backbone.info();
+    let mut plain = cfg.clone();
+    plain.prompt_after_bos = false;
+    assert_ne!(
+        config_hash(&cfg, info, &data, None),
+        config_hash(&plain, info, &data, None)
+    );
+    let dir3 = tmp();
+    plain.output = dir3.path().to_path_buf();
+    train(&m, &data, None, &plain).unwrap();
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir3.path().join("task.json")).unwrap())
+            .unwrap();
+    assert!(task.get("prompt_after_bos").is_none());
+
+    // An encoder-decoder model has no place "after BOS".
+    let t5 = model("t5-tiny");
+    let dir4 = tmp();
+    let mut cfg4 = base_config(dir4.path());
+    cfg4.prompt_after_bos = true;
+    let err = train(&t5, &toy_data(4, 1, eos(&t5)), None, &cfg4).unwrap_err();
+    assert!(err.to_string().contains("BOS"), "{err}");
 }

@@ -63,3 +63,36 @@ pub fn prepend(prompt: &Tensor, embeds: &Tensor, mask: &Tensor) -> Result<(Tenso
     let m = Tensor::cat(&[&ones, mask], 1)?; // [B, N+T]
     Ok((x, m))
 }
+
+/// The prompt-tuning code's `prefix_prompt_after_bos` (decoder-only models): the model sees
+/// `[embed(BOS); P; embed(X)]` instead of `[P; embed(X)]`. Returns the effective prefix
+/// `[embed(BOS) (detached); prompt]`, `[N+1, D]`, to be used wherever the prompt `[N, D]`
+/// would be (batches then made with `N + 1` prompt positions), with each source's own
+/// leading BOS removed by [`strip_leading_bos`] so BOS appears once. The gradient reaches
+/// `prompt`; the BOS row is a frozen embedding.
+pub fn prefix_after_bos(prompt: &Tensor, backbone: &crate::model::Backbone) -> Result<Tensor> {
+    if backbone.is_seq2seq() {
+        crate::bail!(
+            "placing the prompt after BOS is for decoder-only models; this one is encoder-decoder"
+        );
+    }
+    let info = backbone.info();
+    let Some(bos) = info.bos_token_id else {
+        crate::bail!(
+            "placing the prompt after BOS needs a BOS token, but model `{}` has no bos_token_id",
+            info.name
+        );
+    };
+    let (_n, d) = prompt.dims2()?;
+    let ids = Tensor::new(&[[bos]], prompt.device())?; // [1, 1]
+    let row = backbone.embed(&ids)?.detach(); // [1, 1, D]
+    let row = row.reshape((1, d))?.to_dtype(prompt.dtype())?; // [1, D]
+    Ok(Tensor::cat(&[&row, prompt], 0)?) // [N+1, D]
+}
+
+/// Removes `source`'s first token when it is `bos` (see [`prefix_after_bos`]).
+pub fn strip_leading_bos(source: &mut Vec<u32>, bos: u32) {
+    if source.first() == Some(&bos) {
+        source.remove(0);
+    }
+}

@@ -20,7 +20,7 @@ use crate::load::Model;
 use crate::model::{Arch, ModelInfo};
 use crate::objective::target_nll;
 use crate::prompt::init::{init_prompt, PromptInit, Rng};
-use crate::prompt::{AdapterConfig, PeftAdapter};
+use crate::prompt::{prefix_after_bos, strip_leading_bos, AdapterConfig, PeftAdapter};
 use crate::train::checkpoint::{self, Best, Checkpoint};
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_grad_norm, AdafactorConfig, OptimizerConfig};
@@ -73,6 +73,9 @@ pub struct TrainConfig {
     pub quiet: bool,
     /// Extra facts for `task.json` (input/target format, labels, data files...).
     pub task: serde_json::Map<String, serde_json::Value>,
+    /// Decoder-only models: the prompt goes after BOS, `[embed(BOS); P; embed(X)]` (the
+    /// prompt-tuning code's `prefix_prompt_after_bos`); see [`crate::prompt::prefix_after_bos`].
+    pub prompt_after_bos: bool,
 }
 
 impl TrainConfig {
@@ -98,6 +101,7 @@ impl TrainConfig {
             resume: false,
             quiet: false,
             task: serde_json::Map::new(),
+            prompt_after_bos: false,
         }
     }
 }
@@ -131,10 +135,20 @@ pub fn train(
     cfg: &TrainConfig,
 ) -> Result<TrainReport> {
     let info = model.backbone.info();
+    // With the prompt after BOS, the examples lose their leading BOS (the prefix carries it).
+    let stripped = after_bos_examples(model, cfg, train)?;
+    let stripped_dev = dev.map(|d| after_bos_examples(model, cfg, d)).transpose()?;
+    let (hash_train, hash_dev) = (train, dev);
+    let train: &[Example] = stripped.as_deref().unwrap_or(train);
+    let dev: Option<&[Example]> = match (&stripped_dev, dev) {
+        (Some(Some(s)), _) => Some(s.as_slice()),
+        (_, d) => d,
+    };
+    let n_prefix = cfg.n_tokens + usize::from(cfg.prompt_after_bos);
     validate(cfg, info, train, dev)?;
     // Made even when resuming: it checks the init (labels, text, adapter) before any work.
     let initial = init_prompt(&cfg.init, model, cfg.n_tokens, cfg.seed)?;
-    let hash = config_hash(cfg, info, train, dev);
+    let hash = config_hash(cfg, info, hash_train, hash_dev);
     let out = &cfg.output;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
@@ -229,9 +243,10 @@ pub fn train(
         let mut loss_sum = 0f64;
         let mut n_tokens = 0usize;
         for examples in &micro {
-            let batch = collate(examples, info, cfg.n_tokens, &model.device)?;
+            let batch = collate(examples, info, n_prefix, &model.device)?;
             n_tokens += batch.n_tokens;
-            let nll = target_nll(&model.backbone, Some(prompt.as_tensor()), &batch)?; // [M]
+            let prefix = effective_prompt(model, cfg, prompt.as_tensor())?; // [N(+1), D]
+            let nll = target_nll(&model.backbone, Some(&prefix), &batch)?; // [M]
             let loss = nll.sum_all()?.affine(scale, 0.0)?; // this batch's share of the step's mean
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let mut g = loss.backward()?;
@@ -296,7 +311,7 @@ pub fn train(
         let mut dev_loss = None;
         if let Some(dev) = dev {
             if last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
-                let d = dev_nll(model, prompt.as_tensor(), dev, cfg)?;
+                let d = prepared_dev_nll(model, prompt.as_tensor(), dev, cfg)?;
                 dev_loss = Some(d);
                 let improved = state.best.as_ref().is_none_or(|b| d < b.dev_loss);
                 if improved {
@@ -449,12 +464,24 @@ pub fn validate(
     if train.is_empty() {
         bail!("the training set is empty");
     }
-    check_examples("training", train, cfg.n_tokens, info)?;
+    if cfg.prompt_after_bos {
+        if info.decoder_start_token_id.is_some() || info.arch == Arch::T5 {
+            bail!("placing the prompt after BOS is for decoder-only models; this one is encoder-decoder");
+        }
+        if info.bos_token_id.is_none() {
+            bail!(
+                "placing the prompt after BOS needs a BOS token, but model `{}` has no bos_token_id",
+                info.name
+            );
+        }
+    }
+    let n_prefix = cfg.n_tokens + usize::from(cfg.prompt_after_bos);
+    check_examples("training", train, n_prefix, info)?;
     if let Some(dev) = dev {
         if dev.is_empty() {
             bail!("the dev set is empty");
         }
-        check_examples("dev", dev, cfg.n_tokens, info)?;
+        check_examples("dev", dev, n_prefix, info)?;
     }
     Ok(())
 }
@@ -532,17 +559,68 @@ pub fn epoch_batches(
     batches
 }
 
+/// With `cfg.prompt_after_bos`: copies of `examples` without their leading BOS; else `None`.
+fn after_bos_examples(
+    model: &Model,
+    cfg: &TrainConfig,
+    examples: &[Example],
+) -> Result<Option<Vec<Example>>> {
+    if !cfg.prompt_after_bos {
+        return Ok(None);
+    }
+    let Some(bos) = model.backbone.info().bos_token_id else {
+        // validate() names the problem.
+        return Ok(None);
+    };
+    Ok(Some(
+        examples
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                strip_leading_bos(&mut e.source, bos);
+                e
+            })
+            .collect(),
+    ))
+}
+
+/// The prompt as the model sees it: `prompt [N, D]`, or `[embed(BOS); prompt] [N+1, D]` with
+/// `cfg.prompt_after_bos`.
+fn effective_prompt(model: &Model, cfg: &TrainConfig, prompt: &Tensor) -> Result<Tensor> {
+    if cfg.prompt_after_bos {
+        prefix_after_bos(prompt, &model.backbone)
+    } else {
+        Ok(prompt.clone())
+    }
+}
+
 /// Mean target-token NLL of `dev` under `prompt` (no gradient), batched in length order.
+/// With `cfg.prompt_after_bos`, the sources' leading BOS is removed and the prompt placed
+/// after BOS, as in training.
 pub fn dev_nll(model: &Model, prompt: &Tensor, dev: &[Example], cfg: &TrainConfig) -> Result<f64> {
+    match after_bos_examples(model, cfg, dev)? {
+        Some(stripped) => prepared_dev_nll(model, prompt, &stripped, cfg),
+        None => prepared_dev_nll(model, prompt, dev, cfg),
+    }
+}
+
+/// [`dev_nll`] of examples already without their leading BOS when `cfg.prompt_after_bos`.
+fn prepared_dev_nll(
+    model: &Model,
+    prompt: &Tensor,
+    dev: &[Example],
+    cfg: &TrainConfig,
+) -> Result<f64> {
     let info = model.backbone.info();
-    let prompt = prompt.detach();
+    let prompt = effective_prompt(model, cfg, &prompt.detach())?;
+    let n_prefix = cfg.n_tokens + usize::from(cfg.prompt_after_bos);
     let mut order: Vec<usize> = (0..dev.len()).collect();
     order.sort_by_key(|&i| dev[i].source.len() + dev[i].target.len());
     let mut total = 0f64;
     let mut count = 0usize;
     for chunk in order.chunks(cfg.batch_size.max(1)) {
         let examples: Vec<Example> = chunk.iter().map(|&i| dev[i].clone()).collect();
-        let batch = collate(&examples, info, cfg.n_tokens, &model.device)?;
+        let batch = collate(&examples, info, n_prefix, &model.device)?;
         let nll = target_nll(&model.backbone, Some(&prompt), &batch)?;
         total += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         count += nll.dim(0)?;
@@ -592,6 +670,13 @@ pub fn config_hash(
         "train": examples_hash(train),
         "dev": dev.map(examples_hash),
     });
+    let mut desc = desc;
+    if cfg.prompt_after_bos {
+        // Only when set, so the hashes of runs made before this option stay the same.
+        if let Some(o) = desc.as_object_mut() {
+            o.insert("prompt_after_bos".into(), true.into());
+        }
+    }
     hex(&Sha256::digest(desc.to_string().as_bytes()))
 }
 
@@ -647,6 +732,11 @@ fn export(
                 "layout": "encoder: [prompt; source], right padded; decoder: [start] + target[..-1], scored on target",
                 "target": "target tokens followed by EOS",
             })
+        } else if cfg.prompt_after_bos {
+            serde_json::json!({
+                "layout": "[BOS; prompt; source (without its BOS) + target], left padded; every target token scored",
+                "target": "target tokens followed by EOS",
+            })
         } else {
             serde_json::json!({
                 "layout": "[prompt; source + target], left padded; every target token scored",
@@ -660,6 +750,9 @@ fn export(
     task.insert("train_examples".into(), train.len().into());
     task.insert("dev_examples".into(), dev.map(|d| d.len()).into());
     task.insert("seed".into(), cfg.seed.into());
+    if cfg.prompt_after_bos {
+        task.insert("prompt_after_bos".into(), true.into());
+    }
     for (k, v) in &cfg.task {
         task.insert(k.clone(), v.clone());
     }
