@@ -229,13 +229,22 @@ impl Batcher {
             Ok(r) => r.map_err(|e| ApiError::internal(format!("model error: {e}"))),
             Err(_) => Err(ApiError::internal("the model worker panicked on this batch")),
         };
-        let mut tokens = 0;
+        // Record the batch before answering, so a client that reads /metrics right after its
+        // reply sees the batch that produced it.
+        let tokens: usize = match &result {
+            Ok(outs) => outs
+                .iter()
+                .map(|out| match out {
+                    Reply::Generate(g) => g.tokens.len(),
+                    _ => 0,
+                })
+                .sum(),
+            Err(_) => 0,
+        };
+        self.metrics.batch(size, n_tasks, tokens, start.elapsed().as_secs_f64());
         match result {
             Ok(outs) => {
                 for (tx, out) in replies.into_iter().zip(outs) {
-                    if let Reply::Generate(g) = &out {
-                        tokens += g.tokens.len();
-                    }
                     let _ = tx.send(Ok(out));
                 }
             }
@@ -246,6 +255,5 @@ impl Batcher {
                 }
             }
         }
-        self.metrics.batch(size, n_tasks, tokens, start.elapsed().as_secs_f64());
     }
 }
