@@ -219,38 +219,20 @@ impl Gpt2 {
         mut cache: Option<&mut KvCache>,
         mut hidden: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let (b, t, d) = embeds.dims3()?;
-        if d != self.info.d_model {
-            crate::bail!(
-                "gpt2: embeddings have width {d}, the model expects {}",
-                self.info.d_model
-            );
-        }
-        let past = match cache.as_deref() {
-            Some(c) => {
-                if c.layers.len() != self.blocks.len() {
-                    crate::bail!(
-                        "gpt2: KV cache has {} layers, the model has {}",
-                        c.layers.len(),
-                        self.blocks.len()
-                    );
-                }
-                c.seq_len()
-            }
-            None => 0,
-        };
+        let (_b, t, past) = super::check_decoder_input(
+            "gpt2",
+            embeds,
+            mask,
+            cache.as_deref(),
+            self.info.d_model,
+            self.blocks.len(),
+        )?;
+        let d = self.info.d_model;
         let max = self.wpe.dim(0)?;
         if past + t > max {
             crate::bail!(
                 "gpt2: sequence of {} positions ({past} cached + {t} new, soft prompt included) \
                  exceeds the model's n_positions = {max}",
-                past + t
-            );
-        }
-        if mask.dims() != [b, past + t] {
-            crate::bail!(
-                "gpt2: attention mask has shape {:?}, expected [{b}, {}] (cached + new positions)",
-                mask.dims(),
                 past + t
             );
         }

@@ -231,33 +231,14 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         mut states: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let (b, t, d) = embeds.dims3()?;
-        if d != self.info.d_model {
-            crate::bail!(
-                "llama: embeddings have width {d}, the model has {}",
-                self.info.d_model
-            );
-        }
-        if t == 0 {
-            crate::bail!("llama: empty input (no positions)");
-        }
-        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        if let Some(c) = cache.as_ref() {
-            if c.layers.len() != self.layers.len() {
-                crate::bail!(
-                    "llama: KV cache has {} layers, the model has {}",
-                    c.layers.len(),
-                    self.layers.len()
-                );
-            }
-        }
-        if mask.dims() != [b, past + t] {
-            crate::bail!(
-                "llama: mask has shape {:?}, expected [{b}, {}] ({past} cached + {t} new positions)",
-                mask.dims(),
-                past + t
-            );
-        }
+        let (_b, t, past) = super::check_decoder_input(
+            "llama",
+            embeds,
+            mask,
+            cache.as_deref(),
+            self.info.d_model,
+            self.layers.len(),
+        )?;
         let device = embeds.device();
         let bias = attention_bias(mask, t, true)?; // [B, 1, T, P+T]
         let (cos, sin) = ops::rope_tables(self.head_dim, self.theta, past, t, device)?; // [T, Dh/2]
