@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::word_model_dir;
+use common::{setup, Setup};
 use softprompt::prompt::PeftAdapter;
 use softprompt::train::checkpoint::Checkpoint;
 use softprompt::train::metrics;
@@ -23,49 +23,6 @@ const STEPS: usize = 120;
 const KILLS: usize = 8;
 /// Seed of the kill points (`SOFTPROMPT_CRASH_SEED` overrides it).
 const SEED: u64 = 0x5eed_c0de;
-
-/// `n` lines: filler words then a class word; the target is the class's answer word.
-fn write_data(path: &Path, n: usize, offset: usize) {
-    let mut text = String::new();
-    for i in 0..n {
-        let class = (i + offset) % 2;
-        let filler: Vec<String> = (0..1 + (i % 3))
-            .map(|j| format!("w{}", 10 + (i * 7 + j * 3 + offset) % 30))
-            .collect();
-        let line = serde_json::json!({
-            "input": format!("{} w{}", filler.join(" "), [60, 70][class]),
-            "target": format!("w{}", [100, 200][class]),
-        });
-        text.push_str(&line.to_string());
-        text.push('\n');
-    }
-    std::fs::write(path, text).unwrap();
-}
-
-struct Setup {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    train: PathBuf,
-    dev: PathBuf,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    let model = word_model_dir(&root);
-    let train = root.join("train.jsonl");
-    let dev = root.join("dev.jsonl");
-    write_data(&train, 20, 0);
-    write_data(&dev, 6, 1);
-    Setup {
-        _tmp: tmp,
-        root,
-        model,
-        train,
-        dev,
-    }
-}
 
 /// `softprompt train --resume` with a checkpoint after every step and AdamW (its state
 /// tensors make the checkpoint bigger than the prompt alone).
@@ -215,7 +172,7 @@ fn run_with_kills(s: &Setup, run: &Path, full: Duration, rng: &mut Rng, max_kill
 
 #[test]
 fn killed_and_resumed_run_equals_the_uninterrupted_one() {
-    let s = setup();
+    let s = setup(20);
     let kills_wanted = env_or("SOFTPROMPT_CRASH_KILLS", KILLS as u64) as usize;
     let mut rng = Rng(env_or("SOFTPROMPT_CRASH_SEED", SEED));
 

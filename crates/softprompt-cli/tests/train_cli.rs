@@ -5,53 +5,8 @@ mod common;
 
 use common::*;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// `n` lines: filler words then a class word; the target is the class's answer word.
-fn write_data(path: &Path, n: usize, offset: usize) {
-    let mut text = String::new();
-    for i in 0..n {
-        let class = (i + offset) % 2;
-        let filler: Vec<String> = (0..1 + (i % 3))
-            .map(|j| format!("w{}", 10 + (i * 7 + j * 3 + offset) % 30))
-            .collect();
-        text.push_str(
-            &serde_json::json!({
-                "input": format!("{} w{}", filler.join(" "), [60, 70][class]),
-                "target": format!("w{}", [100, 200][class]),
-            })
-            .to_string(),
-        );
-        text.push('\n');
-    }
-    std::fs::write(path, text).unwrap();
-}
-
-struct Setup {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: PathBuf,
-    train: PathBuf,
-    dev: PathBuf,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    let model = word_model_dir(&root);
-    let train = root.join("train.jsonl");
-    let dev = root.join("dev.jsonl");
-    write_data(&train, 16, 0);
-    write_data(&dev, 6, 1);
-    Setup {
-        _tmp: tmp,
-        root,
-        model,
-        train,
-        dev,
-    }
-}
 
 fn train_cmd(s: &Setup, out: &Path, extra: &[&str]) -> Command {
     let mut c = bin();
@@ -74,7 +29,7 @@ fn train_cmd(s: &Setup, out: &Path, extra: &[&str]) -> Command {
 
 #[test]
 fn train_writes_an_adapter_and_resumes() {
-    let s = setup();
+    let s = setup(16);
     let out = s.root.join("run");
     let (ok, stdout, stderr) = run(&mut train_cmd(
         &s,
@@ -135,7 +90,7 @@ fn train_writes_an_adapter_and_resumes() {
 
 #[test]
 fn bad_arguments_fail_before_training() {
-    let s = setup();
+    let s = setup(16);
     let empty = s.root.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![

@@ -60,3 +60,42 @@ pub fn word_model_dir(root: &Path) -> PathBuf {
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
     dir
 }
+
+/// `n` JSONL lines for the word model: filler words then a class word (`w60` or `w70`); the
+/// target is the class's answer word (`w100` or `w200`).
+pub fn write_data(path: &Path, n: usize, offset: usize) {
+    let mut text = String::new();
+    for i in 0..n {
+        let class = (i + offset) % 2;
+        let filler: Vec<String> = (0..1 + (i % 3))
+            .map(|j| format!("w{}", 10 + (i * 7 + j * 3 + offset) % 30))
+            .collect();
+        let line = serde_json::json!({
+            "input": format!("{} w{}", filler.join(" "), [60, 70][class]),
+            "target": format!("w{}", [100, 200][class]),
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// A temporary folder with the word model, `n_train` training lines and 6 dev lines.
+pub struct Setup {
+    pub _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub model: PathBuf,
+    pub train: PathBuf,
+    pub dev: PathBuf,
+}
+
+pub fn setup(n_train: usize) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let model = word_model_dir(&root);
+    let train = root.join("train.jsonl");
+    let dev = root.join("dev.jsonl");
+    write_data(&train, n_train, 0);
+    write_data(&dev, 6, 1);
+    Setup { _tmp: tmp, root, model, train, dev }
+}
