@@ -13,7 +13,8 @@
 #
 # New interesting inputs go to fuzz/corpus/<target>/ (git-ignored); the committed seeds are in
 # fuzz/seeds/<target>/. Crashes are written to fuzz/artifacts/<target>/: copy each into
-# fuzz/regressions/<target>/ once fixed (crates/softprompt/tests/fuzz_regressions.rs checks it).
+# fuzz/regressions/<target>/ once fixed (crates/softprompt/tests/fuzz_regressions.rs checks it;
+# crates/softprompt-serve/tests/fuzz_regressions.rs for server_request).
 # A summary line per target (executions, crashes) is printed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/../fuzz"
@@ -22,7 +23,7 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(gguf peft_adapter dataset bigbench checkpoint)
+  targets=(gguf peft_adapter dataset bigbench checkpoint server_request)
 fi
 sanitizer=${FUZZ_SANITIZER:-none}
 limits=(-max_total_time="$seconds")

@@ -6,9 +6,11 @@ Standard library only (no numpy, no gguf package). Run from anywhere:
 
     python3 fuzz/seeds/make_seeds.py
 
-The files are deterministic; crates/softprompt/tests/fuzz_regressions.rs checks that every
-seed still loads, so a format change that invalidates them is noticed.
+The files are deterministic; crates/softprompt/tests/fuzz_regressions.rs (and, for the server
+requests, crates/softprompt-serve/tests/fuzz_regressions.rs) checks that every seed still
+loads, so a format change that invalidates them is noticed.
 """
+import base64
 import json
 import os
 import struct
@@ -243,3 +245,39 @@ put("bigbench", "text.json", json.dumps({
     "examples": [{"input": f"say {i}", "target": [str(i), f"#{i}"]} for i in range(10)]
     + [{"input": "say 0", "target": ["0", "#0"]}],
 }))
+
+# ---------------------------------------------------------------- server request bodies
+# First byte: control (see fuzz_targets/server_request_input.rs): 0 POST /v1/generate,
+# 1 POST /v1/classify, 2 PUT /v1/tasks/{name} (then 1 byte name length, the name). The rest
+# is the JSON body. The server serves gguf/tiny_f32_f16.gguf (hidden size 8, 64 positions,
+# vocabulary <|endoftext|> <|im_start|> a b c ab \u0120 \u0120a) with the tasks `plain`
+# (no labels), `cls` (template, two labels) and `ens` (two prompts, three labels).
+def body(control, obj, name=None):
+    head = bytes([control])
+    if name is not None:
+        head += bytes([len(name)]) + name.encode()
+    return head + json.dumps(obj, separators=(",", ":")).encode()
+
+
+def rows(n, k):
+    v = values(n * 8, k)
+    return [v[i * 8:(i + 1) * 8] for i in range(n)]
+
+
+put("server_request", "generate_plain", body(0, {"task": "plain", "input": "ab a", "max_new_tokens": 4}))
+put("server_request", "generate_all_fields", body(0, {
+    "task": "cls", "input": "a b c", "max_new_tokens": 2, "temperature": 0.7,
+    "stop": ["b", " a"], "seed": 7}))
+put("server_request", "generate_ensemble_stop", body(0, {"task": "ens", "input": "c", "stop": "a"}))
+put("server_request", "classify", body(1, {"task": "cls", "input": "ab"}))
+put("server_request", "classify_ensemble", body(1, {"task": "ens", "input": "a a b"}))
+put("server_request", "upload_rows", body(2, {
+    "prompt": rows(2, 4),
+    "task": {"template": "a {text}", "labels": ["x", "y"], "verbalizer": [" a", " b"], "note": 1}},
+    name="up"))
+put("server_request", "upload_ensemble", body(2, {"prompts": [rows(1, 5), rows(3, 6)]}, name="up-2.x"))
+st = safetensors([("prompt_embeddings", "F32", [2, 8], f32(values(16, 7)))], {"format": "pt"})
+put("server_request", "upload_safetensors", body(2, {
+    "prompt": base64.b64encode(st).decode(),
+    "adapter_config": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
+                       "num_virtual_tokens": 2, "token_dim": 8}}, name="st"))

@@ -6,7 +6,12 @@
 //! `cargo bench -p softprompt-serve --bench loadgen` (or, without a release build,
 //! `cargo test -p softprompt-serve --bench loadgen`). Environment overrides:
 //! `LOADGEN_SECS` (per scenario, default 8), `LOADGEN_CLIENTS` (default 16),
-//! `LOADGEN_TOKENS` (max_new_tokens, default 8), `LOADGEN_MAX_BATCH` (default 16).
+//! `LOADGEN_TOKENS` (max_new_tokens, default 8), `LOADGEN_MAX_BATCH` (default 16),
+//! `LOADGEN_REUSE` (1: prompt keys/values computed once per prompt, the server's default;
+//! 0: every batch runs the prompts again), `LOADGEN_TASKS` (comma-separated task counts,
+//! default `1,4,16`). The prefill columns are the server's
+//! `softprompt_prefill_tokens_total`: positions run through the model, and prompt positions
+//! taken from cached keys/values.
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -38,6 +43,8 @@ struct Row {
     p99: f64,
     mean_batch: f64,
     mean_batch_tasks: f64,
+    prefill_computed: f64,
+    prefill_reused: f64,
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -53,6 +60,11 @@ fn main() {
     let clients = env("LOADGEN_CLIENTS", 16);
     let max_new = env("LOADGEN_TOKENS", 8);
     let max_batch = env("LOADGEN_MAX_BATCH", 16);
+    let reuse = env("LOADGEN_REUSE", 1) != 0;
+    let task_counts: Vec<usize> = std::env::var("LOADGEN_TASKS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16]);
     let path = softprompt::fetch::smollm2().expect("SmolLM2 (softprompt fetch smollm2)");
     let model = Arc::new(softprompt::load::load_model(&path, &Device::Cpu).expect("load SmolLM2"));
     let d = model.backbone.info().d_model;
@@ -65,10 +77,11 @@ fn main() {
         write_task_folder(&dir.path().join(format!("t{k:02}")), &[p], &model, None).expect("write task");
     }
     eprintln!(
-        "loadgen: SmolLM2-135M, {clients} clients, {secs} s per scenario, max_new_tokens {max_new}, max_batch {max_batch}, max_wait 5 ms"
+        "loadgen: SmolLM2-135M, {clients} clients, {secs} s per scenario, max_new_tokens {max_new}, max_batch {max_batch}, max_wait 5 ms, prompt KV reuse {}",
+        if reuse { "on" } else { "off" }
     );
     let mut rows = Vec::new();
-    for tasks in [1usize, 4, 16] {
+    for tasks in task_counts {
         for mixed in [true, false] {
             let mut cfg = ServeConfig::new(dir.path());
             cfg.addr = "127.0.0.1:0".parse().expect("addr");
@@ -76,6 +89,7 @@ fn main() {
             cfg.batch.max_wait = Duration::from_millis(5);
             cfg.batch.queue = 4 * clients;
             cfg.batch.one_task_per_batch = !mixed;
+            cfg.batch.reuse_prompt_kv = reuse;
             cfg.request_timeout = Duration::from_secs(120);
             let server = Server::start(model.clone(), cfg).expect("start server");
             let addr = server.addr;
@@ -139,6 +153,8 @@ fn main() {
                 p99: pct(0.99),
                 mean_batch: metric(&m, "softprompt_batch_size_sum") / batches,
                 mean_batch_tasks: metric(&m, "softprompt_batch_tasks_sum") / batches,
+                prefill_computed: metric(&m, "softprompt_prefill_tokens_total{source=\"computed\"}"),
+                prefill_reused: metric(&m, "softprompt_prefill_tokens_total{source=\"reused\"}"),
             };
             eprintln!(
                 "  {} tasks, {}: {} requests, {:.2} req/s",
@@ -151,11 +167,11 @@ fn main() {
         }
     }
     println!();
-    println!("| tasks | batching | requests | 429s | req/s | tokens/s | p50 ms | p99 ms | mean batch | tasks/batch |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| tasks | batching | requests | 429s | req/s | tokens/s | p50 ms | p99 ms | mean batch | tasks/batch | prefill computed | prefill reused |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} | {:.0} |",
             r.tasks,
             if r.mixed { "mixed tasks" } else { "one task per batch" },
             r.ok,
@@ -165,7 +181,9 @@ fn main() {
             r.p50,
             r.p99,
             r.mean_batch,
-            r.mean_batch_tasks
+            r.mean_batch_tasks,
+            r.prefill_computed,
+            r.prefill_reused
         );
     }
 }

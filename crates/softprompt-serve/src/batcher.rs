@@ -5,13 +5,16 @@
 //! compatible jobs are queued or the oldest has waited `max_wait`, and runs them as one
 //! batch. Compatible means: same kind (generate or classify), and
 //! - with `one_task_per_batch`: the same task (the baseline the load generator compares to);
-//! - for models with absolute position embeddings (GPT-2): the same row lengths, so rows
-//!   need no padding and every request sees exactly the input it would see alone (see
-//!   `engine`). Rotary models mix any lengths.
+//! - for generation with absolute position embeddings (GPT-2): the same row lengths, so
+//!   rows need no padding and every request sees exactly the input it would see alone (see
+//!   `engine`; classification pads on the right, which changes no position). Rotary models
+//!   mix any lengths, and so do encoder-decoder models (T5: relative
+//!   positions, right-padded encoder rows; see `seq2seq`).
 
 use crate::engine::{self, ClsItem, ClsOutput, GenItem, GenOutput};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::seq2seq;
 use axum::http::StatusCode;
 use softprompt::load::Model;
 use softprompt::model::Arch;
@@ -32,6 +35,9 @@ pub struct BatchConfig {
     pub one_task_per_batch: bool,
     /// Most rows (request x prompt x label) per classification forward.
     pub max_rows: usize,
+    /// Decoder-only models: start each batch from the prompts' keys/values computed once per
+    /// prompt instead of running the prompts again (see `engine`; off only for comparison).
+    pub reuse_prompt_kv: bool,
 }
 
 impl Default for BatchConfig {
@@ -42,6 +48,7 @@ impl Default for BatchConfig {
             queue: 256,
             one_task_per_batch: false,
             max_rows: 64,
+            reuse_prompt_kv: true,
         }
     }
 }
@@ -77,6 +84,9 @@ struct Job {
 struct Queue {
     jobs: VecDeque<Job>,
     shutdown: bool,
+    /// Seconds of worker time per request (batch time / batch size), averaged over recent
+    /// batches; `None` before the first batch.
+    per_request: Option<f64>,
 }
 
 pub struct Batcher {
@@ -96,7 +106,7 @@ impl Batcher {
             model,
             metrics,
             exact_positions,
-            queue: Mutex::new(Queue { jobs: VecDeque::new(), shutdown: false }),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), shutdown: false, per_request: None }),
             wake: Condvar::new(),
         }
     }
@@ -110,24 +120,27 @@ impl Batcher {
         self.lock().jobs.len()
     }
 
+    /// About how long a request queued now would wait: the requests waiting times the
+    /// recent worker time per request (`None` before the first batch). Generation and
+    /// classification share one average, so it is rough for a mix of both.
+    pub fn expected_wait(&self) -> Option<Duration> {
+        let q = self.lock();
+        q.per_request.map(|per| Duration::from_secs_f64(per * q.jobs.len() as f64))
+    }
+
     /// Queues a job; 429 when the queue is full, 503 when shutting down.
     pub fn submit(&self, task: &str, work: Work) -> Result<oneshot::Receiver<ReplyResult>, ApiError> {
-        let lens = if self.exact_positions {
-            Some(match &work {
-                Work::Generate(g) => {
-                    let mut l: Vec<usize> = g.prompts.iter().map(|p| p.dim(0).unwrap_or(0) + g.source.len()).collect();
-                    l.sort_unstable();
-                    l.dedup();
-                    l
-                }
-                // Label targets belong to the task: the same task and input length give
-                // the same rows.
-                Work::Classify(c) => vec![c.source.len()],
-            })
-        } else {
-            None
+        let lens = match &work {
+            Work::Generate(g) if self.exact_positions => {
+                let mut l: Vec<usize> = g.prompts.iter().map(|p| p.dim(0).unwrap_or(0) + g.source.len()).collect();
+                l.sort_unstable();
+                l.dedup();
+                Some(l)
+            }
+            // Classification rows are padded on the right, which no position scheme notices.
+            _ => None,
         };
-        let same_task = self.cfg.one_task_per_batch || (self.exact_positions && matches!(work, Work::Classify(_)));
+        let same_task = self.cfg.one_task_per_batch;
         let key = Key {
             generate: matches!(work, Work::Generate(_)),
             lens,
@@ -217,12 +230,23 @@ impl Batcher {
         }
         let model = &self.model;
         let max_rows = self.cfg.max_rows;
+        let mut prefill = engine::Prefill::new(self.cfg.reuse_prompt_kv);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> softprompt::Result<Vec<Reply>> {
             if !gens.is_empty() {
                 let cancelled = |i: usize| replies[i].is_closed();
-                Ok(engine::generate(model, &gens, &cancelled)?.into_iter().map(Reply::Generate).collect())
+                let outs = if model.backbone.is_seq2seq() {
+                    seq2seq::generate(model, &gens, &cancelled)?
+                } else {
+                    engine::generate(model, &gens, &mut prefill, &cancelled)?
+                };
+                Ok(outs.into_iter().map(Reply::Generate).collect())
             } else {
-                Ok(engine::classify(model, &clss, max_rows)?.into_iter().map(Reply::Classify).collect())
+                let outs = if model.backbone.is_seq2seq() {
+                    seq2seq::classify(model, &clss, max_rows)?
+                } else {
+                    engine::classify(model, &clss, max_rows, &mut prefill)?
+                };
+                Ok(outs.into_iter().map(Reply::Classify).collect())
             }
         }));
         let result = match result {
@@ -242,6 +266,12 @@ impl Batcher {
             Err(_) => 0,
         };
         self.metrics.batch(size, n_tasks, tokens, start.elapsed().as_secs_f64());
+        {
+            let per = start.elapsed().as_secs_f64() / size as f64;
+            let mut q = self.lock();
+            q.per_request = Some(q.per_request.map_or(per, |p| 0.8 * p + 0.2 * per));
+        }
+        self.metrics.prefill(prefill.computed, prefill.reused);
         match result {
             Ok(outs) => {
                 for (tx, out) in replies.into_iter().zip(outs) {

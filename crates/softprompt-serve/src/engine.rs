@@ -1,22 +1,55 @@
 //! Batched forwards over rows that each carry their own prompt (decoder-only models).
 //!
-//! Layout: row `i` is `[pad x p_i; P_i; embed(x_i)]`, LEFT padded to the longest
-//! `N_i + S_i` in the batch, so prompts of different lengths (different tasks) share one
-//! forward pass. Pad positions are zero vectors masked out of attention.
+//! Every row is a request's input `x_i` (`S_i` tokens) after one of its task's prompts `P_i`
+//! (`N_i` rows; with `prompt_after_bos` the prefix `[embed(BOS); P]`), so prompts of different
+//! lengths (different tasks) share one forward pass. The reference answer of a row is the
+//! row run alone, `[P_i; embed(x_i)]` at positions `0..N_i+S_i-1`.
 //!
-//! Why mixing does not change a request's result: the backbones number positions
-//! `0..L-1` for every row, so left padding shifts a row's absolute positions by `p_i`.
-//! With rotary embeddings (the Llama family) attention scores depend only on relative
-//! positions, and masked pads receive exactly zero weight, so a row's logits are the same
-//! as when it runs alone, up to float rounding (well under 1e-4). Models with absolute
-//! position embeddings (GPT-2) would see a different input, so for them the batcher only
-//! puts rows of equal `N_i + S_i` together (no padding at all; see `Batcher`).
+//! **Prompt keys/values computed once.** A prompt's per-layer keys and values do not depend
+//! on what follows it (causal attention), so each prompt is run alone once (batch 1,
+//! positions `0..N_i-1`) and its [`PromptKv`] kept with its task; a batch then starts from a
+//! KV cache assembled from its rows' cached prompts and runs only the input tokens. The
+//! cache holds `C = max N_i` positions, row `i`'s prompt in the last `N_i` (left padded, pads
+//! masked); the new positions are the inputs, left padded to `T = max S_i`:
+//!
+//! ```text
+//! cache (C):   [pad x (C-N_i); P_i]      new (T):   [pad x (T-S_i); x_i]
+//! ```
+//!
+//! The difficulty is positions: the model numbers the new positions `C..C+T-1` for every
+//! row, so `x_i` sits at `C+T-S_i..`, while its cached prompt was computed at `0..N_i-1`.
+//! - Rotary models (Llama family): attention sees positions only through the rotation of
+//!   queries and keys, and `R(a + b) = R(b) R(a)`, so the cached keys are rotated once more
+//!   by `C+T-S_i-N_i` (`CausalLm::shift_cache`, in the model's own pair layout: adjacent pairs
+//!   for GGUF weights, halves for Hugging Face ones). The prompt then sits at
+//!   `C+T-S_i-N_i..C+T-S_i-1`, right before `x_i`, exactly as in the row alone; a key's slot
+//!   in the cache does not matter, and every pad has zero attention weight. Values carry no
+//!   position. Of the other options, keeping keys unrotated needs a model change at every
+//!   layer and step, and per-row position offsets change every backbone's forward; one
+//!   rotation per (row, layer) at the start of a batch is cheap and leaves the models as
+//!   they are.
+//! - Absolute positions (GPT-2) cannot be moved. The cache then holds the first `C = min N_i`
+//!   prompt positions of every row, at their own positions `0..C-1`, and the new positions
+//!   are `[P_i[C..]; x_i]`, `C..N_i+S_i-1`, the row alone exactly. Rows shorter than the
+//!   longest are padded on the right, which causal attention never sees; that is fine for
+//!   classification (one forward), but generation continues after the last position, so the
+//!   batcher only groups generations of equal `N_i + S_i` for such models (no padding).
+//!   (An ensemble whose prompts differ in length brings rows of several lengths by itself;
+//!   its generation on GPT-2 is left padded, so not exact: a known limitation.)
+//!
+//! Without reuse (`Prefill::reuse` false, a row without a `PromptKv`, an empty input, or
+//! absolute positions with unequal lengths in generation) the whole row runs,
+//! `[P_i; embed(x_i)]` padded to the longest `N_i + S_i`: on the left for generation (with
+//! rotary embeddings attention depends only on relative positions and masked pads get
+//! exactly zero weight, so this equals the row alone up to float rounding, well under 1e-4),
+//! on the right for classification (exact for any model).
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use softprompt::load::Model;
 use softprompt::model::{Backbone, CausalLm, KvCache, LogitsAt};
 use softprompt::Result;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Decoding parameters of one request.
 #[derive(Clone, Debug)]
@@ -33,6 +66,9 @@ pub struct GenParams {
 /// every step) and the tokenized input.
 pub struct GenItem {
     pub prompts: Vec<Tensor>,
+    /// The prompts' cached keys/values, in the same order (the task's `prompt_kv`); a prompt
+    /// without one is run in full.
+    pub prompt_kv: Vec<Arc<PromptKv>>,
     pub source: Vec<u32>,
     pub params: GenParams,
 }
@@ -50,6 +86,8 @@ pub struct GenOutput {
 /// One classification request: prompts, tokenized input and tokenized label targets.
 pub struct ClsItem {
     pub prompts: Vec<Tensor>,
+    /// As [`GenItem::prompt_kv`].
+    pub prompt_kv: Vec<Arc<PromptKv>>,
     pub source: Vec<u32>,
     pub label_targets: Vec<Vec<u32>>,
 }
@@ -78,45 +116,272 @@ fn pad_id(m: &dyn CausalLm) -> u32 {
     info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0)
 }
 
-/// Embeddings `[B, L, D]`, mask `[B, L]` and the number of pads of each row, for rows
-/// `(prompt [N_i, D], tokens)`, left padded to `L = max(N_i + S_i)`.
-fn build(m: &dyn CausalLm, rows: &[(&Tensor, &[u32])], device: &Device) -> Result<(Tensor, Tensor, Vec<usize>)> {
+/// Keys and values of one prompt run alone (batch 1, positions `0..N-1`): a [`KvCache`] of
+/// `N` positions, each layer `[1, H_kv, N, Dh]`. Empty until the first batch that needs it
+/// fills it; kept with its task in the registry, so replacing or deleting the task drops it.
+/// A registry serves one model, so this is one cache per (prompt, model).
+#[derive(Default)]
+pub struct PromptKv(Mutex<Option<Arc<KvCache>>>);
+
+impl PromptKv {
+    /// Whether the keys/values have been computed.
+    pub fn is_filled(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<KvCache>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cache of `prompt` `[N, D]`, computed now (and counted) when missing.
+    fn get(&self, m: &dyn CausalLm, prompt: &Tensor, dtype: DType, count: &mut Prefill) -> Result<Arc<KvCache>> {
+        let mut slot = self.lock();
+        if let Some(kv) = slot.as_ref() {
+            return Ok(kv.clone());
+        }
+        let n = prompt.dim(0)?;
+        let x = prompt.to_dtype(dtype)?.unsqueeze(0)?; // [1, N, D]
+        let mask = Tensor::ones((1, n), DType::F32, prompt.device())?; // [1, N]
+        let mut cache = KvCache::new(m.info().n_layers);
+        m.forward(&x, &mask, Some(&mut cache), LogitsAt::Last)?;
+        count.computed += n;
+        let kv = Arc::new(cache);
+        *slot = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// How a batch starts, and what its prefill cost: positions run through the model
+/// (`computed`; pads not counted, prompt caches filled on the way included) and prompt
+/// positions taken from cached keys/values (`reused`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Prefill {
+    /// Start from the rows' cached prompt keys/values where the layout allows (module doc).
+    pub reuse: bool,
+    pub computed: usize,
+    pub reused: usize,
+}
+
+impl Prefill {
+    pub fn new(reuse: bool) -> Self {
+        Prefill { reuse, computed: 0, reused: 0 }
+    }
+}
+
+/// One row of a batch: the prefix before its tokens (`[N, D]`), that prefix's cached
+/// keys/values, and the tokens.
+struct RowSpec<'a> {
+    prompt: &'a Tensor,
+    kv: Option<&'a PromptKv>,
+    tokens: &'a [u32],
+}
+
+/// A batch ready for its first forward.
+struct Start {
+    /// `C` cached positions, each layer `[B, H_kv, C, Dh]` (no entries when none are reused).
+    cache: KvCache,
+    /// `[B, T, D]`: the positions still to run.
+    embeds: Tensor,
+    /// `[B, C + T]`, 1 = real, 0 = pad.
+    mask: Tensor,
+    /// Per row, the index in `embeds` of its first token (position `N_i` of the row alone).
+    first: Vec<usize>,
+}
+
+/// Lays out `rows` for their first forward (see the module doc), from cached prompt
+/// keys/values when `count.reuse` and the model allow. With `decode`, generation continues
+/// after every row's last position, so rows are left padded; without (classification: one
+/// forward), rows that cannot be moved are right padded, which no model's positions notice.
+fn start(m: &dyn CausalLm, rows: &[RowSpec], count: &mut Prefill, decode: bool, device: &Device) -> Result<Start> {
+    let b = rows.len();
+    if b == 0 {
+        softprompt::bail!("a batch needs at least one row");
+    }
+    let pad = pad_id(m);
+    let s_max = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(b * s_max);
+    for r in rows {
+        ids.extend(std::iter::repeat_n(pad, s_max - r.tokens.len()));
+        ids.extend(r.tokens.iter().copied());
+    }
+    let emb = m.embed(&Tensor::from_vec(ids, (b, s_max), device)?)?; // [B, S, D], left padded
+    if count.reuse && rows.iter().all(|r| r.kv.is_some() && !r.tokens.is_empty()) {
+        let mut kvs = Vec::with_capacity(b);
+        for r in rows {
+            if let Some(kv) = r.kv {
+                kvs.push(kv.get(m, r.prompt, emb.dtype(), count)?);
+            }
+        }
+        if let Some(s) = shifted(m, rows, &kvs, &emb, count)? {
+            return Ok(s);
+        }
+        if let Some(s) = aligned(m, rows, &kvs, &emb, count, decode)? {
+            return Ok(s);
+        }
+    }
+    whole(m, rows, &emb, count, decode)
+}
+
+/// Stacks one cache per row (`[1, H_kv, N_i, Dh]` per layer) into `[B, H_kv, C, Dh]`, each
+/// row left padded (with zeros) or cut to its first `C` positions.
+fn stack(m: &dyn CausalLm, rows: &[KvCache], c: usize) -> Result<KvCache> {
+    let n_layers = m.info().n_layers;
+    let mut out = KvCache::new(n_layers);
+    for l in 0..n_layers {
+        let mut ks = Vec::with_capacity(rows.len());
+        let mut vs = Vec::with_capacity(rows.len());
+        for kv in rows {
+            let Some((k, v)) = kv.layers.get(l).and_then(Option::as_ref) else {
+                softprompt::bail!("prompt cache: layer {l} is missing");
+            };
+            let n = k.dim(2)?;
+            if n >= c {
+                ks.push(k.narrow(2, 0, c)?);
+                vs.push(v.narrow(2, 0, c)?);
+            } else {
+                ks.push(k.pad_with_zeros(2, c - n, 0)?);
+                vs.push(v.pad_with_zeros(2, c - n, 0)?);
+            }
+        }
+        out.layers[l] = Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)); // [B, H_kv, C, Dh]
+    }
+    Ok(out)
+}
+
+/// Rotary models: every row's whole prompt from the cache, its keys rotated so the prompt
+/// sits right before the row's input. `None` when the model cannot move positions.
+fn shifted(m: &dyn CausalLm, rows: &[RowSpec], kvs: &[Arc<KvCache>], emb: &Tensor, count: &mut Prefill) -> Result<Option<Start>> {
+    let b = rows.len();
+    let t = emb.dim(1)?;
+    let mut n = Vec::with_capacity(b);
+    for r in rows {
+        n.push(r.prompt.dim(0)?);
+    }
+    let c = n.iter().copied().max().unwrap_or(0);
+    let mut moved: Vec<KvCache> = Vec::with_capacity(b);
+    // Rows of one prompt and one input length share the rotation: (row, shift).
+    let mut done: Vec<(usize, usize)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let by = c + t - r.tokens.len() - n[i];
+        if let Some(&(j, _)) = done.iter().find(|&&(j, s)| s == by && Arc::ptr_eq(&kvs[j], &kvs[i])) {
+            let same = moved[j].clone();
+            moved.push(same);
+            continue;
+        }
+        let mut kv = (*kvs[i]).clone();
+        if !m.shift_cache(&mut kv, by)? {
+            return Ok(None);
+        }
+        done.push((i, by));
+        moved.push(kv);
+    }
+    let mut mask = Vec::with_capacity(b * (c + t));
+    let mut first = Vec::with_capacity(b);
+    for (i, r) in rows.iter().enumerate() {
+        let s = r.tokens.len();
+        mask.extend((0..c).map(|j| if j < c - n[i] { 0f32 } else { 1. }));
+        mask.extend((0..t).map(|j| if j < t - s { 0f32 } else { 1. }));
+        first.push(t - s);
+        count.computed += s;
+        count.reused += n[i];
+    }
+    Ok(Some(Start {
+        cache: stack(m, &moved, c)?,
+        embeds: emb.clone(),
+        mask: Tensor::from_vec(mask, (b, c + t), emb.device())?,
+        first,
+    }))
+}
+
+/// Any model: the first `C = min N_i` prompt positions of every row from the cache, at
+/// their own positions, then `[P_i[C..]; x_i]`, right padded to the longest row (no padding
+/// for rows of one length `N_i + S_i`, the batcher's groups for absolute positions). With
+/// `decode`, `None` unless every row has the same length.
+fn aligned(
+    m: &dyn CausalLm,
+    rows: &[RowSpec],
+    kvs: &[Arc<KvCache>],
+    emb: &Tensor,
+    count: &mut Prefill,
+    decode: bool,
+) -> Result<Option<Start>> {
+    let b = rows.len();
+    let (s_max, d) = (emb.dim(1)?, emb.dim(2)?);
+    let mut n = Vec::with_capacity(b);
+    let mut lens = Vec::with_capacity(b);
+    for r in rows {
+        n.push(r.prompt.dim(0)?);
+        lens.push(r.prompt.dim(0)? + r.tokens.len());
+    }
+    let l = lens.iter().copied().max().unwrap_or(0);
+    if decode && lens.iter().any(|&li| li != l) {
+        return Ok(None);
+    }
+    let c = n.iter().copied().min().unwrap_or(0);
+    let mut xs = Vec::with_capacity(b);
+    let mut mask = Vec::with_capacity(b * l);
+    let mut first = Vec::with_capacity(b);
+    for (i, r) in rows.iter().enumerate() {
+        let s = r.tokens.len();
+        let mut parts = Vec::with_capacity(3);
+        if n[i] > c {
+            parts.push(r.prompt.narrow(0, c, n[i] - c)?.to_dtype(emb.dtype())?); // [N_i - C, D]
+        }
+        parts.push(emb.get(i)?.narrow(0, s_max - s, s)?); // [S_i, D]
+        if lens[i] < l {
+            parts.push(Tensor::zeros((l - lens[i], d), emb.dtype(), emb.device())?);
+        }
+        xs.push(Tensor::cat(&parts, 0)?); // [L - C, D]
+        mask.extend((0..l).map(|j| if j < lens[i] { 1f32 } else { 0. }));
+        first.push(n[i] - c);
+        count.computed += lens[i] - c;
+        count.reused += c;
+    }
+    let rows_kv: Vec<KvCache> = kvs.iter().map(|kv| (**kv).clone()).collect();
+    Ok(Some(Start {
+        cache: stack(m, &rows_kv, c)?,
+        embeds: Tensor::stack(&xs, 0)?, // [B, L - C, D]
+        mask: Tensor::from_vec(mask, (b, l), emb.device())?,
+        first,
+    }))
+}
+
+/// No reuse: rows `[P_i; embed(x_i)]` padded to `L = max(N_i + S_i)` (on the left with
+/// `left`, else on the right), and an empty cache.
+fn whole(m: &dyn CausalLm, rows: &[RowSpec], emb: &Tensor, count: &mut Prefill, left: bool) -> Result<Start> {
     let b = rows.len();
     let d = m.info().d_model;
-    let pad = pad_id(m);
-    let s_max = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(1);
-    let mut ids = Vec::with_capacity(b * s_max);
-    for (_, src) in rows {
-        ids.extend(std::iter::repeat_n(pad, s_max - src.len()));
-        ids.extend(src.iter().copied());
-    }
-    let ids = Tensor::from_vec(ids, (b, s_max), device)?;
-    let emb = m.embed(&ids)?; // [B, S, D]
+    let device = emb.device();
+    let s_max = emb.dim(1)?;
     let mut lens = Vec::with_capacity(b);
-    for (p, s) in rows {
-        lens.push(p.dim(0)? + s.len());
+    for r in rows {
+        lens.push(r.prompt.dim(0)? + r.tokens.len());
     }
     let l = lens.iter().copied().max().unwrap_or(0);
     let mut xs = Vec::with_capacity(b);
     let mut mask = Vec::with_capacity(b * l);
-    let mut pads = Vec::with_capacity(b);
-    for (i, (p, src)) in rows.iter().enumerate() {
-        let s = src.len();
+    let mut first = Vec::with_capacity(b);
+    for (i, r) in rows.iter().enumerate() {
+        let s = r.tokens.len();
         let n_pad = l - lens[i];
-        let mut parts = Vec::with_capacity(3);
-        if n_pad > 0 {
-            parts.push(Tensor::zeros((n_pad, d), emb.dtype(), device)?);
-        }
-        parts.push(p.to_dtype(emb.dtype())?);
-        if s > 0 {
-            parts.push(emb.get(i)?.narrow(0, s_max - s, s)?); // [S_i, D]
-        }
+        let lead = if left { n_pad } else { 0 }; // pads before the prompt
+        let mut parts = Vec::with_capacity(4);
+        parts.push(Tensor::zeros((lead, d), emb.dtype(), device)?);
+        parts.push(r.prompt.to_dtype(emb.dtype())?);
+        parts.push(emb.get(i)?.narrow(0, s_max - s, s)?); // [S_i, D]
+        parts.push(Tensor::zeros((n_pad - lead, d), emb.dtype(), device)?);
+        parts.retain(|t| t.dim(0).is_ok_and(|n| n > 0));
         xs.push(Tensor::cat(&parts, 0)?); // [L, D]
-        mask.extend((0..l).map(|j| if j < n_pad { 0f32 } else { 1. }));
-        pads.push(n_pad);
+        mask.extend((0..l).map(|j| if j >= lead && j < lead + lens[i] { 1f32 } else { 0. }));
+        first.push(lead + lens[i] - s);
+        count.computed += lens[i];
     }
-    let x = Tensor::stack(&xs, 0)?; // [B, L, D]
-    Ok((x, Tensor::from_vec(mask, (b, l), device)?, pads))
+    Ok(Start {
+        cache: KvCache::new(m.info().n_layers),
+        embeds: Tensor::stack(&xs, 0)?, // [B, L, D]
+        mask: Tensor::from_vec(mask, (b, l), device)?,
+        first,
+    })
 }
 
 /// `log_softmax` of one row, in f64 for the sums.
@@ -138,7 +403,7 @@ fn argmax(xs: &[f32]) -> usize {
 }
 
 /// Picks the next token from the logits of a request's rows (one per prompt).
-fn choose(rows: &[&[f32]], temperature: f32, rng: &mut rand::rngs::StdRng) -> (u32, f32) {
+pub(crate) fn choose(rows: &[&[f32]], temperature: f32, rng: &mut rand::rngs::StdRng) -> (u32, f32) {
     let (scores, logp) = if rows.len() == 1 {
         (rows[0].to_vec(), log_softmax(rows[0]))
     } else {
@@ -171,9 +436,15 @@ fn choose(rows: &[&[f32]], temperature: f32, rng: &mut rand::rngs::StdRng) -> (u
     (tok as u32, logp[tok])
 }
 
-/// Generates for every item in one batch with a shared KV cache. Finished (or cancelled:
-/// `cancelled(i)` is polled every step) requests leave the batch at once.
-pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> bool) -> Result<Vec<GenOutput>> {
+/// Generates for every item in one batch with a shared KV cache, started from the prompts'
+/// cached keys/values when `count.reuse` (which also receives the prefill counts). Finished
+/// (or cancelled: `cancelled(i)` is polled every step) requests leave the batch at once.
+pub fn generate(
+    model: &Model,
+    items: &[GenItem],
+    count: &mut Prefill,
+    cancelled: &dyn Fn(usize) -> bool,
+) -> Result<Vec<GenOutput>> {
     let m = causal(model)?;
     let device = &model.device;
     let info = m.info();
@@ -200,20 +471,19 @@ pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> b
         .collect();
     // Row -> request, one row per (request, prompt).
     let mut owners: Vec<usize> = Vec::new();
-    let mut rows: Vec<(&Tensor, &[u32])> = Vec::new();
+    let mut rows: Vec<RowSpec> = Vec::new();
     for (i, it) in items.iter().enumerate() {
         if states[i].finish.is_some() {
             continue;
         }
-        for p in &it.prompts {
+        for (j, p) in it.prompts.iter().enumerate() {
             owners.push(i);
-            rows.push((p, it.source.as_slice()));
+            rows.push(RowSpec { prompt: p, kv: it.prompt_kv.get(j).map(Arc::as_ref), tokens: &it.source });
         }
     }
     if !rows.is_empty() {
-        let (x, mut mask, _) = build(m, &rows, device)?;
-        let mut cache = KvCache::new(info.n_layers);
-        let mut logits = m.forward(&x, &mask, Some(&mut cache), LogitsAt::Last)?; // [B, V]
+        let Start { mut cache, embeds, mut mask, .. } = start(m, &rows, count, true, device)?;
+        let mut logits = m.forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last)?; // [B, V]
         loop {
             let lv: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             let mut chosen = vec![0u32; items.len()];
@@ -287,14 +557,18 @@ pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> b
 /// Rank classification of every item: the log-likelihood of each label's target after
 /// `[prompt; input]`, for every prompt of the item's task. Rows are processed `max_rows`
 /// at a time. One-token labels need one row per (item, prompt); longer labels one row per
-/// (item, prompt, label) holding `input + target`.
-pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize) -> Result<Vec<ClsOutput>> {
+/// (item, prompt, label) holding `input + target`. Each chunk starts from the prompts' cached
+/// keys/values when `count.reuse` (which also receives the prefill counts).
+pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize, count: &mut Prefill) -> Result<Vec<ClsOutput>> {
     let m = causal(model)?;
     let device = &model.device;
     struct Row<'a> {
         item: usize,
         prompt: usize,
         tensor: &'a Tensor,
+        kv: Option<&'a PromptKv>,
+        /// Prompt length `N`.
+        n: usize,
         tokens: Vec<u32>,
         /// (position in the unpadded row whose logits are read, token, label)
         score: Vec<(usize, u32, usize)>,
@@ -316,15 +590,16 @@ pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize) -> Result<Vec
         for (j, p) in it.prompts.iter().enumerate() {
             let n = p.dim(0)?;
             let s = it.source.len();
+            let kv = it.prompt_kv.get(j).map(Arc::as_ref);
             if single {
                 let score = it.label_targets.iter().enumerate().map(|(l, t)| (n + s - 1, t[0], l)).collect();
-                rows.push(Row { item: i, prompt: j, tensor: p, tokens: it.source.clone(), score, single: true });
+                rows.push(Row { item: i, prompt: j, tensor: p, kv, n, tokens: it.source.clone(), score, single: true });
             } else {
                 for (l, t) in it.label_targets.iter().enumerate() {
                     let mut tokens = it.source.clone();
                     tokens.extend(t);
                     let score = t.iter().enumerate().map(|(k, &tok)| (n + s + k - 1, tok, l)).collect();
-                    rows.push(Row { item: i, prompt: j, tensor: p, tokens, score, single: false });
+                    rows.push(Row { item: i, prompt: j, tensor: p, kv, n, tokens, score, single: false });
                 }
             }
         }
@@ -335,15 +610,17 @@ pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize) -> Result<Vec
         .map(|c| (true, c))
         .chain(multi_rows.chunks(max_rows.max(1)).map(|c| (false, c)));
     for (single_token, chunk) in chunks {
-        let spec: Vec<(&Tensor, &[u32])> = chunk.iter().map(|r| (r.tensor, r.tokens.as_slice())).collect();
-        let (x, mask, pads) = build(m, &spec, device)?;
-        let l = x.dim(1)?;
-        // Unique flattened positions whose logits are needed.
+        let spec: Vec<RowSpec> =
+            chunk.iter().map(|r| RowSpec { prompt: r.tensor, kv: r.kv, tokens: &r.tokens }).collect();
+        let Start { mut cache, embeds, mask, first } = start(m, &spec, count, false, device)?;
+        let t = embeds.dim(1)?;
+        // Unique flattened positions of `embeds` whose logits are needed (every scored
+        // position is an input or target token: `pos >= N`).
         let mut positions: Vec<u32> = Vec::new();
         let mut picks: Vec<(usize, usize, u32)> = Vec::new(); // (row in chunk, index into positions, token)
         for (r, row) in chunk.iter().enumerate() {
             for &(pos, tok, _) in &row.score {
-                let flat = (r * l + pads[r] + pos) as u32;
+                let flat = (r * t + first[r] + pos - row.n) as u32;
                 let k = match positions.iter().rposition(|&p| p == flat) {
                     Some(k) => k,
                     None => {
@@ -355,7 +632,9 @@ pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize) -> Result<Vec
             }
         }
         let rows_t = Tensor::new(positions.as_slice(), device)?; // [M]
-        let logits = m.forward(&x, &mask, None, LogitsAt::Rows(&rows_t))?.to_dtype(DType::F32)?; // [M, V]
+        // Nothing cached (no reuse): no cache at all, so the backbone may take its cache-free path.
+        let cache = if cache.seq_len() > 0 { Some(&mut cache) } else { None };
+        let logits = m.forward(&embeds, &mask, cache, LogitsAt::Rows(&rows_t))?.to_dtype(DType::F32)?; // [M, V]
         // Scored as the library scores: one-token labels by `log_softmax` at the last
         // position (`single_token_scores`), longer labels by the objective's `token_nll`.
         let picked = if single_token {

@@ -90,15 +90,25 @@ async fn record(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Res
 
 /// Parses a JSON body: 413 over the size limit, 400 for malformed JSON or wrong fields.
 fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rej| {
+    parse_json(&body_bytes(body)?)
+}
+
+/// The request body: 413 over the size limit.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rej| {
         let status = rej.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(status, "request body is larger than the server's limit")
         } else {
             ApiError::new(status, rej.body_text())
         }
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    })
+}
+
+/// Parses a JSON request body (400 for malformed JSON or wrong fields), e.g. the upload body
+/// [`Upload`] of `PUT /v1/tasks/{name}`.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn task_or_404(s: &AppState, name: &str) -> Result<Arc<Task>, ApiError> {
@@ -109,17 +119,38 @@ fn task_or_404(s: &AppState, name: &str) -> Result<Arc<Task>, ApiError> {
 
 fn encode(s: &AppState, task: &Task, input: &str) -> Result<Vec<u32>, ApiError> {
     let tokenizer = s.model.tokenizer().map_err(|e| ApiError::internal(e.to_string()))?;
-    let ids = tokenizer
-        .encode_input(&task.format(input))
+    let mut ids = task
+        .encode(tokenizer, input)
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the input: {e}")))?;
     if ids.is_empty() {
         return Err(ApiError::bad_request("the input tokenizes to nothing"));
+    }
+    if s.model.backbone.is_seq2seq() {
+        // Encoder inputs end with EOS, as the library feeds them (`ClassificationTask::sources`).
+        ids.extend(s.model.backbone.info().eos_token_ids.first());
     }
     Ok(ids)
 }
 
 /// Queues the job and waits for its reply, at most the per-request timeout (504).
+///
+/// 429 when the queue already holds more than half the timeout's worth of work
+/// (`Batcher::expected_wait`): under sustained overload a full queue would otherwise hold
+/// more waiting than the timeout allows, and the worker would spend its batches on requests
+/// that time out before their answer is ready (the soak bench, `benches/soak.rs`, measured
+/// 2.3 answers/s instead of 10 with a 10 s timeout).
 async fn dispatch(s: &AppState, task: &str, work: Work) -> Result<Reply, ApiError> {
+    let limit = s.cfg.request_timeout / 2;
+    if let Some(wait) = s.batcher.expected_wait().filter(|w| *w > limit) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the queue holds about {} ms of work, over half the {} ms timeout; retry later",
+                wait.as_millis(),
+                s.cfg.request_timeout.as_millis()
+            ),
+        ));
+    }
     let rx = s.batcher.submit(task, work)?;
     match tokio::time::timeout(s.cfg.request_timeout, rx).await {
         Err(_) => Err(ApiError::new(
@@ -154,7 +185,25 @@ struct GenerateRequest {
 }
 
 async fn generate(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult {
-    let req: GenerateRequest = parse(body)?;
+    let (task, item) = generate_job(&s, &body_bytes(body)?)?;
+    match dispatch(&s, &task.name, Work::Generate(item)).await? {
+        Reply::Generate(o) => Ok(Json(serde_json::json!({
+            "task": task.name,
+            "text": o.text,
+            "tokens": o.tokens,
+            "logprobs": o.logprobs,
+            "finish_reason": o.finish_reason,
+            "n_prompts": task.prompts.len(),
+        }))
+        .into_response()),
+        Reply::Classify(_) => Err(ApiError::internal("unexpected reply")),
+    }
+}
+
+/// Parses and validates a `POST /v1/generate` body: everything the handler checks before
+/// queueing (the `server_request` fuzz target calls it). Returns the task and the job.
+pub fn generate_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, GenItem), ApiError> {
+    let req: GenerateRequest = parse_json(body)?;
     let max_new = req.max_new_tokens.unwrap_or(16.min(s.cfg.max_new_tokens));
     if max_new == 0 || max_new > s.cfg.max_new_tokens {
         return Err(ApiError::bad_request(format!(
@@ -166,8 +215,8 @@ async fn generate(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejec
     if !temperature.is_finite() || temperature < 0.0 {
         return Err(ApiError::bad_request("temperature must be a number >= 0"));
     }
-    let task = task_or_404(&s, &req.task)?;
-    let source = encode(&s, &task, &req.input)?;
+    let task = task_or_404(s, &req.task)?;
+    let source = encode(s, &task, &req.input)?;
     if let Some(max) = s.model.backbone.info().max_positions {
         let needed = task.max_prompt_len() + source.len() + max_new;
         if needed > max {
@@ -183,21 +232,11 @@ async fn generate(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejec
     };
     let item = GenItem {
         prompts: task.prompts.clone(),
+        prompt_kv: task.prompt_kv.clone(),
         source,
         params: GenParams { max_new_tokens: max_new, temperature, stop, seed: req.seed },
     };
-    match dispatch(&s, &task.name, Work::Generate(item)).await? {
-        Reply::Generate(o) => Ok(Json(serde_json::json!({
-            "task": task.name,
-            "text": o.text,
-            "tokens": o.tokens,
-            "logprobs": o.logprobs,
-            "finish_reason": o.finish_reason,
-            "n_prompts": task.prompts.len(),
-        }))
-        .into_response()),
-        Reply::Classify(_) => Err(ApiError::internal("unexpected reply")),
-    }
+    Ok((task, item))
 }
 
 #[derive(Deserialize)]
@@ -208,25 +247,7 @@ struct ClassifyRequest {
 }
 
 async fn classify(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult {
-    let req: ClassifyRequest = parse(body)?;
-    let task = task_or_404(&s, &req.task)?;
-    if task.labels.is_empty() {
-        return Err(ApiError::bad_request(format!(
-            "task `{}` has no labels (its task.json needs `labels` and `verbalizer`)",
-            task.name
-        )));
-    }
-    let source = encode(&s, &task, &req.input)?;
-    if let Some(max) = s.model.backbone.info().max_positions {
-        let longest = task.label_targets.iter().map(Vec::len).max().unwrap_or(0);
-        let needed = task.max_prompt_len() + source.len() + longest;
-        if needed > max {
-            return Err(ApiError::bad_request(format!(
-                "prompt + input + label = {needed} positions, more than the model's {max}"
-            )));
-        }
-    }
-    let item = ClsItem { prompts: task.prompts.clone(), source, label_targets: task.label_targets.clone() };
+    let (task, item) = classify_job(&s, &body_bytes(body)?)?;
     match dispatch(&s, &task.name, Work::Classify(item)).await? {
         Reply::Classify(o) => {
             let best = softprompt::eval::classify::argmax(&o.scores);
@@ -259,6 +280,36 @@ async fn classify(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejec
         }
         Reply::Generate(_) => Err(ApiError::internal("unexpected reply")),
     }
+}
+
+/// Parses and validates a `POST /v1/classify` body: everything the handler checks before
+/// queueing (the `server_request` fuzz target calls it). Returns the task and the job.
+pub fn classify_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, ClsItem), ApiError> {
+    let req: ClassifyRequest = parse_json(body)?;
+    let task = task_or_404(s, &req.task)?;
+    if task.labels.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "task `{}` has no labels (its task.json needs `labels` and `verbalizer`)",
+            task.name
+        )));
+    }
+    let source = encode(s, &task, &req.input)?;
+    if let Some(max) = s.model.backbone.info().max_positions {
+        let longest = task.label_targets.iter().map(Vec::len).max().unwrap_or(0);
+        let needed = task.max_prompt_len() + source.len() + longest;
+        if needed > max {
+            return Err(ApiError::bad_request(format!(
+                "prompt + input + label = {needed} positions, more than the model's {max}"
+            )));
+        }
+    }
+    let item = ClsItem {
+        prompts: task.prompts.clone(),
+        prompt_kv: task.prompt_kv.clone(),
+        source,
+        label_targets: task.label_targets.clone(),
+    };
+    Ok((task, item))
 }
 
 async fn list_tasks(State(s): State<Arc<AppState>>) -> AppResult {

@@ -4,6 +4,8 @@
 //! them) in a folder. Requests are queued for a dynamic batcher running on its own thread,
 //! which packs requests of different tasks into one forward pass by giving every row its
 //! own prompt (see [`engine`] for the padding layout and why it leaves results unchanged).
+//! Decoder-only models (Llama family, GPT-2) run through [`engine`], encoder-decoder models
+//! (T5, flan-T5: the prompt before the encoder input) through [`seq2seq`].
 //!
 //! Endpoints: `POST /v1/generate`, `POST /v1/classify`, `GET /v1/tasks`,
 //! `GET|PUT|DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
@@ -16,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
+pub mod seq2seq;
 
 pub use batcher::BatchConfig;
 pub use error::ApiError;
@@ -84,7 +87,6 @@ impl Server {
         cfg: ServeConfig,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> softprompt::Result<Server> {
-        engine::causal(&model)?;
         model.tokenizer()?;
         let registry = Arc::new(registry::Registry::load(&cfg.prompts_dir, &model)?);
         let metrics = Arc::new(metrics::Metrics::default());

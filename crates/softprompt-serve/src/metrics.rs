@@ -49,6 +49,8 @@ struct Inner {
     batches: u64,
     generated_tokens: u64,
     tokens_per_second: f64,
+    prefill_computed: u64,
+    prefill_reused: u64,
     rejected_full: u64,
     timeouts: u64,
 }
@@ -68,6 +70,8 @@ impl Default for Metrics {
                 batches: 0,
                 generated_tokens: 0,
                 tokens_per_second: 0.0,
+                prefill_computed: 0,
+                prefill_reused: 0,
                 rejected_full: 0,
                 timeouts: 0,
             }),
@@ -108,6 +112,14 @@ impl Metrics {
         }
     }
 
+    /// Prefill positions of one batch: run through the model (prompt caches filled on the way
+    /// included), and prompt positions taken from cached keys/values.
+    pub fn prefill(&self, computed: usize, reused: usize) {
+        let mut m = self.lock();
+        m.prefill_computed += computed as u64;
+        m.prefill_reused += reused as u64;
+    }
+
     pub fn render(&self, queue_depth: usize, n_tasks: usize) -> String {
         let m = self.lock();
         let mut out = String::new();
@@ -139,6 +151,13 @@ impl Metrics {
         let _ = writeln!(out, "# HELP softprompt_generated_tokens_total Tokens generated.");
         let _ = writeln!(out, "# TYPE softprompt_generated_tokens_total counter");
         let _ = writeln!(out, "softprompt_generated_tokens_total {}", m.generated_tokens);
+        let _ = writeln!(
+            out,
+            "# HELP softprompt_prefill_tokens_total Prefill positions (pads not counted): computed by the model, or reused from a prompt's cached keys/values."
+        );
+        let _ = writeln!(out, "# TYPE softprompt_prefill_tokens_total counter");
+        let _ = writeln!(out, "softprompt_prefill_tokens_total{{source=\"computed\"}} {}", m.prefill_computed);
+        let _ = writeln!(out, "softprompt_prefill_tokens_total{{source=\"reused\"}} {}", m.prefill_reused);
         let _ = writeln!(out, "# HELP softprompt_tokens_per_second Generation throughput of the last generation batch.");
         let _ = writeln!(out, "# TYPE softprompt_tokens_per_second gauge");
         let _ = writeln!(out, "softprompt_tokens_per_second {}", m.tokens_per_second);

@@ -69,6 +69,7 @@ pub fn document(cfg: &ServeConfig) -> Value {
                 "Task": {"type": "object", "properties": {
                     "name": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}},
                     "n_prompts": {"type": "integer"}, "prompt_tokens": {"type": "array", "items": {"type": "integer"}},
+                    "prompt_after_bos": {"type": "boolean", "description": "the prompts were trained after BOS: the model sees [BOS; prompt; input]"},
                     "template": {"type": "string", "nullable": true}}},
                 "Prompt": {"oneOf": [
                     {"type": "array", "items": {"type": "array", "items": {"type": "number"}}, "description": "N rows of D floats (D = the model's hidden size)"},
@@ -78,7 +79,8 @@ pub fn document(cfg: &ServeConfig) -> Value {
                     "prompts": {"type": "array", "items": {"$ref": "#/components/schemas/Prompt"}, "description": "an ensemble instead of `prompt` (stored as members p0, p1, ...)"},
                     "adapter_config": {"type": "object", "description": "PEFT adapter_config.json (peft_type PROMPT_TUNING); default: one for the served model. num_virtual_tokens is taken from the prompt."},
                     "task": {"type": "object", "description": "task.json: template (with {text}), labels, verbalizer", "properties": {
-                        "template": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}}, "verbalizer": {"type": "array", "items": {"type": "string"}}}}}}
+                        "template": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}}, "verbalizer": {"type": "array", "items": {"type": "string"}},
+                        "prompt_after_bos": {"type": "boolean", "description": "decoder-only models: [BOS; prompt; input] (softprompt train --prompt-after-bos)"}}}}}
             }
         },
         "security": [{"bearer": []}],

@@ -4,8 +4,14 @@
 //! `adapter_model.safetensors` + `task.json`), or a folder whose subfolders are such
 //! adapters (a prompt ensemble: every member scores, the members' log-probabilities are
 //! averaged). `task.json` (in the task folder, else in the first member) supplies the
-//! optional `template` (with `{text}`), `labels` and `verbalizer` of a classification task.
+//! optional `template` (with `{text}`), `labels` and `verbalizer` of a classification task,
+//! and `prompt_after_bos` (`softprompt train --prompt-after-bos`: the model sees
+//! `[embed(BOS); P; embed(X)]`, X without its own BOS, as `softprompt eval` does).
+//!
+//! Each prompt's keys/values are computed once, on first use, and kept with its task
+//! ([`PromptKv`]); replacing or deleting a task drops them with it.
 
+use crate::engine::PromptKv;
 use crate::error::ApiError;
 use base64::Engine as _;
 use candle_core::{Device, Tensor};
@@ -13,6 +19,7 @@ use serde::Deserialize;
 use softprompt::load::Model;
 use softprompt::prompt::peft::{AdapterConfig, PeftAdapter, CONFIG_FILE, TENSOR_NAME};
 use softprompt::task::ClassificationTask;
+use softprompt::tokenizer::Tokenizer;
 use softprompt::train::trainer::TASK_FILE;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +28,13 @@ use std::sync::{Arc, Mutex, RwLock};
 /// One served task.
 pub struct Task {
     pub name: String,
-    /// One prompt `[N_i, D]` per ensemble member (prompt lengths may differ).
+    /// One prompt `[N_i, D]` per ensemble member (prompt lengths may differ): what the model
+    /// sees before the input, so with `prompt_after_bos` the prefix `[embed(BOS); P]`.
     pub prompts: Vec<Tensor>,
+    /// Each prompt's keys/values, computed on first use (decoder-only models).
+    pub prompt_kv: Vec<Arc<PromptKv>>,
+    /// The prompts were trained after BOS (task.json `prompt_after_bos`).
+    pub prompt_after_bos: bool,
     /// Member folder names (`"."` for a single adapter).
     pub members: Vec<String>,
     pub template: Option<String>,
@@ -41,7 +53,18 @@ impl Task {
         }
     }
 
-    /// Longest prompt of the ensemble.
+    /// The input ids of `text`: the template applied; BOS first when the tokenizer adds it,
+    /// except with `prompt_after_bos`, where BOS is part of the prefix (as in `softprompt eval`).
+    pub fn encode(&self, tokenizer: &Tokenizer, text: &str) -> softprompt::Result<Vec<u32>> {
+        let text = self.format(text);
+        if self.prompt_after_bos {
+            tokenizer.encode(&text)
+        } else {
+            tokenizer.encode_input(&text)
+        }
+    }
+
+    /// Longest prompt of the ensemble (positions before the input).
     pub fn max_prompt_len(&self) -> usize {
         self.prompts.iter().map(|p| p.dim(0).unwrap_or(0)).max().unwrap_or(0)
     }
@@ -51,7 +74,12 @@ impl Task {
             "name": self.name,
             "labels": self.labels,
             "n_prompts": self.prompts.len(),
-            "prompt_tokens": self.prompts.iter().map(|p| p.dim(0).unwrap_or(0)).collect::<Vec<_>>(),
+            "prompt_tokens": self
+                .prompts
+                .iter()
+                .map(|p| p.dim(0).unwrap_or(0).saturating_sub(usize::from(self.prompt_after_bos)))
+                .collect::<Vec<_>>(),
+            "prompt_after_bos": self.prompt_after_bos,
             "template": self.template,
         })
     }
@@ -66,6 +94,15 @@ pub struct TaskMeta {
     pub labels: Vec<String>,
     #[serde(default)]
     pub verbalizer: Vec<String>,
+}
+
+/// Where `task.json` puts the prompt (read apart from [`TaskMeta`], which tests and tools
+/// build field by field).
+#[derive(Default, Deserialize)]
+struct PromptPlace {
+    /// `[BOS; P; X]` instead of `[P; X]` (`softprompt train --prompt-after-bos`).
+    #[serde(default)]
+    prompt_after_bos: bool,
 }
 
 /// All tasks, and the folder they live in.
@@ -245,12 +282,13 @@ fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option
     let meta_path = [dir.join(TASK_FILE), member_dirs[0].1.join(TASK_FILE)]
         .into_iter()
         .find(|p| p.is_file());
-    let meta: TaskMeta = match &meta_path {
+    let (meta, place): (TaskMeta, PromptPlace) = match &meta_path {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| softprompt::Error::io(p, e))?;
-            serde_json::from_str(&text).map_err(|e| softprompt::Error::format(p, format!("bad task.json: {e}")))?
+            let bad = |e: serde_json::Error| softprompt::Error::format(p, format!("bad task.json: {e}"));
+            (serde_json::from_str(&text).map_err(bad)?, serde_json::from_str(&text).map_err(bad)?)
         }
-        None => TaskMeta::default(),
+        None => Default::default(),
     };
     let verbalizer = if meta.verbalizer.is_empty() { meta.labels.clone() } else { meta.verbalizer.clone() };
     if verbalizer.len() != meta.labels.len() {
@@ -274,9 +312,20 @@ fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option
         };
         ct.label_targets(model.tokenizer()?, info)?
     };
+    if place.prompt_after_bos {
+        // As `softprompt eval`: the model sees `[embed(BOS); P]` before the input.
+        let at = meta_path.as_deref().unwrap_or(dir);
+        prompts = prompts
+            .iter()
+            .map(|p| softprompt::prompt::prefix_after_bos(p, &model.backbone))
+            .collect::<softprompt::Result<Vec<_>>>()
+            .map_err(|e| softprompt::Error::format(at, format!("prompt_after_bos: {e}")))?;
+    }
     Ok(Some(Task {
         name: name.to_string(),
+        prompt_kv: prompts.iter().map(|_| Arc::new(PromptKv::default())).collect(),
         prompts,
+        prompt_after_bos: place.prompt_after_bos,
         members,
         template: meta.template,
         labels: meta.labels,
@@ -356,6 +405,27 @@ fn stage(staging: &Path, upload: &Upload, model: &Model) -> Result<(), ApiError>
                 t
             }
         };
+        let given: Option<AdapterConfig> = match &upload.adapter_config {
+            Some(v) => Some(
+                serde_json::from_value::<AdapterConfig>(v.clone())
+                    .map_err(|e| ApiError::bad_request(format!("adapter_config: {e}")))?,
+            ),
+            None => None,
+        };
+        // PEFT's seq2seq layout: `[num_virtual_tokens * num_transformer_submodules, D]`, of
+        // which prompt tuning uses the first `num_virtual_tokens` rows (as PeftAdapter::load).
+        let tensor = match &given {
+            Some(c) if c.num_transformer_submodules.unwrap_or(1) > 1
+                && c.num_virtual_tokens > 0
+                && tensor.dim(0).ok() == Some(c.num_virtual_tokens * c.num_transformer_submodules.unwrap_or(1)) =>
+            {
+                tensor
+                    .narrow(0, 0, c.num_virtual_tokens)
+                    .and_then(|t| t.contiguous())
+                    .map_err(|e| ApiError::internal(e.to_string()))?
+            }
+            _ => tensor,
+        };
         let (n, d) = tensor.dims2().map_err(|e| ApiError::bad_request(e.to_string()))?;
         if d != info.d_model {
             return Err(ApiError::bad_request(format!(
@@ -367,11 +437,7 @@ fn stage(staging: &Path, upload: &Upload, model: &Model) -> Result<(), ApiError>
         if values.iter().any(|v| !v.is_finite()) {
             return Err(ApiError::bad_request(format!("{what} holds NaN or infinite values")));
         }
-        let mut config = match &upload.adapter_config {
-            Some(v) => serde_json::from_value::<AdapterConfig>(v.clone())
-                .map_err(|e| ApiError::bad_request(format!("adapter_config: {e}")))?,
-            None => AdapterConfig::new(info, n, "RANDOM"),
-        };
+        let mut config = given.unwrap_or_else(|| AdapterConfig::new(info, n, "RANDOM"));
         if config.peft_type != "PROMPT_TUNING" {
             return Err(ApiError::bad_request(format!(
                 "adapter_config: peft_type `{}` is not PROMPT_TUNING",
