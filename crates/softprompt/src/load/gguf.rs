@@ -19,7 +19,36 @@ use std::path::Path;
 /// Architectures (`general.architecture`) this loader knows.
 const SUPPORTED: &str = "llama";
 
+/// A GGUF Llama file read into memory.
+pub struct GgufLlama {
+    /// f32 tensors under Hugging Face names; q/k rows in GGUF's permuted order (see the
+    /// module doc and [`super::export::unpermute_rows`]).
+    pub tensors: HashMap<String, Tensor>,
+    /// The config from the metadata (`rope_interleaved` set).
+    pub config: llama::Config,
+    /// The byte-level BPE tokenizer built from the metadata.
+    pub tokenizer: Tokenizer,
+}
+
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
+    let GgufLlama {
+        tensors,
+        config,
+        tokenizer,
+    } = read(path, device)?;
+    let weights = Weights::new(tensors, path);
+    let llama = llama::Llama::new(&config, &weights, model_name(path))?;
+    Ok(Model {
+        backbone: Backbone::Causal(Box::new(llama)),
+        tokenizer: Some(tokenizer),
+        path: path.to_path_buf(),
+        device: device.clone(),
+    })
+}
+
+/// Reads the tensors (dequantised to f32 on `device`), the config and the tokenizer of the
+/// GGUF Llama file `path`.
+pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
     let corrupt = |e: &dyn std::fmt::Display| {
         Error::format(
             path,
@@ -84,15 +113,12 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         None => return Err(Error::format(path, "missing tensor `token_embd.weight`")),
     };
 
-    let cfg = config(&meta, vocab_size)?;
-    let weights = Weights::new(tensors, path);
-    let llama = llama::Llama::new(&cfg, &weights, model_name(path))?;
-    let tokenizer = tokenizer(&meta, &cfg)?;
-    Ok(Model {
-        backbone: Backbone::Causal(Box::new(llama)),
-        tokenizer: Some(tokenizer),
-        path: path.to_path_buf(),
-        device: device.clone(),
+    let config = config(&meta, vocab_size)?;
+    let tokenizer = tokenizer(&meta, &config)?;
+    Ok(GgufLlama {
+        tensors,
+        config,
+        tokenizer,
     })
 }
 

@@ -65,8 +65,10 @@ pub fn build(dir: &Path, weights: &Weights, device: &Device) -> Result<Model> {
         tok.bos_token_id = info.bos_token_id;
         tok.eos_token_id = info.eos_token_ids.first().copied();
         // Llama tokenizers put BOS first; their tokenizer.json post-processor does it when
-        // encoding with special tokens, which we do not use, so do it here.
-        tok.add_bos = model_type == "llama" && info.bos_token_id.is_some();
+        // encoding with special tokens, which we do not use, so do it here, unless
+        // tokenizer_config.json says otherwise (`add_bos_token`).
+        tok.add_bos = add_bos_token(dir)?.unwrap_or(model_type == "llama")
+            && info.bos_token_id.is_some();
         Some(tok)
     } else {
         None
@@ -77,6 +79,15 @@ pub fn build(dir: &Path, weights: &Weights, device: &Device) -> Result<Model> {
         path: dir.to_path_buf(),
         device: device.clone(),
     })
+}
+
+/// `add_bos_token` of the folder's `tokenizer_config.json`, when it has one.
+fn add_bos_token(dir: &Path) -> Result<Option<bool>> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    Ok(read_json(&path)?.get("add_bos_token").and_then(|v| v.as_bool()))
 }
 
 /// The backbone of folder `dir` (its `config.json`) computed with `weights`, and the config's

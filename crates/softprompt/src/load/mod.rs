@@ -1,5 +1,6 @@
 //! Loading a frozen model from what users have: a Hugging Face model folder or a GGUF file.
 
+pub mod export;
 pub mod gguf;
 pub mod hf;
 pub mod weights;

@@ -3,8 +3,10 @@
 //!
 //! * [`model_tuning`]: every weight of the model is trained (AdamW), with no soft prompt: the
 //!   hard prompt is the data's input as is. The output folder is itself a model folder:
-//!   `model.safetensors` (the tuned weights under their original names), a copy of
-//!   `config.json` (and `tokenizer.json`, `generation_config.json` when present).
+//!   from a Hugging Face folder, `model.safetensors` (the tuned weights under their original
+//!   names) and a copy of `config.json` (and `tokenizer.json`, `generation_config.json` when
+//!   present); from a GGUF Llama file (trained as the dequantised f32 weights), a Hugging Face
+//!   folder written by [`crate::load::export::write_hf_llama`] (q/k rows back in HF order).
 //! * [`p_tuning`]: the prompt is the output of a [`PromptEncoder`] (Liu et al. 2021); the
 //!   exported adapter holds that output as `prompt_embeddings` (a plain PEFT prompt-tuning
 //!   adapter) and `task.json` records the encoder.
@@ -16,7 +18,9 @@
 
 use crate::batch::{collate, Example};
 use crate::fsutil::write_atomic;
-use crate::load::{hf, Model, Weights};
+use crate::load::{export, gguf, hf, model_name, Model, Weights};
+use crate::model::{llama, Backbone};
+use crate::tokenizer::Tokenizer;
 use crate::objective::target_nll;
 use crate::prompt::encoder::{EncoderKind, PromptEncoder};
 use crate::prompt::init::{init_prompt, PromptInit};
@@ -34,7 +38,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What a baseline run did.
 #[derive(Clone, Debug)]
@@ -50,29 +54,19 @@ pub struct BaselineReport {
     pub dev_loss: Option<f64>,
 }
 
-/// Full fine-tuning of the HF model folder `dir` (see the module doc). `cfg.n_tokens` and
-/// `cfg.init` are ignored (there is no soft prompt); the optimizer is `cfg.optimizer`
-/// (AdamW in the paper's comparison).
+/// Full fine-tuning of `path`, a Hugging Face model folder or a GGUF Llama file (see the
+/// module doc). `cfg.n_tokens` and `cfg.init` are ignored (there is no soft prompt); the
+/// optimizer is `cfg.optimizer` (AdamW in the paper's comparison).
 pub fn model_tuning(
-    dir: &Path,
+    path: &Path,
     device: &Device,
     train: &[Example],
     dev: Option<&[Example]>,
     cfg: &TrainConfig,
 ) -> Result<BaselineReport> {
-    if !dir.is_dir() {
-        return Err(Error::format(
-            dir,
-            "model tuning needs a Hugging Face model folder (config.json + safetensors); \
-             GGUF files are not supported: convert the model to a folder first",
-        ));
-    }
-    let files = hf::weight_files(dir)?;
-    let weights = Weights::from_safetensors(&files, device)?;
-    let source = weights.source().to_path_buf();
-    let mut names: Vec<String> = weights.names().cloned().collect();
+    let (base, map) = Base::open(path, device)?;
+    let mut names: Vec<String> = map.keys().cloned().collect();
     names.sort();
-    let map = weights.into_map();
     let mut vars: Vec<(String, Var)> = Vec::with_capacity(names.len());
     for name in &names {
         vars.push((name.clone(), Var::from_tensor(&map[name].contiguous()?)?));
@@ -86,11 +80,10 @@ pub fn model_tuning(
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        let (backbone, _) = hf::build_backbone(dir, &Weights::new(tensors, &source))?;
         Ok(Model {
-            backbone,
+            backbone: base.backbone(&Weights::new(tensors, base.source()))?,
             tokenizer: None,
-            path: dir.to_path_buf(),
+            path: path.to_path_buf(),
             device: device.clone(),
         })
     };
@@ -128,21 +121,12 @@ pub fn model_tuning(
         .iter()
         .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    let target = out.join("model.safetensors");
-    let tmp = out.join(".model.safetensors.tmp");
-    candle_core::safetensors::save(&tensors, &tmp)?;
-    std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
-    for extra in ["config.json", "tokenizer.json", "generation_config.json", "tokenizer_config.json"] {
-        let src = dir.join(extra);
-        if src.is_file() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-            write_atomic(&out.join(extra), &bytes)?;
-        }
-    }
+    base.export(out, &tensors)?;
+    drop(tensors);
     let mut task = serde_json::Map::new();
     task.insert("method".into(), MODEL_TUNING.into());
     task.insert("model".into(), info.name.clone().into());
-    task.insert("model_path".into(), dir.display().to_string().into());
+    task.insert("model_path".into(), path.display().to_string().into());
     task.insert("optimizer".into(), format!("{:?}", cfg.optimizer).into());
     task.insert("train_examples".into(), train.len().into());
     task.insert("dev_examples".into(), dev.map(|d| d.len()).into());
@@ -159,6 +143,85 @@ pub fn model_tuning(
         final_loss: run.final_loss,
         dev_loss,
     })
+}
+
+/// What model tuning starts from.
+enum Base {
+    /// A Hugging Face model folder: its `config.json` builds the model; its files are copied.
+    Folder { dir: PathBuf, source: PathBuf },
+    /// A GGUF Llama file: trained in GGUF's layout (q/k rows permuted, adjacent-pair RoPE),
+    /// written as a Hugging Face folder.
+    Gguf {
+        path: PathBuf,
+        config: Box<llama::Config>,
+        tokenizer: Box<Tokenizer>,
+    },
+}
+
+impl Base {
+    /// The base at `path` and its weights (f32, on `device`).
+    fn open(path: &Path, device: &Device) -> Result<(Base, HashMap<String, Tensor>)> {
+        if path.is_dir() {
+            let weights = Weights::from_safetensors(&hf::weight_files(path)?, device)?;
+            let base = Base::Folder {
+                dir: path.to_path_buf(),
+                source: weights.source().to_path_buf(),
+            };
+            return Ok((base, weights.into_map()));
+        }
+        let gguf::GgufLlama {
+            tensors,
+            config,
+            tokenizer,
+        } = gguf::read(path, device)?;
+        let base = Base::Gguf {
+            path: path.to_path_buf(),
+            config: Box::new(config),
+            tokenizer: Box::new(tokenizer),
+        };
+        Ok((base, tensors))
+    }
+
+    /// The file or folder the weights came from, for error messages.
+    fn source(&self) -> &Path {
+        match self {
+            Base::Folder { source, .. } => source,
+            Base::Gguf { path, .. } => path,
+        }
+    }
+
+    /// The model computed with `weights`.
+    fn backbone(&self, weights: &Weights) -> Result<Backbone> {
+        Ok(match self {
+            Base::Folder { dir, .. } => hf::build_backbone(dir, weights)?.0,
+            Base::Gguf { path, config, .. } => {
+                Backbone::Causal(Box::new(llama::Llama::new(config, weights, model_name(path))?))
+            }
+        })
+    }
+
+    /// Writes the tuned `tensors` (on the CPU) as a model folder `out`.
+    fn export(&self, out: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Base::Folder { dir, .. } => {
+                let target = out.join("model.safetensors");
+                let tmp = out.join(".model.safetensors.tmp");
+                candle_core::safetensors::save(tensors, &tmp)?;
+                std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+                for extra in ["config.json", "tokenizer.json", "generation_config.json", "tokenizer_config.json"] {
+                    let src = dir.join(extra);
+                    if src.is_file() {
+                        let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+                        write_atomic(&out.join(extra), &bytes)?;
+                    }
+                }
+                Ok(())
+            }
+            Base::Gguf {
+                config, tokenizer, ..
+            } => export::write_hf_llama(out, config, tensors, tokenizer),
+        }
+    }
 }
 
 const MODEL_TUNING: &str = "model-tuning";
@@ -409,6 +472,7 @@ fn run_loop(
             grad_norm,
             tokens_per_s: if elapsed > 0.0 { n_tokens as f64 / elapsed } else { 0.0 },
             dev_loss: None,
+            dev_accuracy: None,
         })?;
         if step == cfg.steps || (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every)) {
             ParamsCheckpoint {
