@@ -7,8 +7,12 @@
 #   bench/run_side_by_side.sh                      # all models, 2 rounds, 2 threads
 #   MODELS=smollm2 ROUNDS=3 THREADS=2 ITERS=2 bench/run_side_by_side.sh
 #
-# The first run creates .cache/peft-venv (gitignored) with pinned torch, transformers and peft
-# from PyPI (about 5.6 GB: the PyPI torch wheel pulls the CUDA libraries too).
+# softprompt is built with Cargo's `bench` profile (optimised like `--release`, which is how the
+# CLI is run); PROFILE=dev uses the faster-to-build dev profile the tests share (the crate's own
+# code at opt-level 1). The PEFT side uses the venv in $PEFT_VENV, else .cache/peft-venv, else
+# /work/peft-venv; if none has torch, transformers and peft, the first run creates
+# .cache/peft-venv (gitignored) with pinned versions from PyPI (about 5.6 GB: the PyPI torch
+# wheel pulls the CUDA libraries too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,19 +21,32 @@ ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-2}
 ITERS=${ITERS:-2}
 GEN=${GEN:-1}
-VENV=.cache/peft-venv
+PROFILE=${PROFILE:-bench}
 TORCH=torch==2.15.0
 TRANSFORMERS=transformers==5.23.0
 PEFT=peft==0.21.2
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, transformers, peft" 2>/dev/null; then
+has_peft() { [ -x "$1/bin/python" ] && "$1/bin/python" -c "import torch, transformers, peft" 2>/dev/null; }
+VENV=""
+for v in ${PEFT_VENV:-} .cache/peft-venv /work/peft-venv; do
+  if has_peft "$v"; then VENV=$v; break; fi
+done
+if [ -z "$VENV" ]; then
+  VENV=.cache/peft-venv
   df -h . | tail -1
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "$TORCH" "$TRANSFORMERS" "$PEFT"
 fi
+echo "PEFT venv: $VENV" >&2
 
-cargo bench -p softprompt --bench train_step --profile dev --no-run 2>/dev/null
-BIN=$(ls -t target/debug/deps/train_step-* | grep -v '\.d$' | head -1)
+case "$PROFILE" in
+  dev) DIR=debug ;;
+  bench|release) DIR=release ;;
+  *) echo "PROFILE must be bench or dev" >&2; exit 2 ;;
+esac
+cargo bench -p softprompt --bench train_step --profile "$PROFILE" --no-run 2>/dev/null
+BIN=$(ls -t target/$DIR/deps/train_step-* | grep -v '\.d$' | head -1)
+echo "softprompt bench: $BIN ($PROFILE profile)" >&2
 
 OUT=$(mktemp -d)
 gen_flag=""; [ "$GEN" = 1 ] || gen_flag="--no-gen"
@@ -58,16 +75,19 @@ def mean(rows, model, key):
 f = lambda x, p=0: "-" if x is None else f"{x:.{p}f}"
 print(f"\n{threads} threads; sgemm peak (candle, 2048^3) {f(max(sgemm) if sgemm else None, 1)} GFLOP/s\n")
 print("| model | softprompt step ms | PEFT step ms | speed-up | softprompt tokens/s | PEFT tokens/s "
-      "| softprompt peak RSS MiB | PEFT peak RSS MiB | softprompt GFLOP/s | softprompt gen tok/s "
-      "| PEFT gen tok/s | gen speed-up |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| softprompt peak RSS MiB | PEFT peak RSS MiB | RSS ratio | softprompt GFLOP/s (% of sgemm) "
+      "| softprompt gen tok/s | PEFT gen tok/s | gen speed-up |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+peak = max(sgemm) if sgemm else None
 for m in models:
     rs, ps = mean(rust, m, "step_ms"), mean(peft, m, "step_ms")
     rg, pg = mean(rust, m, "gen_tokens_per_s"), mean(peft, m, "gen_tokens_per_s")
+    rr, pr = mean(rust, m, "peak_rss_mib"), mean(peft, m, "peak_rss_mib")
+    gf = mean(rust, m, "gflops")
     print(f"| {m} | {f(rs)} | {f(ps)} | {f(ps / rs if rs and ps else None, 2)}x "
           f"| {f(mean(rust, m, 'input_tokens_per_s'))} | {f(mean(peft, m, 'input_tokens_per_s'))} "
-          f"| {f(mean(rust, m, 'peak_rss_mib'))} | {f(mean(peft, m, 'peak_rss_mib'))} "
-          f"| {f(mean(rust, m, 'gflops'), 1)} | {f(rg, 1)} | {f(pg, 1)} "
+          f"| {f(rr)} | {f(pr)} | {f(rr / pr if rr and pr else None, 2)} "
+          f"| {f(gf, 1)} ({f(100 * gf / peak if gf and peak else None)}%) | {f(rg, 1)} | {f(pg, 1)} "
           f"| {f(rg / pg if rg and pg else None, 2)}x |")
 PY
 rm -rf "$OUT"

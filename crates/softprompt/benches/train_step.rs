@@ -1,7 +1,10 @@
 //! Prompt-tuning step and greedy generation on CPU, random weights, four model shapes:
-//! t5-small, flan-t5-small, gpt2 (124M) and a SmolLM2-135M-shaped Llama. Each model runs
-//! with the fused kernels (`model::fused`, the default) and with the composite ops they
-//! replace, alternating step by step so that drifting machine load hits both.
+//! t5-small, flan-t5-small, gpt2 (124M) and a SmolLM2-135M-shaped Llama. Each model runs in
+//! the chosen variants, alternating step by step so that drifting machine load hits all:
+//! `fused` (the default path: fused sub-blocks `model::frozen::attention_block` /
+//! `feed_forward_block`, fused kernels, frozen matmuls), `ops` (sub-blocks composed of single
+//! ops, with the fused kernels of `model::fused` and the frozen matmul) and `composite`
+//! (candle primitives only, frozen matmul included).
 //!
 //! ```text
 //! cargo bench -p softprompt --bench train_step --profile dev
@@ -15,16 +18,17 @@
 //! per row, greedy, no early stop.
 //!
 //! Environment: `RAYON_NUM_THREADS` (default 2), `BENCH_MODELS` (comma list of t5-small,
-//! flan-t5-small, gpt2, smollm2; default all), `BENCH_VARIANTS` (`both` or `fused`; default
-//! both), `BENCH_ITERS` (timed steps per variant, default 2, after one warm-up step each),
-//! `BENCH_GEN` (0 skips generation). Every result is also printed as one `BENCH_JSON {...}`
-//! line for `bench/run_side_by_side.sh`.
+//! flan-t5-small, gpt2, smollm2; default all), `BENCH_VARIANTS` (comma list of `composite`,
+//! `ops`, `fused`; `both` = `composite,fused`; default `ops,fused`), `BENCH_ITERS` (timed
+//! steps per variant, default 2, after one warm-up step each), `BENCH_GEN` (0 skips
+//! generation), `BENCH_TRAIN` (0 skips the training steps). Every result is also printed as
+//! one `BENCH_JSON {...}` line for `bench/run_side_by_side.sh`.
 
 use candle_core::{DType, Device, Tensor, Var};
 use softprompt::batch::{collate, Batch, Example};
 use softprompt::eval::generate::{greedy, GenerateOptions};
 use softprompt::load::Weights;
-use softprompt::model::{fused, gpt2, llama, t5, Backbone};
+use softprompt::model::{frozen, fused, gpt2, llama, t5, Backbone};
 use softprompt::objective::mean_loss;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -69,7 +73,8 @@ impl Builder {
         Ok(())
     }
     fn ones(&mut self, name: impl Into<String>, shape: &[usize]) -> candle_core::Result<()> {
-        self.0.insert(name.into(), Tensor::ones(shape, DType::F32, &Device::Cpu)?);
+        self.0
+            .insert(name.into(), Tensor::ones(shape, DType::F32, &Device::Cpu)?);
         Ok(())
     }
     fn weights(self) -> Weights {
@@ -242,7 +247,10 @@ fn t5(flan: bool) -> softprompt::Result<Model> {
 
 /// Matmul FLOPs of one training step (forward + backward to the prompt), counted
 /// analytically: a frozen linear layer costs its forward product again backward (input
-/// gradient only), attention products three times (both operands need gradients).
+/// gradient only), attention products three times (both operands need gradients). Counted as
+/// the fused path does them: decoder-only models run the last layer's queries, attention,
+/// output projection and MLP at the label rows only (the `ops` and `composite` variants do
+/// the whole last layer, so their GFLOP/s are slightly understated).
 fn train_flops(s: &Shape, seq2seq: bool) -> f64 {
     let b = BATCH as f64;
     let per_pos = |cross: bool| {
@@ -261,8 +269,13 @@ fn train_flops(s: &Shape, seq2seq: bool) -> f64 {
             + s.dec_layers as f64 * (attn(TARGET, TARGET) + attn(TARGET, PROMPT + INPUT));
         (enc + dec, att)
     } else {
-        let n = (PROMPT + INPUT) as f64;
-        (s.dec_layers as f64 * b * n * per_pos(false), s.dec_layers as f64 * attn(PROMPT + INPUT, PROMPT + INPUT))
+        // The last layer needs keys and values everywhere, the rest at the label rows only.
+        let (n, t, l) = ((PROMPT + INPUT) as f64, TARGET as f64, s.dec_layers as f64);
+        let kv = 2.0 * (2 * s.d * s.kv_inner) as f64;
+        let linear =
+            (l - 1.0) * b * n * per_pos(false) + b * n * kv + b * t * (per_pos(false) - kv);
+        let att = (l - 1.0) * attn(PROMPT + INPUT, PROMPT + INPUT) + attn(TARGET, PROMPT + INPUT);
+        (linear, att)
     };
     2.0 * (linear + head) + 3.0 * attention
 }
@@ -286,7 +299,9 @@ fn peak_rss_mib() -> f64 {
 fn lcg_tokens(n: usize, vocab: usize, state: &mut u64) -> Vec<u32> {
     (0..n)
         .map(|_| {
-            *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            *state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             // Stay clear of the special ids at the bottom of the vocabulary.
             (10 + (*state >> 33) % (vocab as u64 - 10)) as u32
         })
@@ -304,6 +319,29 @@ fn examples(seq2seq: bool, vocab: usize) -> Vec<Example> {
         .collect()
 }
 
+/// Which implementation of the step runs (see the module docs).
+#[derive(Clone, Copy)]
+enum Variant {
+    Composite,
+    Ops,
+    Fused,
+}
+
+impl Variant {
+    fn select(self) {
+        fused::set_enabled(!matches!(self, Variant::Composite));
+        frozen::set_blocks_enabled(matches!(self, Variant::Fused));
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Composite => "composite",
+            Variant::Ops => "ops",
+            Variant::Fused => "fused",
+        }
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     steps: usize,
@@ -313,7 +351,13 @@ struct Stats {
     grad: Option<Tensor>,
 }
 
-fn step(m: &Model, prompt: &Var, batch: &Batch, st: &mut Stats, timed: bool) -> softprompt::Result<()> {
+fn step(
+    m: &Model,
+    prompt: &Var,
+    batch: &Batch,
+    st: &mut Stats,
+    timed: bool,
+) -> softprompt::Result<()> {
     reset_peak_rss();
     let t0 = Instant::now();
     let loss = mean_loss(&m.backbone, Some(prompt.as_tensor()), batch)?;
@@ -336,9 +380,18 @@ fn step(m: &Model, prompt: &Var, batch: &Batch, st: &mut Stats, timed: bool) -> 
 /// Seconds per `BATCH x NEW_TOKENS` greedy generation.
 fn generate(m: &Model, prompt: &Var, batch: &[Example]) -> softprompt::Result<f64> {
     let sources: Vec<Vec<u32>> = batch.iter().map(|e| e.source.clone()).collect();
-    let opts = GenerateOptions { max_new_tokens: NEW_TOKENS, stop_at_eos: false };
+    let opts = GenerateOptions {
+        max_new_tokens: NEW_TOKENS,
+        stop_at_eos: false,
+    };
     let t0 = Instant::now();
-    let out = greedy(&m.backbone, Some(prompt.as_tensor()), &sources, &opts, &Device::Cpu)?;
+    let out = greedy(
+        &m.backbone,
+        Some(prompt.as_tensor()),
+        &sources,
+        &opts,
+        &Device::Cpu,
+    )?;
     let dt = t0.elapsed().as_secs_f64();
     assert!(out.tokens.iter().all(|r| r.len() == NEW_TOKENS));
     Ok(dt)
@@ -365,13 +418,34 @@ fn main() -> softprompt::Result<()> {
     }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
     let env = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
-    let iters: usize = env("BENCH_ITERS").and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(2);
-    let both = env("BENCH_VARIANTS").as_deref() != Some("fused");
+    let iters: usize = env("BENCH_ITERS")
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2);
+    let variants: Vec<Variant> = match env("BENCH_VARIANTS").as_deref() {
+        None => vec![Variant::Ops, Variant::Fused],
+        Some("both") => vec![Variant::Composite, Variant::Fused],
+        Some(list) => list
+            .split(',')
+            .map(|v| match v.trim() {
+                "composite" => Ok(Variant::Composite),
+                "ops" => Ok(Variant::Ops),
+                "fused" => Ok(Variant::Fused),
+                other => softprompt::bail!(
+                    "unknown BENCH_VARIANTS entry {other} (composite, ops, fused)"
+                ),
+            })
+            .collect::<softprompt::Result<_>>()?,
+    };
     let with_gen = env("BENCH_GEN").as_deref() != Some("0");
+    let with_train = env("BENCH_TRAIN").as_deref() != Some("0");
     let names = env("BENCH_MODELS").unwrap_or_else(|| "t5-small,flan-t5-small,gpt2,smollm2".into());
 
     let peak = sgemm_peak()?;
-    println!("sgemm peak (2048^3 candle matmul, {threads} threads): {:.1} GFLOP/s", peak / 1e9);
+    println!(
+        "sgemm peak (2048^3 candle matmul, {threads} threads): {:.1} GFLOP/s",
+        peak / 1e9
+    );
     println!(
         "BENCH_JSON {}",
         serde_json::json!({"kind": "sgemm", "threads": threads, "gflops": peak / 1e9})
@@ -389,46 +463,52 @@ fn main() -> softprompt::Result<()> {
             "gpt2" => gpt2()?,
             "t5-small" => t5(false)?,
             "flan-t5-small" => t5(true)?,
-            other => softprompt::bail!("unknown model {other} (t5-small, flan-t5-small, gpt2, smollm2)"),
+            other => {
+                softprompt::bail!("unknown model {other} (t5-small, flan-t5-small, gpt2, smollm2)")
+            }
         };
-        eprintln!("{name}: random weights in {:.1} s", t0.elapsed().as_secs_f64());
+        eprintln!(
+            "{name}: random weights in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
         let seq2seq = m.backbone.is_seq2seq();
         let ex = examples(seq2seq, m.shape.vocab);
         let batch = collate(&ex, m.backbone.info(), PROMPT, &Device::Cpu)?;
         let prompt = Var::from_tensor(&randn(&[PROMPT, m.shape.d], 0.5)?)?;
         let flops = train_flops(&m.shape, seq2seq);
 
-        let variants: &[bool] = if both { &[false, true] } else { &[true] };
         let mut stats: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
-        for (v, st) in variants.iter().zip(stats.iter_mut()) {
-            fused::set_enabled(*v);
+        for (v, st) in variants.iter().zip(stats.iter_mut()).filter(|_| with_train) {
+            v.select();
             step(&m, &prompt, &batch, st, false)?;
         }
-        for _ in 0..iters {
+        for _ in 0..if with_train { iters } else { 0 } {
             for (v, st) in variants.iter().zip(stats.iter_mut()) {
-                fused::set_enabled(*v);
+                v.select();
                 step(&m, &prompt, &batch, st, true)?;
             }
         }
         if with_gen {
             for (v, st) in variants.iter().zip(stats.iter_mut()) {
-                fused::set_enabled(*v);
+                v.select();
                 st.gen_s = Some(generate(&m, &prompt, &ex)?);
             }
         }
-        fused::set_enabled(true);
+        Variant::Fused.select();
         for (v, st) in variants.iter().zip(&stats) {
             let step_s = st.step_s / st.steps as f64;
             let tok_s = (BATCH * INPUT) as f64 / step_s;
             let gen_tok_s = st.gen_s.map(|s| (BATCH * NEW_TOKENS) as f64 / s);
-            let variant = if *v { "fused" } else { "composite" };
+            let variant = v.name();
             println!(
                 "| {name} | {variant} | {:.0} | {tok_s:.0} | {:.0} | {:.1} ({:.0}%) | {} |",
                 step_s * 1e3,
                 st.peak_mib,
                 flops / step_s / 1e9,
                 100.0 * flops / step_s / peak,
-                gen_tok_s.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into()),
+                gen_tok_s
+                    .map(|g| format!("{g:.1}"))
+                    .unwrap_or_else(|| "-".into()),
             );
             println!(
                 "BENCH_JSON {}",
@@ -440,13 +520,20 @@ fn main() -> softprompt::Result<()> {
                 })
             );
         }
-        if both {
-            let (a, b) = (stats[0].grad.as_ref().unwrap(), stats[1].grad.as_ref().unwrap());
+        let last = stats.len() - 1;
+        for i in (0..last).filter(|_| with_train) {
+            let (a, b) = (
+                stats[i].grad.as_ref().unwrap(),
+                stats[last].grad.as_ref().unwrap(),
+            );
             let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
-            let speed = (stats[0].step_s / stats[0].steps as f64) / (stats[1].step_s / stats[1].steps as f64);
+            let speed = (stats[i].step_s / stats[i].steps as f64)
+                / (stats[last].step_s / stats[last].steps as f64);
             println!(
-                "|  | fused speed-up {speed:.2}x; prompt grad max abs diff {diff:.2e} (max {scale:.2e}) | | | | | |"
+                "|  | {} vs {}: speed-up {speed:.2}x; prompt grad max abs diff {diff:.2e} (max {scale:.2e}) | | | | | |",
+                variants[last].name(),
+                variants[i].name(),
             );
         }
     }

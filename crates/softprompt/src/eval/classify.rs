@@ -120,7 +120,7 @@ pub fn last_logits(
     let mut mask = Vec::with_capacity(b * s);
     for src in sources {
         let pads = s - src.len();
-        ids.extend(std::iter::repeat(pad).take(pads).chain(src.iter().copied()));
+        ids.extend(std::iter::repeat_n(pad, pads).chain(src.iter().copied()));
         mask.extend((0..s).map(|j| if j < pads { 0f32 } else { 1. }));
     }
     let ids = Tensor::from_vec(ids, (b, s), device)?;

@@ -210,16 +210,84 @@ impl Gpt2 {
         ops::layer_norm(x, &n.w, &n.b, self.eps)
     }
 
-    /// Runs the blocks and the final norm: `[B, T, D]` out. With `hidden`, also collects
-    /// transformers' `output_hidden_states`.
+    /// One block without a KV cache, as [`ops::attention_block`] and
+    /// [`ops::feed_forward_block`]: `h [B, T, D]`, `bias [B, 1, T, T]`. With `rows` (flattened
+    /// positions `[M]`), only those: `[1, M, D]` out.
+    fn block(
+        &self,
+        h: &Tensor,
+        blk: &Block,
+        bias: &Tensor,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let d = self.info.d_model;
+        // c_attn stacks q, k, v: rows of `w [3D, D]` and `b [3D]` (contiguous views).
+        let (w, b) = (&blk.c_attn.w, &blk.c_attn.b);
+        let part = |i: usize| -> Result<(Tensor, Tensor)> {
+            Ok((w.narrow(0, i * d, d)?, b.narrow(0, i * d, d)?))
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        fn lin((w, b): &(Tensor, Tensor)) -> ops::Linear<'_> {
+            ops::Linear { w, b: Some(b) }
+        }
+        fn proj(p: &Proj) -> ops::Linear<'_> {
+            ops::Linear {
+                w: &p.w,
+                b: Some(&p.b),
+            }
+        }
+        fn norm(n: &Norm, eps: f64) -> ops::Norm<'_> {
+            ops::Norm::Layer {
+                w: &n.w,
+                b: &n.b,
+                eps,
+            }
+        }
+        let attn = ops::SelfAttention {
+            norm: norm(&blk.ln_1, self.eps),
+            q: lin(&q),
+            k: lin(&k),
+            v: lin(&v),
+            o: proj(&blk.attn_proj),
+            heads: self.n_head,
+            kv_heads: self.n_head,
+            head_dim: d / self.n_head,
+            rope: None,
+            bias,
+            scale: blk.scale,
+        };
+        let h = match rows {
+            Some(rows) => ops::attention_block_at(h, &attn, rows)?,
+            None => ops::attention_block(h, &attn)?,
+        };
+        let act = match self.act {
+            Activation::GeluTanh => ops::FfnAct::GeluTanh,
+            Activation::GeluErf => ops::FfnAct::GeluErf,
+            Activation::Relu => ops::FfnAct::Relu,
+        };
+        let ffn = ops::FeedForward {
+            norm: norm(&blk.ln_2, self.eps),
+            inner: ops::FfnIn::Plain {
+                w: proj(&blk.c_fc),
+                act,
+            },
+            down: proj(&blk.mlp_proj),
+        };
+        ops::feed_forward_block(&h, &ffn)
+    }
+
+    /// Runs the blocks and the final norm, at the positions `at` picks (see
+    /// [`ops::select_positions`]). With `hidden`, also collects transformers'
+    /// `output_hidden_states` (pass `LogitsAt::All` then).
     fn run(
         &self,
         embeds: &Tensor,
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         mut hidden: Option<&mut Vec<Tensor>>,
+        at: LogitsAt,
     ) -> Result<Tensor> {
-        let (_b, t, past) = super::check_decoder_input(
+        let (b, t, past) = super::check_decoder_input(
             "gpt2",
             embeds,
             mask,
@@ -239,11 +307,23 @@ impl Gpt2 {
         let pos = self.wpe.narrow(0, past, t)?; // [T, D]
         let mut h = embeds.broadcast_add(&pos)?; // [B, T, D]
         let bias = attention_bias(mask, t, true)?; // [B, 1, T, P+T]
+        let mut picked = false;
         for (i, blk) in self.blocks.iter().enumerate() {
             if let Some(hs) = hidden.as_deref_mut() {
                 // [0] is the input of block 0, [i] the output of block i-1; the last block's
                 // output is pushed after the final norm below.
                 hs.push(h.clone());
+            }
+            if cache.is_none() {
+                // Nothing to cache: each residual sub-block as one op, the last block only at
+                // the positions `at` picks.
+                let rows = match i + 1 == self.blocks.len() {
+                    true => ops::logit_rows(at, b, t, embeds.device())?,
+                    false => None,
+                };
+                picked = rows.is_some();
+                h = self.block(&h, blk, &bias, rows.as_ref())?;
+                continue;
             }
             // Attention.
             let x = self.norm(&h, &blk.ln_1)?;
@@ -267,7 +347,10 @@ impl Gpt2 {
         if let Some(hs) = hidden {
             hs.push(out.clone());
         }
-        Ok(out)
+        match picked {
+            true => Ok(out.squeeze(0)?), // [1, M, D] -> [M, D]
+            false => ops::select_positions(&out, at),
+        }
     }
 }
 
@@ -295,14 +378,13 @@ impl CausalLm for Gpt2 {
         cache: Option<&mut KvCache>,
         at: LogitsAt,
     ) -> Result<Tensor> {
-        let h = self.run(embeds, mask, cache, None)?;
-        let h = ops::select_positions(&h, at)?;
+        let h = self.run(embeds, mask, cache, None, at)?;
         ops::linear(&h, &self.wte, None) // tied LM head
     }
 
     fn hidden_states(&self, embeds: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
         let mut hs = Vec::with_capacity(self.blocks.len() + 1);
-        self.run(embeds, mask, None, Some(&mut hs))?;
+        self.run(embeds, mask, None, Some(&mut hs), LogitsAt::All)?;
         Ok(hs)
     }
 }

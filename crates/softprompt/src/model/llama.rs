@@ -222,16 +222,69 @@ impl Llama {
         })
     }
 
-    /// Runs every block; returns the final-normed hidden states `[B, T, D]`. When `states` is
-    /// given, pushes the `L + 1` hidden states into it.
+    /// One layer without a KV cache, as [`ops::attention_block`] and
+    /// [`ops::feed_forward_block`]: `x [B, T, D]`, `bias [B, 1, T, T]`, rotary tables `[T, Dh/2]`.
+    /// With `rows` (flattened positions `[M]`), only those: `[1, M, D]` out.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        x: &Tensor,
+        layer: &Layer,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        scale: f64,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        fn lin<'a>(w: &'a Tensor, b: &'a Option<Tensor>) -> ops::Linear<'a> {
+            ops::Linear { w, b: b.as_ref() }
+        }
+        let norm = |w| ops::Norm::Rms { w, eps: self.eps };
+        let attn = ops::SelfAttention {
+            norm: norm(&layer.input_norm),
+            q: lin(&layer.q, &layer.q_bias),
+            k: lin(&layer.k, &layer.k_bias),
+            v: lin(&layer.v, &layer.v_bias),
+            o: lin(&layer.o, &None),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            rope: Some(ops::Rotary {
+                cos,
+                sin,
+                interleaved: self.interleaved,
+            }),
+            bias,
+            scale,
+        };
+        let x = match rows {
+            Some(rows) => ops::attention_block_at(x, &attn, rows)?,
+            None => ops::attention_block(x, &attn)?,
+        };
+        let ffn = ops::FeedForward {
+            norm: norm(&layer.post_norm),
+            inner: ops::FfnIn::Gated {
+                gate: lin(&layer.gate, &None),
+                up: lin(&layer.up, &None),
+                act: ops::FfnAct::Silu,
+            },
+            down: lin(&layer.down, &None),
+        };
+        ops::feed_forward_block(&x, &ffn)
+    }
+
+    /// Runs every block; returns the final-normed hidden states at the positions `at` picks
+    /// (see [`ops::select_positions`]). When `states` is given, pushes the `L + 1` hidden
+    /// states into it (pass `LogitsAt::All` then).
     fn run(
         &self,
         embeds: &Tensor,
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
         mut states: Option<&mut Vec<Tensor>>,
+        at: LogitsAt,
     ) -> Result<Tensor> {
-        let (_b, t, past) = super::check_decoder_input(
+        let (b, t, past) = super::check_decoder_input(
             "llama",
             embeds,
             mask,
@@ -248,7 +301,24 @@ impl Llama {
         if let Some(s) = states.as_mut() {
             s.push(x.clone());
         }
+        let mut picked = false;
         for (i, layer) in self.layers.iter().enumerate() {
+            if cache.is_none() {
+                // Nothing to cache: each residual sub-block as one op, the last layer only at
+                // the positions `at` picks.
+                let rows = match i + 1 == self.layers.len() {
+                    true => ops::logit_rows(at, b, t, device)?,
+                    false => None,
+                };
+                picked = rows.is_some();
+                x = self.block(&x, layer, &bias, &cos, &sin, scale, rows.as_ref())?;
+                if let Some(s) = states.as_mut() {
+                    if i + 1 < self.layers.len() {
+                        s.push(x.clone());
+                    }
+                }
+                continue;
+            }
             let h = ops::rms_norm(&x, &layer.input_norm, self.eps)?;
             let q = ops::linear(&h, &layer.q, layer.q_bias.as_ref())?; // [B, T, H*Dh]
             let k = ops::linear(&h, &layer.k, layer.k_bias.as_ref())?; // [B, T, Hkv*Dh]
@@ -280,7 +350,10 @@ impl Llama {
         if let Some(s) = states.as_mut() {
             s.push(out.clone());
         }
-        Ok(out)
+        match picked {
+            true => Ok(out.squeeze(0)?), // [1, M, D] -> [M, D]
+            false => ops::select_positions(&out, at),
+        }
     }
 }
 
@@ -303,14 +376,30 @@ impl CausalLm for Llama {
         cache: Option<&mut KvCache>,
         at: LogitsAt,
     ) -> Result<Tensor> {
-        let hidden = self.run(embeds, mask, cache, None)?;
-        let picked = ops::select_positions(&hidden, at)?;
+        let picked = self.run(embeds, mask, cache, None, at)?;
         ops::linear(&picked, &self.lm_head, None)
     }
 
     fn hidden_states(&self, embeds: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
         let mut states = Vec::with_capacity(self.layers.len() + 1);
-        self.run(embeds, mask, None, Some(&mut states))?;
+        self.run(embeds, mask, None, Some(&mut states), LogitsAt::All)?;
         Ok(states)
+    }
+
+    fn shift_cache(&self, cache: &mut KvCache, by: usize) -> Result<bool> {
+        let p = cache.seq_len();
+        let device = match cache.layers.iter().flatten().next() {
+            Some((k, _)) if by > 0 && p > 0 => k.device().clone(),
+            _ => return Ok(true),
+        };
+        // One rotation by `by` at every cached position, in the model's pair layout.
+        let (cos, sin) = ops::rope_tables(self.head_dim, self.theta, by, 1, &device)?; // [1, Dh/2]
+        let half = self.head_dim / 2;
+        let cos = cos.broadcast_as((p, half))?.contiguous()?; // [P, Dh/2]
+        let sin = sin.broadcast_as((p, half))?.contiguous()?;
+        for (k, _) in cache.layers.iter_mut().flatten() {
+            *k = ops::rope(k, &cos, &sin, self.interleaved)?; // [B, Hkv, P, Dh]
+        }
+        Ok(true)
     }
 }

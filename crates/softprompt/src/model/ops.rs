@@ -7,9 +7,11 @@
 //! with their own backward, much less allocation); elsewhere they fall back to the
 //! compositions below.
 
-use crate::Result;
 use super::fused::{self, Act};
+use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
+
+pub use super::frozen::{FeedForward, FfnAct, FfnIn, Linear, Norm, Rotary, SelfAttention};
 
 /// `x [.., K] @ w^T` for a weight stored as `[N, K]` (nn.Linear layout) -> `[.., N]`.
 ///
@@ -163,7 +165,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         // Scale, bias and softmax in one pass; the bias gets no gradient.
         fused::softmax_scaled(&scores.reshape((b, h, t, k_len))?, Some(bias), scale)?
     } else {
-        let scores = if scale != 1.0 { (scores * scale)? } else { scores };
+        let scores = if scale != 1.0 {
+            (scores * scale)?
+        } else {
+            scores
+        };
         let scores = scores.reshape((b, h, t, k_len))?.broadcast_add(bias)?;
         softmax_composite(&scores)?
     };
@@ -198,13 +204,117 @@ pub fn gelu_tanh_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `[B, T, H*Dh]` -> `[B, H, T, Dh]`
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
-    Ok(x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+    Ok(x.reshape((b, t, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
 /// `[B, H, T, Dh]` -> `[B, T, H*Dh]`
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     Ok(x.transpose(1, 2)?.reshape((b, t, h * d))?)
+}
+
+/// The attention sub-block of a pre-norm layer, without a KV cache: `x + o(attn(norm(x)))`,
+/// `x [B, T, D]` -> `[B, T, D]` (see [`SelfAttention`]). On the CPU in f32 with frozen weights
+/// one fused op ([`super::frozen::attention_block`]) that keeps only what its backward needs;
+/// otherwise composed from the ops above.
+pub fn attention_block(x: &Tensor, s: &SelfAttention) -> Result<Tensor> {
+    match super::frozen::attention_block(x, s, None)? {
+        Some(y) => Ok(y),
+        None => attention_block_composite(x, s),
+    }
+}
+
+/// [`attention_block`] at some positions only: `rows` (u32 `[M]`) index the flattened `B*T`
+/// positions, the result is `[1, M, D]`. Keys and values come from every position; fused,
+/// the queries, attention and output projection run at the `M` rows only. For the last layer
+/// when logits are wanted at a few positions ([`logit_rows`]).
+pub fn attention_block_at(x: &Tensor, s: &SelfAttention, rows: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::frozen::attention_block(x, s, Some(rows))? {
+        return Ok(y);
+    }
+    let (b, t, d) = x.dims3()?;
+    let y = attention_block_composite(x, s)?.reshape((b * t, d))?;
+    Ok(y.index_select(rows, 0)?.unsqueeze(0)?)
+}
+
+/// The flattened positions `[M]` (u32) that [`super::LogitsAt`] picks from `[B, T, ..]`, or
+/// `None` for all of them. The rows [`select_positions`] takes, in the same order.
+pub fn logit_rows(
+    at: super::LogitsAt,
+    b: usize,
+    t: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    Ok(match at {
+        super::LogitsAt::All => None,
+        super::LogitsAt::Rows(rows) => Some(rows.clone()),
+        super::LogitsAt::Last => {
+            let last: Vec<u32> = (0..b).map(|i| (i * t + t - 1) as u32).collect();
+            Some(Tensor::from_vec(last, b, device)?)
+        }
+    })
+}
+
+/// [`attention_block`] composed from single ops.
+pub(crate) fn attention_block_composite(x: &Tensor, s: &SelfAttention) -> Result<Tensor> {
+    let h = norm(x, &s.norm)?;
+    let q = split_heads(&linear(&h, s.q.w, s.q.b)?, s.heads)?; // [B, H, T, Dh]
+    let k = split_heads(&linear(&h, s.k.w, s.k.b)?, s.kv_heads)?; // [B, Hkv, T, Dh]
+    let v = split_heads(&linear(&h, s.v.w, s.v.b)?, s.kv_heads)?;
+    let (q, k) = match &s.rope {
+        Some(r) => (
+            rope(&q, r.cos, r.sin, r.interleaved)?,
+            rope(&k, r.cos, r.sin, r.interleaved)?,
+        ),
+        None => (q, k),
+    };
+    let a = merge_heads(&attention(&q, &k, &v, s.bias, s.scale)?)?; // [B, T, H*Dh]
+    Ok((x + linear(&a, s.o.w, s.o.b)?)?)
+}
+
+/// The feed-forward sub-block of a pre-norm layer: `x + down(inner(norm(x)))`, `x [B, T, D]`
+/// (see [`FeedForward`]). Fused ([`super::frozen::feed_forward_block`]) where it applies, as
+/// [`attention_block`]; otherwise composed from the ops above.
+pub fn feed_forward_block(x: &Tensor, s: &FeedForward) -> Result<Tensor> {
+    match super::frozen::feed_forward_block(x, s)? {
+        Some(y) => Ok(y),
+        None => feed_forward_block_composite(x, s),
+    }
+}
+
+/// [`feed_forward_block`] composed from single ops.
+pub(crate) fn feed_forward_block_composite(x: &Tensor, s: &FeedForward) -> Result<Tensor> {
+    let h = norm(x, &s.norm)?;
+    let a = match s.inner {
+        FfnIn::Gated { gate, up, act } => {
+            let (g, u) = (linear(&h, gate.w, gate.b)?, linear(&h, up.w, up.b)?); // [B, T, F]
+            match act {
+                FfnAct::Silu => silu_mul(&g, &u)?,
+                FfnAct::GeluTanh => gelu_tanh_mul(&g, &u)?,
+                other => (ffn_act(&g, other)? * u)?,
+            }
+        }
+        FfnIn::Plain { w, act } => ffn_act(&linear(&h, w.w, w.b)?, act)?,
+    };
+    Ok((x + linear(&a, s.down.w, s.down.b)?)?)
+}
+
+fn norm(x: &Tensor, n: &Norm) -> Result<Tensor> {
+    match *n {
+        Norm::Rms { w, eps } => rms_norm(x, w, eps),
+        Norm::Layer { w, b, eps } => layer_norm(x, w, b, eps),
+    }
+}
+
+fn ffn_act(x: &Tensor, act: FfnAct) -> Result<Tensor> {
+    Ok(match act {
+        FfnAct::Relu => x.relu()?,
+        FfnAct::Silu => x.silu()?,
+        FfnAct::GeluTanh => gelu_tanh(x)?,
+        FfnAct::GeluErf => x.gelu_erf()?,
+    })
 }
 
 /// Picks the LM-head input rows for [`super::LogitsAt`]: `hidden [B, T, D]` -> `[B, T, D]`,
@@ -216,4 +326,87 @@ pub fn select_positions(hidden: &Tensor, at: super::LogitsAt) -> Result<Tensor> 
         super::LogitsAt::Last => hidden.narrow(1, t - 1, 1)?.squeeze(1)?,
         super::LogitsAt::Rows(rows) => hidden.reshape((b * t, d))?.index_select(rows, 0)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LogitsAt;
+
+    /// `logit_rows` names the rows `select_positions` picks, in its order.
+    #[test]
+    fn logit_rows_match_select_positions() {
+        let (b, t, d) = (3, 4, 2);
+        let dev = Device::Cpu;
+        let hidden = Tensor::arange(0f32, (b * t * d) as f32, &dev)
+            .unwrap()
+            .reshape((b, t, d))
+            .unwrap();
+        let rows = Tensor::new(&[5u32, 0, 11], &dev).unwrap();
+        for at in [LogitsAt::Last, LogitsAt::Rows(&rows)] {
+            let want = select_positions(&hidden, at).unwrap();
+            let r = logit_rows(at, b, t, &dev).unwrap().unwrap();
+            let got = hidden
+                .reshape((b * t, d))
+                .unwrap()
+                .index_select(&r, 0)
+                .unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap()
+            );
+        }
+        assert!(logit_rows(LogitsAt::All, b, t, &dev).unwrap().is_none());
+    }
+
+    /// `KvCache::append` writes into buffers with spare room: what it returns must equal the
+    /// plain concatenation, and views handed out earlier, clones and rewound caches must
+    /// never see another append's positions.
+    #[test]
+    fn kv_cache_room_never_aliases() {
+        use crate::model::KvCache;
+        let dev = Device::Cpu;
+        let step = |seed: usize, t: usize| {
+            let n = 2 * 3 * t * 4;
+            let v: Vec<f32> = (0..n).map(|i| (seed * 1000 + i) as f32).collect();
+            Tensor::from_vec(v, (2, 3, t, 4), &dev).unwrap() // [B, H, T, Dh]
+        };
+        let vals = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut cache = KvCache::new(1);
+        let mut want_k = step(0, 5);
+        cache.append(0, want_k.clone(), want_k.clone()).unwrap();
+        let mut views = Vec::new();
+        // Past the room of the first buffer (5 + 32 positions): a second buffer.
+        for s in 1..45 {
+            let x = step(s, 1);
+            want_k = Tensor::cat(&[&want_k, &x], 2).unwrap();
+            let (k, v) = cache.append(0, x.clone(), x).unwrap();
+            assert_eq!(vals(&k), vals(&want_k), "step {s}");
+            assert_eq!(vals(&v), vals(&want_k), "step {s}");
+            views.push((k, v, want_k.clone()));
+        }
+        // A clone and the original append different positions.
+        let mut other = cache.clone();
+        let (a, _) = cache.append(0, step(100, 2), step(100, 2)).unwrap();
+        let (b, _) = other.append(0, step(200, 2), step(200, 2)).unwrap();
+        assert_eq!(
+            vals(&a),
+            vals(&Tensor::cat(&[&want_k, &step(100, 2)], 2).unwrap())
+        );
+        assert_eq!(
+            vals(&b),
+            vals(&Tensor::cat(&[&want_k, &step(200, 2)], 2).unwrap())
+        );
+        // Rewound to an earlier view, then appended: the longer view keeps its values.
+        cache.layers[0] = Some((views[40].0.clone(), views[40].1.clone()));
+        cache.append(0, step(300, 1), step(300, 1)).unwrap();
+        assert_eq!(
+            vals(&a),
+            vals(&Tensor::cat(&[&want_k, &step(100, 2)], 2).unwrap())
+        );
+        for (k, v, want) in &views {
+            assert_eq!(vals(k), vals(want));
+            assert_eq!(vals(v), vals(want));
+        }
+    }
 }

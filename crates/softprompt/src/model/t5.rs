@@ -133,17 +133,6 @@ impl TryFrom<String> for FeedForwardProj {
     }
 }
 
-impl Activation {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Activation::Relu => x.relu()?,
-            Activation::Gelu => x.gelu_erf()?,
-            Activation::GeluNew => ops::gelu_tanh(x)?,
-            Activation::Silu => x.silu()?,
-        })
-    }
-}
-
 /// One attention layer: projections `[H*Dh, D]` (q, k, v) and `[D, H*Dh]` (o).
 struct Attention {
     q: Tensor,
@@ -411,13 +400,27 @@ impl T5 {
             if let Some(st) = states.as_deref_mut() {
                 st.push(x.clone());
             }
-            let h = rms_norm(&x, &block.self_norm, self.eps)?;
-            let q = split_heads(&linear(&h, &block.self_attn.q, None)?, self.heads)?;
-            let k = split_heads(&linear(&h, &block.self_attn.k, None)?, self.heads)?;
-            let v = split_heads(&linear(&h, &block.self_attn.v, None)?, self.heads)?;
-            let a = merge_heads(&ops::attention(&q, &k, &v, &bias, 1.0)?)?;
-            x = (x + linear(&a, &block.self_attn.o, None)?)?;
-            x = (&x + self.feed_forward(&x, block)?)?;
+            // Each residual sub-block as one op (ops::attention_block).
+            let att = &block.self_attn;
+            let lin = |w| ops::Linear { w, b: None };
+            let spec = ops::SelfAttention {
+                norm: ops::Norm::Rms {
+                    w: &block.self_norm,
+                    eps: self.eps,
+                },
+                q: lin(&att.q),
+                k: lin(&att.k),
+                v: lin(&att.v),
+                o: lin(&att.o),
+                heads: self.heads,
+                kv_heads: self.heads,
+                head_dim: att.q.dim(0)? / self.heads,
+                rope: None,
+                bias: &bias,
+                scale: 1.0,
+            };
+            x = ops::attention_block(&x, &spec)?;
+            x = self.feed_forward_block(&x, block)?;
         }
         let out = rms_norm(&x, &self.encoder.final_norm, self.eps)?;
         if let Some(st) = states {
@@ -503,7 +506,7 @@ impl T5 {
                 let a = merge_heads(&ops::attention(&q, &k, &v, &cross_bias, 1.0)?)?;
                 x = (x + linear(&a, &att.o, None)?)?;
             }
-            x = (&x + self.feed_forward(&x, block)?)?;
+            x = self.feed_forward_block(&x, block)?;
         }
         let out = rms_norm(&x, &self.decoder.final_norm, self.eps)?;
         if let Some(st) = states {
@@ -512,19 +515,36 @@ impl T5 {
         Ok(out)
     }
 
-    /// The residual branch of the feed-forward layer (norm included).
-    fn feed_forward(&self, x: &Tensor, block: &Block) -> Result<Tensor> {
+    /// `x + feed_forward(x)` as [`ops::feed_forward_block`].
+    fn feed_forward_block(&self, x: &Tensor, block: &Block) -> Result<Tensor> {
         let ff = &block.ff;
-        let h = rms_norm(x, &block.ff_norm, self.eps)?;
-        let wi = linear(&h, &ff.wi, None)?; // [B,T,F]
-        let a = match &ff.wi_gate {
-            Some(gate) if ff.act == Activation::GeluNew => {
-                ops::gelu_tanh_mul(&wi, &linear(&h, gate, None)?)?
-            }
-            Some(gate) => (ff.act.apply(&wi)? * linear(&h, gate, None)?)?,
-            None => ff.act.apply(&wi)?,
+        let lin = |w| ops::Linear { w, b: None };
+        let act = match ff.act {
+            Activation::Relu => ops::FfnAct::Relu,
+            Activation::Gelu => ops::FfnAct::GeluErf,
+            Activation::GeluNew => ops::FfnAct::GeluTanh,
+            Activation::Silu => ops::FfnAct::Silu,
         };
-        linear(&a, &ff.wo, None)
+        let inner = match &ff.wi_gate {
+            Some(up) => ops::FfnIn::Gated {
+                gate: lin(&ff.wi),
+                up: lin(up),
+                act,
+            },
+            None => ops::FfnIn::Plain {
+                w: lin(&ff.wi),
+                act,
+            },
+        };
+        let spec = ops::FeedForward {
+            norm: ops::Norm::Rms {
+                w: &block.ff_norm,
+                eps: self.eps,
+            },
+            inner,
+            down: lin(&ff.wo),
+        };
+        ops::feed_forward_block(x, &spec)
     }
 
     /// LM head on `[.., D]` rows -> `[.., V]`.
