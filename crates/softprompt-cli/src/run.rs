@@ -81,6 +81,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut cfg = TrainConfig::paper(&args.output);
     cfg.n_tokens = args.n_tokens;
     cfg.init = PromptInit::ClassLabels(task.verbalizer.clone());
+    // Logs the dev accuracy next to the dev loss; the prompt is still chosen by dev loss.
+    cfg.classes = Some(task.label_targets(tokenizer, info)?);
     cfg.schedule = softprompt::train::schedule::Schedule::constant(args.lr);
     cfg.steps = steps;
     cfg.batch_size = args.batch_size;

@@ -5,9 +5,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use softprompt::batch::Example;
 use softprompt::prompt::{EncoderKind, PeftAdapter, PromptInit};
-use softprompt::task::{encode_pair, read_jsonl};
+use softprompt::task::{encode_pair, movie, read_jsonl, ClassificationTask};
 use softprompt::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
 use softprompt::train::schedule::Schedule;
+use softprompt::train::trainer::{gold_labels, SelectBy};
 use softprompt::train::{model_tuning, p_tuning, train, BaselineReport, TrainConfig};
 use std::path::{Path, PathBuf};
 
@@ -51,6 +52,17 @@ pub enum EncoderArg {
     Lstm,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SelectByArg {
+    /// The lowest dev loss.
+    Loss,
+    /// The highest dev accuracy (rank classification over --labels; ties: the lower dev loss).
+    Accuracy,
+}
+
+/// The built-in task `--data` / `--dev` may name instead of a file.
+const BUILTIN_TASK: &str = "movie-sentiment";
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ScheduleKind {
     Constant,
@@ -61,7 +73,8 @@ pub enum ScheduleKind {
 /// Defaults are the prompt-tuning paper's recipe (Lester et al. 2021).
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Model: a GGUF file, a Hugging Face model folder, or `smollm2` (model tuning: a folder).
+    /// Model: a GGUF file, a Hugging Face model folder, or `smollm2` (model tuning of a GGUF
+    /// file writes a Hugging Face folder).
     #[arg(long)]
     pub model: String,
     /// What is trained: the soft prompt (the paper's method), all the model's weights
@@ -74,13 +87,28 @@ pub struct TrainArgs {
     /// Hidden size of the prompt encoder of --method p-tuning [default: the model's width].
     #[arg(long)]
     pub encoder_hidden: Option<usize>,
-    /// Training data: JSONL of {"input": ..., "target": ...} lines.
+    /// Training data: JSONL of {"input": ..., "target": ...} lines, or `movie-sentiment`: the
+    /// built-in task's train split with its template and verbalizer (the examples of
+    /// `softprompt run movie-sentiment`; its labels are then the default --labels).
     #[arg(long)]
     pub data: PathBuf,
-    /// Dev data (same format): evaluated every --eval-every steps; the prompt with the best
-    /// dev loss is the one exported.
+    /// Dev data (same format, or `movie-sentiment` with --data movie-sentiment: its dev
+    /// split): evaluated every --eval-every steps (dev loss, and with --labels dev accuracy);
+    /// the prompt of the best evaluation (--select-by) is the one exported.
     #[arg(long)]
     pub dev: Option<PathBuf>,
+    /// Use only the first N dev examples.
+    #[arg(long)]
+    pub dev_limit: Option<usize>,
+    /// The dev metric that picks the exported prompt and drives --patience; accuracy needs
+    /// --labels (or a built-in task) and every dev target to be one of them.
+    #[arg(long, value_enum, default_value_t = SelectByArg::Loss)]
+    pub select_by: SelectByArg,
+    /// With --data movie-sentiment: also write the task's seeded train/dev/test splits to
+    /// this folder as `train.jsonl`, `dev.jsonl`, `test.jsonl` ({"input": template applied,
+    /// "target": verbalizer}, the format --data and `softprompt eval --data` read).
+    #[arg(long)]
+    pub write_splits: Option<PathBuf>,
     /// Prompt length in virtual tokens [default: 100, the paper's; 20 is nearly as good;
     /// with --init file, the adapter's length].
     #[arg(long)]
@@ -95,7 +123,9 @@ pub struct TrainArgs {
     /// PEFT adapter folder for --init file.
     #[arg(long)]
     pub init_file: Option<PathBuf>,
-    /// Class labels for --init class-labels, comma separated (e.g. `negative,positive`).
+    /// Class labels, comma separated, as the targets spell them (e.g. ` negative, positive`):
+    /// for --init class-labels, and for the dev accuracy (rank classification) when every dev
+    /// target is one of them.
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
     /// Half-width r of U[-r, r] for --init random-uniform.
@@ -134,7 +164,7 @@ pub struct TrainArgs {
     /// Evaluate on --dev every this many steps (and after the last); 0: only after the last.
     #[arg(long, default_value_t = 100)]
     pub eval_every: usize,
-    /// Stop after this many evaluations without a better dev loss.
+    /// Stop after this many evaluations without a better dev metric (--select-by).
     #[arg(long)]
     pub patience: Option<usize>,
     /// Write a checkpoint every this many steps (and at the end); 0: only at the end.
@@ -159,12 +189,13 @@ pub struct TrainArgs {
     pub prompt_after_bos: bool,
 }
 
-fn prompt_init(args: &TrainArgs) -> Result<PromptInit> {
+/// The prompt initialisation; `labels`: --labels, or the built-in task's.
+fn prompt_init(args: &TrainArgs, labels: &[String]) -> Result<PromptInit> {
     let kind = args.init.unwrap_or(if args.init_file.is_some() {
         InitKind::File
     } else if args.init_text.is_some() {
         InitKind::Text
-    } else if !args.labels.is_empty() {
+    } else if !labels.is_empty() {
         InitKind::ClassLabels
     } else {
         InitKind::SampledVocab
@@ -175,10 +206,10 @@ fn prompt_init(args: &TrainArgs) -> Result<PromptInit> {
         },
         InitKind::SampledVocab => PromptInit::SampledVocab,
         InitKind::ClassLabels => {
-            if args.labels.is_empty() {
+            if labels.is_empty() {
                 bail!("--init class-labels needs --labels (comma separated)");
             }
-            PromptInit::ClassLabels(args.labels.clone())
+            PromptInit::ClassLabels(labels.to_vec())
         }
         InitKind::Text => match &args.init_text {
             Some(t) => PromptInit::Text(t.clone()),
@@ -207,6 +238,107 @@ fn read_examples(path: &Path, model: &softprompt::load::Model) -> Result<Vec<Exa
         .collect()
 }
 
+/// `--data` / `--dev` naming the built-in task (a file of that name wins).
+fn is_builtin(path: &Path) -> bool {
+    path.as_os_str() == BUILTIN_TASK && !path.exists()
+}
+
+/// The built-in task when `--data` names it; checks the options that go with it.
+fn builtin_task(args: &TrainArgs) -> Result<Option<ClassificationTask>> {
+    let data = is_builtin(&args.data);
+    if args.dev.as_deref().is_some_and(is_builtin) && !data {
+        bail!("--dev {BUILTIN_TASK} needs --data {BUILTIN_TASK} (its dev split goes with its train split)");
+    }
+    if args.write_splits.is_some() && !data {
+        bail!("--write-splits needs --data {BUILTIN_TASK}");
+    }
+    if args.dev_limit.is_some() && args.dev.is_none() {
+        bail!("--dev-limit needs --dev");
+    }
+    if args.dev_limit == Some(0) {
+        bail!("--dev-limit must be at least 1");
+    }
+    if !data {
+        return Ok(None);
+    }
+    Ok(Some(movie::load().context("preparing movie-sentiment")?))
+}
+
+/// Writes the task's splits as `{"input", "target"}` JSONL files into `dir`.
+fn write_splits(dir: &Path, task: &ClassificationTask) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, rows) in [("train", &task.train), ("dev", &task.dev), ("test", &task.test)] {
+        let mut text = String::new();
+        for p in task.pairs(rows) {
+            text.push_str(&serde_json::json!({"input": p.input, "target": p.target}).to_string());
+            text.push('\n');
+        }
+        softprompt::fsutil::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+    }
+    eprintln!(
+        "wrote {} train / {} dev / {} test examples of {} to {}",
+        task.train.len(),
+        task.dev.len(),
+        task.test.len(),
+        task.name,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Each label's target as rank classification scores it, when every dev target is one of
+/// them (with or without EOS); else `None` with a note, or an error with --select-by accuracy.
+fn dev_classes(
+    args: &TrainArgs,
+    labels: &[String],
+    task: Option<&ClassificationTask>,
+    dev: Option<&[Example]>,
+    model: &softprompt::load::Model,
+) -> Result<Option<Vec<Vec<u32>>>> {
+    let accuracy = args.select_by == SelectByArg::Accuracy;
+    let Some(dev) = dev else {
+        if accuracy {
+            bail!("--select-by accuracy needs --dev");
+        }
+        return Ok(None);
+    };
+    if labels.is_empty() {
+        if accuracy {
+            bail!("--select-by accuracy needs --labels (the targets of the classes)");
+        }
+        return Ok(None);
+    }
+    let tokenizer = model.tokenizer()?;
+    let info = model.backbone.info();
+    let classes = match task {
+        Some(t) if args.labels.is_empty() => t.label_targets(tokenizer, info),
+        _ => ClassificationTask {
+            name: "--labels".into(),
+            template: "{text}".into(),
+            labels: labels.to_vec(),
+            verbalizer: labels.to_vec(),
+            train: Vec::new(),
+            dev: Vec::new(),
+            test: Vec::new(),
+        }
+        .label_targets(tokenizer, info),
+    };
+    let classes = match classes {
+        Ok(c) => c,
+        Err(e) if accuracy => return Err(e.into()),
+        // A bad label is reported by the initialisation that uses it, if any.
+        Err(_) => return Ok(None),
+    };
+    match gold_labels(dev, &classes, info) {
+        Ok(_) => Ok(Some(classes)),
+        Err(e) if accuracy => Err(e).context("--select-by accuracy: every dev target must be one of --labels"),
+        Err(e) => {
+            eprintln!("note: no dev accuracy ({e})");
+            Ok(None)
+        }
+    }
+}
+
 /// Rejects options that the chosen method does not use.
 fn check_method(args: &TrainArgs) -> Result<()> {
     let m = match args.method {
@@ -222,6 +354,9 @@ fn check_method(args: &TrainArgs) -> Result<()> {
     }
     if args.encoder_hidden == Some(0) {
         bail!("--encoder-hidden must be at least 1");
+    }
+    if args.method != Method::PromptTuning && args.select_by == SelectByArg::Accuracy {
+        bail!("--select-by accuracy is an option of --method prompt-tuning, not {m}");
     }
     if args.method == Method::ModelTuning {
         let prompt_options = [
@@ -241,7 +376,12 @@ fn check_method(args: &TrainArgs) -> Result<()> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     check_method(&args)?;
-    let init = prompt_init(&args)?;
+    let task = builtin_task(&args)?;
+    let labels: Vec<String> = match &task {
+        Some(t) if args.labels.is_empty() => t.verbalizer.clone(),
+        _ => args.labels.clone(),
+    };
+    let init = prompt_init(&args, &labels)?;
     let baseline = args.method != Method::PromptTuning;
     let lr = args.lr.unwrap_or(match args.method {
         Method::PromptTuning => 0.3,
@@ -277,6 +417,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         OptimizerKind::Adamw => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
     };
 
+    if let (Some(dir), Some(t)) = (&args.write_splits, &task) {
+        write_splits(dir, t)?;
+    }
     let device = common::device()?;
     let model = common::load(&args.model, &device)?;
     let n_tokens = match (args.n_tokens, &init) {
@@ -284,12 +427,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, PromptInit::File(dir)) => PeftAdapter::load(dir, &device)?.config.num_virtual_tokens,
         (None, _) => 100,
     };
-    let train_set = read_examples(&args.data, &model)?;
-    let dev_set = args
-        .dev
-        .as_deref()
-        .map(|p| read_examples(p, &model))
-        .transpose()?;
+    let (train_set, mut dev_set) = match &task {
+        Some(t) => {
+            let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
+            let dev = match args.dev.as_deref() {
+                Some(p) if is_builtin(p) => Some(t.examples(tokenizer, info, &t.dev)?),
+                Some(p) => Some(read_examples(p, &model)?),
+                None => None,
+            };
+            (t.examples(tokenizer, info, &t.train)?, dev)
+        }
+        None => (
+            read_examples(&args.data, &model)?,
+            args.dev
+                .as_deref()
+                .map(|p| read_examples(p, &model))
+                .transpose()?,
+        ),
+    };
+    if let (Some(dev), Some(n)) = (dev_set.as_mut(), args.dev_limit) {
+        dev.truncate(n);
+    }
+    let classes = dev_classes(&args, &labels, task.as_ref(), dev_set.as_deref(), &model)?;
 
     let mut cfg = TrainConfig::paper(&args.output);
     cfg.n_tokens = n_tokens;
@@ -308,33 +467,58 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.resume = args.resume;
     cfg.quiet = args.quiet;
     cfg.prompt_after_bos = args.prompt_after_bos;
+    cfg.classes = classes;
+    cfg.select_by = match args.select_by {
+        SelectByArg::Loss => SelectBy::Loss,
+        SelectByArg::Accuracy => SelectBy::Accuracy,
+    };
     cfg.task
         .insert("data".into(), args.data.display().to_string().into());
     cfg.task.insert(
         "dev".into(),
         args.dev.as_ref().map(|p| p.display().to_string()).into(),
     );
+    cfg.task.insert("dev_limit".into(), args.dev_limit.into());
     cfg.task.insert(
-        "input_format".into(),
-        "the `input` text as model input: BOS first where the model wants one; T5: followed by EOS"
-            .into(),
+        "select_by".into(),
+        format!("{:?}", cfg.select_by).to_lowercase().into(),
     );
-    cfg.task.insert(
-        "target_format".into(),
-        "the `target` text followed by EOS".into(),
-    );
+    match &task {
+        Some(t) => {
+            // As `softprompt run` records it: `softprompt eval` finds the task from these.
+            cfg.task.insert("name".into(), t.name.clone().into());
+            cfg.task.insert("template".into(), t.template.clone().into());
+            cfg.task.insert("labels".into(), serde_json::json!(t.labels));
+            cfg.task.insert("verbalizer".into(), serde_json::json!(t.verbalizer));
+            cfg.task.insert(
+                "target_format".into(),
+                "the label's verbalizer (encoder-decoder models: followed by EOS)".into(),
+            );
+        }
+        None => {
+            cfg.task.insert(
+                "input_format".into(),
+                "the `input` text as model input: BOS first where the model wants one; T5: followed by EOS"
+                    .into(),
+            );
+            cfg.task.insert(
+                "target_format".into(),
+                "the `target` text followed by EOS".into(),
+            );
+            if !labels.is_empty() {
+                cfg.task.insert("labels".into(), serde_json::json!(labels));
+            }
+        }
+    }
 
     match args.method {
         Method::PromptTuning => {}
         Method::ModelTuning => {
-            if !model.path.is_dir() {
-                bail!(
-                    "--method model-tuning needs a Hugging Face model folder, not {}",
-                    model.path.display()
-                );
-            }
             cfg.task.insert("lr".into(), lr.into());
-            let report = model_tuning(&model.path, &device, &train_set, dev_set.as_deref(), &cfg)?;
+            // model_tuning reads the weights again, as trainable f32 variables.
+            let path = model.path.clone();
+            drop(model);
+            let report = model_tuning(&path, &device, &train_set, dev_set.as_deref(), &cfg)?;
             print_baseline(&report, &args.output, "tuned model folder");
             return Ok(());
         }
@@ -360,8 +544,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(loss) = report.final_loss {
         line.push_str(&format!("; last train loss {loss:.4}"));
     }
-    if let (Some(d), Some(s)) = (report.best_dev_loss, report.best_step) {
-        line.push_str(&format!("; best dev loss {d:.4} at step {s}"));
+    match (report.best_dev_loss, report.best_dev_accuracy, report.best_step) {
+        (Some(d), Some(a), Some(s)) if args.select_by == SelectByArg::Accuracy => {
+            line.push_str(&format!("; best dev accuracy {a:.4} at step {s} (dev loss {d:.4})"));
+        }
+        (Some(d), Some(a), Some(s)) => {
+            line.push_str(&format!("; best dev loss {d:.4} at step {s} (dev accuracy {a:.4})"));
+        }
+        (Some(d), None, Some(s)) => line.push_str(&format!("; best dev loss {d:.4} at step {s}")),
+        _ => {}
     }
     if report.stopped_early {
         line.push_str("; stopped early");

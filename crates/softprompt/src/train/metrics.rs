@@ -24,6 +24,10 @@ pub struct StepMetrics {
     /// Mean target-token NLL on the dev set, when it was evaluated after this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_loss: Option<f64>,
+    /// Rank-classification accuracy on the dev set (a fraction), when it was evaluated after
+    /// this step and the task's classes are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_accuracy: Option<f64>,
 }
 
 /// Reads `metrics.jsonl` (an absent file is empty); a bad line is an error naming it.

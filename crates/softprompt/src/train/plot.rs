@@ -1,5 +1,5 @@
 //! `OUTPUT/loss.svg` and `OUTPUT/loss.png`: the training loss (raw and smoothed) and the dev
-//! loss against the step.
+//! loss against the step, and the dev accuracy (right axis, 0-1) when it was measured.
 //!
 //! Text is laid out (both files) and rasterised (PNG) with a font embedded in the binary
 //! (DejaVu Sans, `assets/fonts/`, Bitstream Vera license), so plotting needs no system font and
@@ -56,6 +56,14 @@ pub fn plot_loss(rows: &[StepMetrics], path: &Path) -> Result<()> {
                 .map(|d| (r.step as f64, d))
         })
         .collect();
+    let accuracy: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|r| {
+            r.dev_accuracy
+                .filter(|a| a.is_finite())
+                .map(|a| (r.step as f64, a))
+        })
+        .collect();
     let mut smooth = Vec::with_capacity(train.len());
     let mut ema: Option<f64> = None;
     for &(x, y) in &train {
@@ -82,6 +90,7 @@ pub fn plot_loss(rows: &[StepMetrics], path: &Path) -> Result<()> {
         train,
         smooth,
         dev,
+        accuracy,
         x_max,
         y_lo,
         y_hi,
@@ -113,6 +122,8 @@ struct Curves {
     train: Vec<(f64, f64)>,
     smooth: Vec<(f64, f64)>,
     dev: Vec<(f64, f64)>,
+    /// Dev accuracy (a fraction), drawn against the right axis.
+    accuracy: Vec<(f64, f64)>,
     x_max: f64,
     y_lo: f64,
     y_hi: f64,
@@ -124,15 +135,22 @@ type DrawResult<DB> =
 /// Draws the chart on `root` (any backend).
 fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &Curves) -> DrawResult<DB> {
     root.fill(&WHITE)?;
+    let with_accuracy = !c.accuracy.is_empty();
     let mut chart = ChartBuilder::on(root)
         .caption(
-            "training loss (mean target-token NLL)",
+            if with_accuracy {
+                "training loss (mean target-token NLL) and dev accuracy"
+            } else {
+                "training loss (mean target-token NLL)"
+            },
             ("sans-serif", 22),
         )
         .margin(14)
         .x_label_area_size(48)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..c.x_max, c.y_lo..c.y_hi)?;
+        .right_y_label_area_size(if with_accuracy { 70 } else { 0 })
+        .build_cartesian_2d(0f64..c.x_max, c.y_lo..c.y_hi)?
+        .set_secondary_coord(0f64..c.x_max, 0f64..1f64);
     chart
         .configure_mesh()
         .x_desc("step")
@@ -152,9 +170,32 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &Curves) -> DrawRe
     if !c.dev.is_empty() {
         chart
             .draw_series(LineSeries::new(c.dev.iter().copied(), RED.stroke_width(2)))?
-            .label("dev")
+            .label("dev loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
         chart.draw_series(c.dev.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
+    }
+    if with_accuracy {
+        let green = RGBColor(0, 140, 60);
+        chart
+            .configure_secondary_axes()
+            .y_desc("dev accuracy")
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 16))
+            .draw()?;
+        chart
+            .draw_secondary_series(LineSeries::new(
+                c.accuracy.iter().copied(),
+                green.stroke_width(2),
+            ))?
+            .label("dev accuracy (right axis)")
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], green.stroke_width(2))
+            });
+        chart.draw_secondary_series(
+            c.accuracy
+                .iter()
+                .map(|&p| Circle::new(p, 3, green.filled())),
+        )?;
     }
     chart
         .configure_series_labels()

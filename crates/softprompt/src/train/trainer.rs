@@ -10,11 +10,18 @@
 //! NLL over all the target tokens of those batches (PEFT's token mean, also across the
 //! accumulated batches), so accumulation gives the gradient of the large batch.
 //!
+//! Dev evaluation: the mean target-token NLL and, for a classification task
+//! ([`TrainConfig::classes`]), the accuracy of rank classification
+//! ([`crate::eval::classify::label_log_likelihoods`], the scorer of `softprompt eval`). The
+//! best evaluation by [`TrainConfig::select_by`] (dev loss, or dev accuracy with ties going to
+//! the lower dev loss) is the prompt exported, and the one early stopping waits to beat.
+//!
 //! Outputs in `output`: the adapter (`adapter_config.json`, `adapter_model.safetensors`, the
-//! prompt with the best dev loss, or the last one without a dev set), `task.json`,
+//! prompt of the best dev evaluation, or the last one without a dev set), `task.json`,
 //! `metrics.jsonl`, `loss.svg`, and `checkpoint/` (see [`super::checkpoint`]).
 
 use crate::batch::{collate, Example};
+use crate::eval::classify::{argmax, label_log_likelihoods};
 use crate::fsutil::write_atomic;
 use crate::load::Model;
 use crate::model::{Arch, ModelInfo};
@@ -39,6 +46,17 @@ pub const BUCKET_BATCHES: usize = 32;
 const STREAM_DATA: u64 = 0x7c15_d3b2_04e9_a66f;
 pub const TASK_FILE: &str = "task.json";
 
+/// Which dev metric chooses the exported prompt and drives early stopping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SelectBy {
+    /// The lowest mean target-token NLL.
+    #[default]
+    Loss,
+    /// The highest rank-classification accuracy (needs [`TrainConfig::classes`]); among equal
+    /// accuracies the lower dev loss wins.
+    Accuracy,
+}
+
 /// Everything that defines a training run.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
@@ -60,8 +78,15 @@ pub struct TrainConfig {
     /// Evaluate on the dev set every this many steps (and always after the last step); 0: only
     /// after the last step.
     pub eval_every: usize,
-    /// Stop when this many evaluations in a row did not improve the best dev loss.
+    /// Stop when this many evaluations in a row did not improve the best dev metric.
     pub patience: Option<usize>,
+    /// Classification: each label's tokenized target as rank classification scores it
+    /// ([`crate::task::ClassificationTask::label_targets`]: the verbalizer's tokens, with EOS
+    /// for encoder-decoder models). Every dev example's target must be one of them, or one of
+    /// them followed by EOS (its gold label). `None`: no dev accuracy.
+    pub classes: Option<Vec<Vec<u32>>>,
+    /// The dev metric that picks the exported prompt and drives `patience`.
+    pub select_by: SelectBy,
     /// Write a checkpoint every this many steps (and always at the end); 0: only at the end.
     pub checkpoint_every: usize,
     /// Write a metrics line every this many steps (and at evaluations and the last step).
@@ -95,6 +120,8 @@ impl TrainConfig {
             seed: 0,
             eval_every: 100,
             patience: None,
+            classes: None,
+            select_by: SelectBy::Loss,
             checkpoint_every: 100,
             log_every: 1,
             output: output.into(),
@@ -115,7 +142,10 @@ pub struct TrainReport {
     pub resumed_from: Option<usize>,
     /// Loss of the last step of this invocation.
     pub final_loss: Option<f64>,
+    /// Dev loss of the best evaluation (by `select_by`).
     pub best_dev_loss: Option<f64>,
+    /// Dev accuracy of the best evaluation, with `classes`.
+    pub best_dev_accuracy: Option<f64>,
     pub best_step: Option<usize>,
     /// The step whose prompt was exported.
     pub exported_step: usize,
@@ -146,6 +176,11 @@ pub fn train(
     };
     let n_prefix = cfg.n_tokens + usize::from(cfg.prompt_after_bos);
     validate(cfg, info, train, dev)?;
+    // Gold label of each dev example, when the dev accuracy is measured.
+    let dev_gold = match (&cfg.classes, dev) {
+        (Some(classes), Some(dev)) => Some(gold_labels(dev, classes, info)?),
+        _ => None,
+    };
     // Made even when resuming: it checks the init (labels, text, adapter) before any work.
     let initial = init_prompt(&cfg.init, model, cfg.n_tokens, cfg.seed)?;
     let hash = config_hash(cfg, info, hash_train, hash_dev);
@@ -192,6 +227,7 @@ pub fn train(
         epoch: 0,
         position: 0,
         best: None,
+        best_accuracy: None,
         evals_since_best: 0,
         stopped_early: false,
     };
@@ -202,12 +238,29 @@ pub fn train(
             epoch: c.epoch,
             position: c.position,
             best: c.best.clone(),
+            best_accuracy: None,
             evals_since_best: c.evals_since_best,
             stopped_early: c.stopped_early,
         };
     }
     let resumed_from = resumed.as_ref().map(|c| c.step);
     let mut log = MetricsLog::open(out, resumed_from)?;
+    if let (Some(best), Some(gold), Some(classes), Some(dev)) =
+        (&state.best, &dev_gold, &cfg.classes, dev)
+    {
+        // The checkpoint keeps the best prompt and its dev loss; its accuracy is in the
+        // metrics line of its step, or is measured again (same prompt, data and batching).
+        let logged = log
+            .rows
+            .iter()
+            .rev()
+            .find(|r| r.step == best.step)
+            .and_then(|r| r.dev_accuracy);
+        state.best_accuracy = match logged {
+            Some(a) => Some(a),
+            None => Some(prepared_dev_accuracy(model, &best.prompt, dev, classes, gold, cfg)?),
+        };
+    }
 
     let bar = progress_bar(cfg, state.step);
     let lengths: Vec<usize> = train
@@ -217,6 +270,7 @@ pub fn train(
     let mut plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, state.epoch);
     let mut final_loss = None;
     let mut pending = LogAccumulator::default();
+    let mut last_accuracy: Option<f64> = None;
 
     while state.step < cfg.steps && !state.stopped_early {
         let started = Instant::now();
@@ -309,17 +363,37 @@ pub fn train(
 
         let last = state.step == cfg.steps;
         let mut dev_loss = None;
+        let mut dev_accuracy = None;
         if let Some(dev) = dev {
             if last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every)) {
                 let d = prepared_dev_nll(model, prompt.as_tensor(), dev, cfg)?;
                 dev_loss = Some(d);
-                let improved = state.best.as_ref().is_none_or(|b| d < b.dev_loss);
+                if let (Some(classes), Some(gold)) = (&cfg.classes, &dev_gold) {
+                    dev_accuracy = Some(prepared_dev_accuracy(
+                        model,
+                        prompt.as_tensor(),
+                        dev,
+                        classes,
+                        gold,
+                        cfg,
+                    )?);
+                }
+                let improved = match (&state.best, cfg.select_by) {
+                    (None, _) => true,
+                    (Some(b), SelectBy::Loss) => d < b.dev_loss,
+                    (Some(b), SelectBy::Accuracy) => match (dev_accuracy, state.best_accuracy) {
+                        (Some(a), Some(best)) => a > best || (a == best && d < b.dev_loss),
+                        // validate() makes sure the accuracy is measured.
+                        _ => d < b.dev_loss,
+                    },
+                };
                 if improved {
                     state.best = Some(Best {
                         dev_loss: d,
                         step: state.step,
                         prompt: prompt.as_tensor().detach().copy()?,
                     });
+                    state.best_accuracy = dev_accuracy;
                     state.evals_since_best = 0;
                 } else {
                     state.evals_since_best += 1;
@@ -341,16 +415,25 @@ pub fn train(
                 grad_norm,
                 tokens_per_s,
                 dev_loss,
+                dev_accuracy,
             })?;
         }
         bar.set_position(state.step as u64);
-        bar.set_message(match state.best.as_ref() {
-            Some(b) => format!(
-                "loss {loss_sum:.4}  best dev {:.4}  {tokens_per_s:.0} tok/s",
-                b.dev_loss
-            ),
-            None => format!("loss {loss_sum:.4}  {tokens_per_s:.0} tok/s"),
-        });
+        let mut message = format!("loss {loss_sum:.4}");
+        if let Some(b) = &state.best {
+            message.push_str(&format!("  best dev loss {:.4}", b.dev_loss));
+            if let Some(a) = state.best_accuracy {
+                message.push_str(&format!(" acc {:.1}% (step {})", 100.0 * a, b.step));
+            }
+        }
+        if dev_accuracy.is_some() {
+            last_accuracy = dev_accuracy;
+        }
+        if let Some(a) = last_accuracy {
+            message.push_str(&format!("  last dev acc {:.1}%", 100.0 * a));
+        }
+        message.push_str(&format!("  {tokens_per_s:.0} tok/s"));
+        bar.set_message(message);
         let save = last
             || state.stopped_early
             || (cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every));
@@ -373,6 +456,7 @@ pub fn train(
         resumed_from,
         final_loss,
         best_dev_loss: state.best.as_ref().map(|b| b.dev_loss),
+        best_dev_accuracy: state.best_accuracy,
         best_step: state.best.as_ref().map(|b| b.step),
         exported_step,
         stopped_early: state.stopped_early,
@@ -386,6 +470,8 @@ struct RunState {
     epoch: usize,
     position: usize,
     best: Option<Best>,
+    /// Dev accuracy of `best`, when measured.
+    best_accuracy: Option<f64>,
     evals_since_best: usize,
     stopped_early: bool,
 }
@@ -461,6 +547,31 @@ pub fn validate(
     if cfg.patience == Some(0) {
         bail!("early-stopping patience must be at least 1 evaluation");
     }
+    if let Some(classes) = &cfg.classes {
+        if classes.is_empty() {
+            bail!("classification needs at least one class");
+        }
+        for (i, c) in classes.iter().enumerate() {
+            if c.is_empty() {
+                bail!("class {}: its target has no tokens", i + 1);
+            }
+            if let Some(&bad) = c.iter().find(|&&t| t as usize >= info.vocab_size) {
+                bail!(
+                    "class {}: token id {bad} is outside the model's vocabulary of {}",
+                    i + 1,
+                    info.vocab_size
+                );
+            }
+        }
+    }
+    if cfg.select_by == SelectBy::Accuracy {
+        if cfg.classes.is_none() {
+            bail!("selecting by dev accuracy needs the task's classes (labels)");
+        }
+        if dev.is_none() {
+            bail!("selecting by dev accuracy needs a dev set");
+        }
+    }
     if train.is_empty() {
         bail!("the training set is empty");
     }
@@ -482,8 +593,40 @@ pub fn validate(
             bail!("the dev set is empty");
         }
         check_examples("dev", dev, n_prefix, info)?;
+        if let Some(classes) = &cfg.classes {
+            gold_labels(dev, classes, info)?;
+        }
     }
     Ok(())
+}
+
+/// The gold class of each example: the index of the class whose tokens are its target, or
+/// its target without a final EOS (decoder-only targets carry EOS, classes do not). An example
+/// whose target is no class is an error naming it.
+pub fn gold_labels(examples: &[Example], classes: &[Vec<u32>], info: &ModelInfo) -> Result<Vec<usize>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let bare = match e.target.split_last() {
+                Some((last, rest)) if info.eos_token_ids.contains(last) => Some(rest),
+                _ => None,
+            };
+            classes
+                .iter()
+                .position(|c| *c == e.target)
+                .or_else(|| bare.and_then(|b| classes.iter().position(|c| c.as_slice() == b)))
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "dev example {}: its target {:?} is none of the {} classes' targets, so \
+                         its dev accuracy cannot be measured",
+                        i + 1,
+                        e.target,
+                        classes.len()
+                    ))
+                })
+        })
+        .collect()
 }
 
 fn check_examples(
@@ -628,6 +771,47 @@ fn prepared_dev_nll(
     Ok(total / count.max(1) as f64)
 }
 
+/// Rank-classification accuracy on `dev` under `prompt` (no gradient): each example's class
+/// is the one of `classes` with the highest log-likelihood given `[P; source]`, scored as
+/// `softprompt eval` does. With `cfg.prompt_after_bos`, as in training. Errors when a dev
+/// target is none of `classes` (see [`gold_labels`]).
+pub fn dev_accuracy(
+    model: &Model,
+    prompt: &Tensor,
+    dev: &[Example],
+    classes: &[Vec<u32>],
+    cfg: &TrainConfig,
+) -> Result<f64> {
+    let gold = gold_labels(dev, classes, model.backbone.info())?;
+    match after_bos_examples(model, cfg, dev)? {
+        Some(stripped) => prepared_dev_accuracy(model, prompt, &stripped, classes, &gold, cfg),
+        None => prepared_dev_accuracy(model, prompt, dev, classes, &gold, cfg),
+    }
+}
+
+/// [`dev_accuracy`] of examples already without their leading BOS when `cfg.prompt_after_bos`.
+fn prepared_dev_accuracy(
+    model: &Model,
+    prompt: &Tensor,
+    dev: &[Example],
+    classes: &[Vec<u32>],
+    gold: &[usize],
+    cfg: &TrainConfig,
+) -> Result<f64> {
+    let prompt = effective_prompt(model, cfg, &prompt.detach())?; // [N(+1), D]
+    let sources: Vec<Vec<u32>> = dev.iter().map(|e| e.source.clone()).collect();
+    let scores = label_log_likelihoods(
+        &model.backbone,
+        Some(&prompt),
+        &sources,
+        classes,
+        cfg.batch_size,
+        &model.device,
+    )?; // [examples][classes]
+    let predicted: Vec<usize> = scores.iter().map(|s| argmax(s)).collect();
+    Ok(crate::eval::metrics::accuracy(&predicted, gold))
+}
+
 fn global_norm(grads: &GradStore, prompt: &Var) -> Result<f64> {
     Ok(match grads.get(prompt.as_tensor()) {
         Some(g) => g
@@ -643,7 +827,8 @@ fn global_norm(grads: &GradStore, prompt: &Var) -> Result<f64> {
 /// sha256 of everything that determines the run's trajectory: prompt length and init,
 /// optimizer, schedule, batching, clipping, seed, model and data. Not `steps` (unless the
 /// schedule decays over them), so a finished run can be resumed for more steps; not the
-/// evaluation cadence, patience, output folder, logging or checkpoint frequency.
+/// evaluation cadence, patience, output folder, logging or checkpoint frequency. Selecting by
+/// dev accuracy (and its classes) is included, as it decides the checkpoint's best prompt.
 pub fn config_hash(
     cfg: &TrainConfig,
     info: &ModelInfo,
@@ -675,6 +860,14 @@ pub fn config_hash(
         // Only when set, so the hashes of runs made before this option stay the same.
         if let Some(o) = desc.as_object_mut() {
             o.insert("prompt_after_bos".into(), true.into());
+        }
+    }
+    if cfg.select_by == SelectBy::Accuracy {
+        // The checkpoint's best prompt was chosen by accuracy on these classes: a resumed run
+        // must keep choosing that way. Only when set, as above.
+        if let Some(o) = desc.as_object_mut() {
+            o.insert("select_by".into(), "accuracy".into());
+            o.insert("classes".into(), serde_json::json!(cfg.classes));
         }
     }
     hex(&Sha256::digest(desc.to_string().as_bytes()))
