@@ -158,25 +158,8 @@ fn word_model(root: &Path) -> std::path::PathBuf {
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
         std::fs::copy(fixture.join(f), dir.join(f)).expect("copy the llama-tiny fixture");
     }
-    let mut vocab = serde_json::Map::new();
-    for (i, t) in ["[UNK]", "<s>", "</s>"].iter().enumerate() {
-        vocab.insert(t.to_string(), i.into());
-    }
-    for i in 3..256 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("write tokenizer.json");
+    let tok = softprompt::tokenizer::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
+    std::fs::write(dir.join("tokenizer.json"), tok).expect("write tokenizer.json");
     dir
 }
 

@@ -449,31 +449,12 @@ pub fn generate(
     let device = &model.device;
     let info = m.info();
     let tokenizer = model.tokenizer()?;
-    struct State {
-        tokens: Vec<u32>,
-        logprobs: Vec<f32>,
-        finish: Option<&'static str>,
-        text: Option<String>,
-        rng: rand::rngs::StdRng,
-    }
-    let mut states: Vec<State> = items
-        .iter()
-        .map(|it| State {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            finish: if it.params.max_new_tokens == 0 { Some("length") } else { None },
-            text: None,
-            rng: match it.params.seed {
-                Some(s) => rand::rngs::StdRng::seed_from_u64(s),
-                None => rand::rngs::StdRng::from_os_rng(),
-            },
-        })
-        .collect();
+    let mut states = Decoding::start(items);
     // Row -> request, one row per (request, prompt).
     let mut owners: Vec<usize> = Vec::new();
     let mut rows: Vec<RowSpec> = Vec::new();
     for (i, it) in items.iter().enumerate() {
-        if states[i].finish.is_some() {
+        if states[i].is_finished() {
             continue;
         }
         for (j, p) in it.prompts.iter().enumerate() {
@@ -485,41 +466,8 @@ pub fn generate(
         let Start { mut cache, embeds, mut mask, .. } = start(m, &rows, count, true, device)?;
         let mut logits = m.forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last)?; // [B, V]
         loop {
-            let lv: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let mut chosen = vec![0u32; items.len()];
-            let mut r = 0;
-            while r < owners.len() {
-                let i = owners[r];
-                let mut end = r;
-                while end < owners.len() && owners[end] == i {
-                    end += 1;
-                }
-                let group: Vec<&[f32]> = lv[r..end].iter().map(Vec::as_slice).collect();
-                let params = &items[i].params;
-                let st = &mut states[i];
-                let (tok, lp) = choose(&group, params.temperature, &mut st.rng);
-                chosen[i] = tok;
-                st.tokens.push(tok);
-                st.logprobs.push(lp);
-                if info.eos_token_ids.contains(&tok) {
-                    st.finish = Some("eos");
-                } else if !params.stop.is_empty() {
-                    let text = tokenizer.decode(&st.tokens)?;
-                    let cut = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
-                    if let Some(cut) = cut {
-                        st.text = Some(text[..cut].to_string());
-                        st.finish = Some("stop");
-                    }
-                }
-                if st.finish.is_none() && st.tokens.len() >= params.max_new_tokens {
-                    st.finish = Some("length");
-                }
-                if st.finish.is_none() && cancelled(i) {
-                    st.finish = Some("cancelled");
-                }
-                r = end;
-            }
-            let keep: Vec<u32> = (0..owners.len()).filter(|&r| states[owners[r]].finish.is_none()).map(|r| r as u32).collect();
+            let lv: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?; // [B][V]
+            let (chosen, keep) = decode_step(&lv, &owners, items, &mut states, tokenizer, info, cancelled)?;
             if keep.is_empty() {
                 break;
             }
@@ -537,21 +485,111 @@ pub fn generate(
             logits = m.forward(&e, &mask, Some(&mut cache), LogitsAt::Last)?;
         }
     }
-    states
-        .into_iter()
-        .map(|st| {
-            let text = match st.text {
-                Some(t) => t,
-                None => tokenizer.decode(&st.tokens)?,
-            };
-            Ok(GenOutput {
-                text,
-                tokens: st.tokens,
-                logprobs: st.logprobs,
-                finish_reason: st.finish.unwrap_or("length"),
+    Decoding::outputs(states, tokenizer)
+}
+
+/// One request's decoding so far (decoder-only and encoder-decoder generation alike).
+pub(crate) struct Decoding {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    /// `eos`, `stop`, `length` or `cancelled` once finished.
+    finish: Option<&'static str>,
+    /// The text cut before a stop string.
+    text: Option<String>,
+    rng: rand::rngs::StdRng,
+}
+
+impl Decoding {
+    /// One state per item; an item asking for no tokens is finished at once.
+    pub(crate) fn start(items: &[GenItem]) -> Vec<Decoding> {
+        items
+            .iter()
+            .map(|it| Decoding {
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                finish: if it.params.max_new_tokens == 0 { Some("length") } else { None },
+                text: None,
+                rng: match it.params.seed {
+                    Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+                    None => rand::rngs::StdRng::from_os_rng(),
+                },
             })
-        })
-        .collect()
+            .collect()
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// The answers, in item order.
+    pub(crate) fn outputs(states: Vec<Decoding>, tokenizer: &softprompt::tokenizer::Tokenizer) -> Result<Vec<GenOutput>> {
+        states
+            .into_iter()
+            .map(|st| {
+                let text = match st.text {
+                    Some(t) => t,
+                    None => tokenizer.decode(&st.tokens)?,
+                };
+                Ok(GenOutput {
+                    text,
+                    tokens: st.tokens,
+                    logprobs: st.logprobs,
+                    finish_reason: st.finish.unwrap_or("length"),
+                })
+            })
+            .collect()
+    }
+}
+
+/// One decoding step of a batch: `logits [B][V]` of the rows, `owners[r]` the item of row `r`
+/// (an item's rows, one per prompt of its ensemble, are adjacent and vote through [`choose`]).
+/// Records each item's token, finishes items on EOS, a stop string, `max_new_tokens` or
+/// cancellation, and returns the token chosen per item (indexed by item) and the rows still
+/// running (indices into `owners`).
+pub(crate) fn decode_step(
+    logits: &[Vec<f32>],
+    owners: &[usize],
+    items: &[GenItem],
+    states: &mut [Decoding],
+    tokenizer: &softprompt::tokenizer::Tokenizer,
+    info: &softprompt::model::ModelInfo,
+    cancelled: &dyn Fn(usize) -> bool,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut chosen = vec![0u32; items.len()];
+    let mut r = 0;
+    while r < owners.len() {
+        let i = owners[r];
+        let mut end = r;
+        while end < owners.len() && owners[end] == i {
+            end += 1;
+        }
+        let group: Vec<&[f32]> = logits[r..end].iter().map(Vec::as_slice).collect();
+        let params = &items[i].params;
+        let st = &mut states[i];
+        let (tok, lp) = choose(&group, params.temperature, &mut st.rng);
+        chosen[i] = tok;
+        st.tokens.push(tok);
+        st.logprobs.push(lp);
+        if info.eos_token_ids.contains(&tok) {
+            st.finish = Some("eos");
+        } else if !params.stop.is_empty() {
+            let text = tokenizer.decode(&st.tokens)?;
+            let cut = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
+            if let Some(cut) = cut {
+                st.text = Some(text[..cut].to_string());
+                st.finish = Some("stop");
+            }
+        }
+        if st.finish.is_none() && st.tokens.len() >= params.max_new_tokens {
+            st.finish = Some("length");
+        }
+        if st.finish.is_none() && cancelled(i) {
+            st.finish = Some("cancelled");
+        }
+        r = end;
+    }
+    let keep = (0..owners.len()).filter(|&r| states[owners[r]].finish.is_none()).map(|r| r as u32).collect();
+    Ok((chosen, keep))
 }
 
 /// Rank classification of every item: the log-likelihood of each label's target after

@@ -16,9 +16,8 @@
 //! The inputs are the library's: encoder inputs end with EOS (the HTTP layer appends it) and
 //! label targets end with EOS (`ClassificationTask::label_targets`).
 
-use crate::engine::{choose, ClsItem, ClsOutput, GenItem, GenOutput};
+use crate::engine::{decode_step, ClsItem, ClsOutput, Decoding, GenItem, GenOutput};
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
 use softprompt::batch::{collate, per_example_sums, Example};
 use softprompt::load::Model;
 use softprompt::model::ops::token_nll;
@@ -79,17 +78,6 @@ fn encoder_input(m: &dyn Seq2SeqLm, rows: &[(&Tensor, &[u32])], device: &Device)
     Ok((x, Tensor::from_vec(mask, (b, l), device)?))
 }
 
-/// One request's decoding so far.
-struct Decoding {
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
-    /// `eos`, `stop`, `length` or `cancelled` once finished.
-    finish: Option<&'static str>,
-    /// The text cut before a stop string.
-    text: Option<String>,
-    rng: rand::rngs::StdRng,
-}
-
 /// Generates for every item in one batch: one encoder pass, then one decoder step per token
 /// with the decoder KV cache (self-attention keys/values grow, cross-attention keys/values
 /// are computed once). Finished (or cancelled: `cancelled(i)` is polled every step)
@@ -99,24 +87,12 @@ pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> b
     let device = &model.device;
     let info = m.info();
     let tokenizer = model.tokenizer()?;
-    let mut states: Vec<Decoding> = items
-        .iter()
-        .map(|it| Decoding {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            finish: if it.params.max_new_tokens == 0 { Some("length") } else { None },
-            text: None,
-            rng: match it.params.seed {
-                Some(s) => rand::rngs::StdRng::seed_from_u64(s),
-                None => rand::rngs::StdRng::from_os_rng(),
-            },
-        })
-        .collect();
+    let mut states = Decoding::start(items);
     // Row -> request, one row per (request, prompt); a request's rows are adjacent.
     let mut owners: Vec<usize> = Vec::new();
     let mut rows: Vec<(&Tensor, &[u32])> = Vec::new();
     for (i, it) in items.iter().enumerate() {
-        if states[i].finish.is_some() {
+        if states[i].is_finished() {
             continue;
         }
         for p in &it.prompts {
@@ -132,41 +108,8 @@ pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> b
         let mut next = Tensor::from_vec(vec![start; owners.len()], (owners.len(), 1), device)?; // [B, 1]
         loop {
             let logits = m.decode(&next, &enc, &enc_mask, Some(&mut cache), LogitsAt::Last)?; // [B, V]
-            let lv: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let mut chosen = vec![0u32; items.len()];
-            let mut r = 0;
-            while r < owners.len() {
-                let i = owners[r];
-                let mut end = r;
-                while end < owners.len() && owners[end] == i {
-                    end += 1;
-                }
-                let group: Vec<&[f32]> = lv[r..end].iter().map(Vec::as_slice).collect();
-                let params = &items[i].params;
-                let st = &mut states[i];
-                let (tok, lp) = choose(&group, params.temperature, &mut st.rng);
-                chosen[i] = tok;
-                st.tokens.push(tok);
-                st.logprobs.push(lp);
-                if info.eos_token_ids.contains(&tok) {
-                    st.finish = Some("eos");
-                } else if !params.stop.is_empty() {
-                    let text = tokenizer.decode(&st.tokens)?;
-                    let cut = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
-                    if let Some(cut) = cut {
-                        st.text = Some(text[..cut].to_string());
-                        st.finish = Some("stop");
-                    }
-                }
-                if st.finish.is_none() && st.tokens.len() >= params.max_new_tokens {
-                    st.finish = Some("length");
-                }
-                if st.finish.is_none() && cancelled(i) {
-                    st.finish = Some("cancelled");
-                }
-                r = end;
-            }
-            let keep: Vec<u32> = (0..owners.len()).filter(|&r| states[owners[r]].finish.is_none()).map(|r| r as u32).collect();
+            let lv: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?; // [B][V]
+            let (chosen, keep) = decode_step(&lv, &owners, items, &mut states, tokenizer, info, cancelled)?;
             if keep.is_empty() {
                 break;
             }
@@ -181,21 +124,7 @@ pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> b
             next = Tensor::from_vec(ids, (owners.len(), 1), device)?; // [B, 1]
         }
     }
-    states
-        .into_iter()
-        .map(|st| {
-            let text = match st.text {
-                Some(t) => t,
-                None => tokenizer.decode(&st.tokens)?,
-            };
-            Ok(GenOutput {
-                text,
-                tokens: st.tokens,
-                logprobs: st.logprobs,
-                finish_reason: st.finish.unwrap_or("length"),
-            })
-        })
-        .collect()
+    Decoding::outputs(states, tokenizer)
 }
 
 /// Rank classification of every item: the decoder log-likelihood of each label's target

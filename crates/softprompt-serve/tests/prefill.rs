@@ -46,26 +46,8 @@ fn word_model(root: &Path, name: &str) -> Model {
         }
         let specials: Vec<(u32, &str)> =
             if name == "gpt2-tiny" { vec![(255, "<|endoftext|>")] } else { vec![(0, "<unk>"), (1, "<s>"), (2, "</s>")] };
-        let mut vocab = serde_json::Map::new();
-        for i in 0..256u32 {
-            let tok = specials.iter().find(|s| s.0 == i).map(|s| s.1.to_string()).unwrap_or(format!("w{i}"));
-            vocab.insert(tok, i.into());
-        }
-        let added: Vec<serde_json::Value> = specials
-            .iter()
-            .map(|&(id, content)| {
-                serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": true})
-            })
-            .collect();
-        let unk = specials[0].1;
-        let tok = serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": unk},
-        });
-        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        let tok = softprompt::tokenizer::word_level_json(&specials, 256);
+        std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     }
     load_model(&dir, &Device::Cpu).unwrap()
 }

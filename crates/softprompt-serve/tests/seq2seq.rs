@@ -37,25 +37,9 @@ fn word_model(root: &Path, name: &str) -> Arc<Model> {
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
         std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
     }
-    let mut vocab = serde_json::Map::new();
-    for (id, tok) in ["<pad>", "</s>", "<unk>"].iter().enumerate() {
-        vocab.insert(tok.to_string(), id.into());
-    }
-    for i in 3..256 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "<pad>"), special(1, "</s>"), special(2, "<unk>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    // The unknown token first: it is the tokenizer's unk.
+    let tok = softprompt::tokenizer::word_level_json(&[(2, "<unk>"), (0, "<pad>"), (1, "</s>")], 256);
+    std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     Arc::new(load_model(&dir, &Device::Cpu).unwrap())
 }
 

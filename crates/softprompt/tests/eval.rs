@@ -379,26 +379,9 @@ fn labels_read_back_from_generations() {
 
 /// A word-level tokenizer: `w{i}` is token `i` (3 and up); 0 `[UNK]`, 1 `<s>`, 2 `</s>`.
 fn word_tokenizer(dir: &Path) -> Tokenizer {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("[UNK]".into(), 0.into());
-    vocab.insert("<s>".into(), 1.into());
-    vocab.insert("</s>".into(), 2.into());
-    for i in 3..256 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
+    let json = softprompt::tokenizer::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
     let path = dir.join("tokenizer.json");
-    std::fs::write(&path, json.to_string()).unwrap();
+    std::fs::write(&path, json).unwrap();
     Tokenizer::from_file(&path).unwrap()
 }
 

@@ -39,25 +39,8 @@ pub fn word_model_dir(root: &Path) -> PathBuf {
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
         std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
     }
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("[UNK]".into(), 0.into());
-    vocab.insert("<s>".into(), 1.into());
-    vocab.insert("</s>".into(), 2.into());
-    for i in 3..256 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let special = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0, "[UNK]"), special(1, "<s>"), special(2, "</s>")],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null, "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let tok = softprompt::tokenizer::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
+    std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     dir
 }
 
