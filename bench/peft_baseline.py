@@ -10,8 +10,11 @@ cross-entropy. One step = forward + backward (the prompt's gradient); no optimiz
 new tokens.
 
 Usage: peft_baseline.py [--models smollm2,gpt2,t5-small,flan-t5-small] [--iters 2]
-       [--threads 2] [--no-gen]
-Prints a markdown row and one `BENCH_JSON {...}` line per model.
+       [--threads 2] [--no-gen] [--device cpu|cuda|cuda:N]
+Prints a markdown row and one `BENCH_JSON {...}` line per model. With a CUDA device the clock
+stops after `torch.cuda.synchronize()`, the memory column is torch's peak allocated GPU memory
+(`max_memory_allocated`, reset before each timed step) and the JSON line says `peak_gpu_mib`
+and `device` instead of `peak_rss_mib`.
 """
 import argparse
 import json
@@ -75,8 +78,14 @@ def lcg_tokens(n, vocab, state):
     return out
 
 
-def run(name, iters, with_gen):
+def run(name, iters, with_gen, device="cpu"):
     import torch
+
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     torch.manual_seed(0)
@@ -86,6 +95,7 @@ def run(name, iters, with_gen):
     vocab = base.config.vocab_size
     task = TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM
     model = get_peft_model(base, PromptTuningConfig(task_type=task, num_virtual_tokens=PROMPT))
+    model.to(device)
     print(f"{name}: random weights in {time.time() - t0:.1f} s", flush=True)
 
     state = [12345]
@@ -105,6 +115,8 @@ def run(name, iters, with_gen):
         labels[:, -TARGET:] = ids[:, -TARGET:]
         batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
         sources = torch.tensor([s for s, _ in rows])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    sources = sources.to(device)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -114,21 +126,29 @@ def run(name, iters, with_gen):
     step()  # warm-up
     times, peak = [], 0.0
     for _ in range(iters):
-        peak_rss_reset()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            peak_rss_reset()
         t = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t)
-        peak = max(peak, peak_rss_mib())
+        peak = max(peak, torch.cuda.max_memory_allocated(device) / 2**20 if cuda
+                   else peak_rss_mib())
     step_s = sum(times) / len(times)
 
     gen_tok_s = None
     if with_gen:
         try:
             with torch.no_grad():
+                sync()
                 t = time.perf_counter()
                 out = model.generate(input_ids=sources, attention_mask=torch.ones_like(sources),
                                      max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                      do_sample=False, num_beams=1)
+                sync()
                 dt = time.perf_counter() - t
             gen_tok_s = BATCH * NEW_TOKENS / dt
         except Exception as e:  # report, keep the training numbers
@@ -138,10 +158,14 @@ def run(name, iters, with_gen):
     gen = f"{gen_tok_s:.1f}" if gen_tok_s else "-"
     print(f"| {name} | torch {torch.__version__} + peft | {step_s * 1e3:.0f} | {tok_s:.0f} "
           f"| {peak:.0f} | {gen} |", flush=True)
-    print("BENCH_JSON " + json.dumps(dict(
+    row = dict(
         kind="train", impl="peft", model=name, threads=torch.get_num_threads(),
         step_ms=step_s * 1e3, input_tokens_per_s=tok_s, peak_rss_mib=peak,
-        gen_tokens_per_s=gen_tok_s)), flush=True)
+        gen_tokens_per_s=gen_tok_s)
+    if cuda:
+        row["device"] = device
+        row["peak_gpu_mib"] = row.pop("peak_rss_mib")
+    print("BENCH_JSON " + json.dumps(row), flush=True)
 
 
 def main():
@@ -150,13 +174,14 @@ def main():
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS", 2)))
     ap.add_argument("--no-gen", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     for name in args.models.split(","):
-        run(name.strip(), args.iters, not args.no_gen)
+        run(name.strip(), args.iters, not args.no_gen, args.device)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,17 @@
 //! steps per variant, default 2, after one warm-up step each), `BENCH_GEN` (0 skips
 //! generation), `BENCH_TRAIN` (0 skips the training steps). Every result is also printed as
 //! one `BENCH_JSON {...}` line for `bench/run_side_by_side.sh`.
+//!
+//! GPU (`bench/gpu.sh`): `BENCH_DEVICE` is `cpu` (default), `cuda` or `cuda:N` (the latter two
+//! with the crate's `cuda` feature), `BENCH_DTYPE` is `f32` (default) or `bf16`. The same
+//! weights and batches are built on the CPU and moved; a step's clock stops after
+//! `Device::synchronize`. bf16 runs the T5 models only: GPT-2 and Llama build their attention
+//! bias and rotary tables in f32, which candle will not add to bf16 activations. The fused
+//! kernels of `model::fused`/`model::frozen` are CPU f32 only, so on CUDA `ops` and `fused`
+//! both run the single ops with the frozen matmul and `composite` the plain matmul. The memory
+//! column is then the high-water mark of the CUDA memory pool that candle allocates from
+//! (reset before each step) instead of the peak RSS, and the JSON lines gain `device` and
+//! `dtype` and say `peak_gpu_mib` instead of `peak_rss_mib`.
 
 use candle_core::{DType, Device, Tensor, Var};
 use softprompt::batch::{collate, Batch, Example};
@@ -32,6 +43,9 @@ use softprompt::model::{frozen, fused, gpt2, llama, t5, Backbone};
 use softprompt::objective::mean_loss;
 use std::collections::HashMap;
 use std::time::Instant;
+
+#[cfg(feature = "cuda")]
+use candle_core::cuda::cudarc::driver::{result as cu, sys as cusys};
 
 const BATCH: usize = 8;
 const INPUT: usize = 128;
@@ -65,24 +79,98 @@ fn randn(shape: &[usize], std: f32) -> candle_core::Result<Tensor> {
     Tensor::randn(0f32, std, shape, &Device::Cpu)
 }
 
-struct Builder(HashMap<String, Tensor>);
+/// Where the models run and in which dtype (`BENCH_DEVICE`, `BENCH_DTYPE`).
+struct Target {
+    device: Device,
+    dtype: DType,
+    /// `cpu` or `cuda:N`.
+    name: String,
+}
 
-impl Builder {
-    fn put(&mut self, name: impl Into<String>, shape: &[usize]) -> candle_core::Result<()> {
-        self.0.insert(name.into(), randn(shape, 0.02)?);
-        Ok(())
+impl Target {
+    fn from_env(device: Option<&str>, dtype: Option<&str>) -> softprompt::Result<Target> {
+        let dtype = match dtype.unwrap_or("f32") {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            other => softprompt::bail!("unknown BENCH_DTYPE {other} (f32, bf16)"),
+        };
+        let (device, name) = match device.unwrap_or("cpu") {
+            "cpu" => (Device::Cpu, "cpu".to_string()),
+            spec if spec == "cuda" || spec.starts_with("cuda:") => {
+                let ordinal = match spec.strip_prefix("cuda:") {
+                    Some(n) => n.parse::<usize>().map_err(|_| {
+                        softprompt::Error::invalid(format!("BENCH_DEVICE={spec}: bad ordinal"))
+                    })?,
+                    None => 0,
+                };
+                (cuda_device(ordinal)?, format!("cuda:{ordinal}"))
+            }
+            other => softprompt::bail!("unknown BENCH_DEVICE {other} (cpu, cuda, cuda:N)"),
+        };
+        Ok(Target {
+            device,
+            dtype,
+            name,
+        })
     }
-    fn ones(&mut self, name: impl Into<String>, shape: &[usize]) -> candle_core::Result<()> {
-        self.0
-            .insert(name.into(), Tensor::ones(shape, DType::F32, &Device::Cpu)?);
-        Ok(())
+
+    fn is_cpu(&self) -> bool {
+        self.device.is_cpu()
     }
-    fn weights(self) -> Weights {
-        Weights::new(self.0, "random")
+
+    fn dtype_name(&self) -> &'static str {
+        match self.dtype {
+            DType::BF16 => "bf16",
+            _ => "f32",
+        }
+    }
+
+    /// A tensor made on the CPU in f32, in this target's dtype and on its device.
+    fn place(&self, t: Tensor) -> candle_core::Result<Tensor> {
+        t.to_dtype(self.dtype)?.to_device(&self.device)
     }
 }
 
-fn smollm2() -> softprompt::Result<Model> {
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> softprompt::Result<Device> {
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> softprompt::Result<Device> {
+    softprompt::bail!(
+        "BENCH_DEVICE=cuda needs the cuda feature: cargo bench -p softprompt --features cuda --bench train_step"
+    )
+}
+
+struct Builder<'a> {
+    tensors: HashMap<String, Tensor>,
+    target: &'a Target,
+}
+
+impl<'a> Builder<'a> {
+    fn new(target: &'a Target) -> Self {
+        Builder {
+            tensors: HashMap::new(),
+            target,
+        }
+    }
+    fn put(&mut self, name: impl Into<String>, shape: &[usize]) -> candle_core::Result<()> {
+        let t = self.target.place(randn(shape, 0.02)?)?;
+        self.tensors.insert(name.into(), t);
+        Ok(())
+    }
+    fn ones(&mut self, name: impl Into<String>, shape: &[usize]) -> candle_core::Result<()> {
+        let t = Tensor::ones(shape, self.target.dtype, &self.target.device)?;
+        self.tensors.insert(name.into(), t);
+        Ok(())
+    }
+    fn weights(self) -> Weights {
+        Weights::new(self.tensors, "random")
+    }
+}
+
+fn smollm2(target: &Target) -> softprompt::Result<Model> {
     let cfg: llama::Config = serde_json::from_value(serde_json::json!({
         "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
         "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
@@ -93,7 +181,7 @@ fn smollm2() -> softprompt::Result<Model> {
     .map_err(|e| softprompt::Error::invalid(e.to_string()))?;
     let (d, f, v, hd) = (576, 1536, 49152, 64);
     let (q, kv) = (9 * hd, 3 * hd);
-    let mut b = Builder(HashMap::new());
+    let mut b = Builder::new(target);
     b.put("model.embed_tokens.weight", &[v, d])?;
     b.ones("model.norm.weight", &[d])?;
     for i in 0..cfg.num_hidden_layers {
@@ -126,14 +214,14 @@ fn smollm2() -> softprompt::Result<Model> {
     })
 }
 
-fn gpt2() -> softprompt::Result<Model> {
+fn gpt2(target: &Target) -> softprompt::Result<Model> {
     let cfg: gpt2::Config = serde_json::from_value(serde_json::json!({
         "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257,
         "bos_token_id": 50256, "eos_token_id": 50256
     }))
     .map_err(|e| softprompt::Error::invalid(e.to_string()))?;
     let (d, v) = (768, 50257);
-    let mut b = Builder(HashMap::new());
+    let mut b = Builder::new(target);
     b.put("transformer.wte.weight", &[v, d])?;
     b.put("transformer.wpe.weight", &[1024, d])?;
     let lin = |b: &mut Builder, p: String, i: usize, o: usize| -> candle_core::Result<()> {
@@ -174,7 +262,7 @@ fn gpt2() -> softprompt::Result<Model> {
 
 /// t5-small (`flan = false`: relu, 6+6 layers, 8 heads, d_ff 2048, tied) or flan-t5-small
 /// (gated-gelu, 8+8 layers, 6 heads, d_ff 1024, untied head).
-fn t5(flan: bool) -> softprompt::Result<Model> {
+fn t5(flan: bool, target: &Target) -> softprompt::Result<Model> {
     let (layers, heads, ff) = if flan { (8, 6, 1024) } else { (6, 8, 2048) };
     let (d, dkv, v) = (512, 64, 32128);
     let cfg: t5::Config = serde_json::from_value(serde_json::json!({
@@ -185,7 +273,7 @@ fn t5(flan: bool) -> softprompt::Result<Model> {
     }))
     .map_err(|e| softprompt::Error::invalid(e.to_string()))?;
     let inner = heads * dkv;
-    let mut b = Builder(HashMap::new());
+    let mut b = Builder::new(target);
     b.put("shared.weight", &[v, d])?;
     if flan {
         b.put("lm_head.weight", &[v, d])?;
@@ -296,6 +384,82 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The memory column: the CPU's peak RSS, or on CUDA the high-water mark of the memory pool
+/// that candle's allocations come from (cudarc allocates with `cuMemAllocAsync` from the
+/// device's current pool where the device supports pools). Reset before each timed step.
+enum PeakMem {
+    Rss,
+    #[cfg(feature = "cuda")]
+    Pool(cusys::CUmemoryPool),
+    Unavailable,
+}
+
+impl PeakMem {
+    fn new(device: &Device) -> PeakMem {
+        match device {
+            Device::Cpu => PeakMem::Rss,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                let stream = d.cuda_stream();
+                let ctx = stream.context();
+                if !ctx.has_async_alloc() {
+                    return PeakMem::Unavailable;
+                }
+                // SAFETY: the device handle comes from candle's live context.
+                match unsafe { cu::device::get_mem_pool(ctx.cu_device()) } {
+                    Ok(pool) => PeakMem::Pool(pool),
+                    Err(_) => PeakMem::Unavailable,
+                }
+            }
+            #[allow(unreachable_patterns)]
+            _ => PeakMem::Unavailable,
+        }
+    }
+
+    fn reset(&self) {
+        match self {
+            PeakMem::Rss => reset_peak_rss(),
+            #[cfg(feature = "cuda")]
+            PeakMem::Pool(pool) => {
+                // Setting the high-water mark to 0 resets it to the current use.
+                let mut zero = 0u64;
+                // SAFETY: a pool of the live device; USED_MEM_HIGH takes a cuuint64_t.
+                let _ = unsafe {
+                    cu::mem_pool::set_attribute(
+                        *pool,
+                        cusys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                        &mut zero as *mut u64 as *mut std::ffi::c_void,
+                    )
+                };
+            }
+            PeakMem::Unavailable => {}
+        }
+    }
+
+    fn peak_mib(&self) -> f64 {
+        match self {
+            PeakMem::Rss => peak_rss_mib(),
+            #[cfg(feature = "cuda")]
+            PeakMem::Pool(pool) => {
+                let mut bytes = 0u64;
+                // SAFETY: as in `reset`.
+                let got = unsafe {
+                    cu::mem_pool::get_attribute(
+                        *pool,
+                        cusys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                        &mut bytes as *mut u64 as *mut std::ffi::c_void,
+                    )
+                };
+                match got {
+                    Ok(()) => bytes as f64 / (1024.0 * 1024.0),
+                    Err(_) => f64::NAN,
+                }
+            }
+            PeakMem::Unavailable => f64::NAN,
+        }
+    }
+}
+
 fn lcg_tokens(n: usize, vocab: usize, state: &mut u64) -> Vec<u32> {
     (0..n)
         .map(|_| {
@@ -357,8 +521,11 @@ fn step(
     batch: &Batch,
     st: &mut Stats,
     timed: bool,
+    target: &Target,
+    mem: &PeakMem,
 ) -> softprompt::Result<()> {
-    reset_peak_rss();
+    target.device.synchronize()?;
+    mem.reset();
     let t0 = Instant::now();
     let loss = mean_loss(&m.backbone, Some(prompt.as_tensor()), batch)?;
     let grads = loss.backward()?;
@@ -366,50 +533,91 @@ fn step(
         .get(prompt.as_tensor())
         .ok_or_else(|| softprompt::Error::invalid("the prompt has no gradient"))?
         .clone();
-    let _ = g.sum_all()?.to_scalar::<f32>()?;
+    let _ = g.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    target.device.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
     if timed {
         st.steps += 1;
         st.step_s += dt;
-        st.peak_mib = st.peak_mib.max(peak_rss_mib());
+        st.peak_mib = st.peak_mib.max(mem.peak_mib());
     }
     st.grad = Some(g);
     Ok(())
 }
 
 /// Seconds per `BATCH x NEW_TOKENS` greedy generation.
-fn generate(m: &Model, prompt: &Var, batch: &[Example]) -> softprompt::Result<f64> {
+fn generate(
+    m: &Model,
+    prompt: &Var,
+    batch: &[Example],
+    target: &Target,
+) -> softprompt::Result<f64> {
     let sources: Vec<Vec<u32>> = batch.iter().map(|e| e.source.clone()).collect();
     let opts = GenerateOptions {
         max_new_tokens: NEW_TOKENS,
         stop_at_eos: false,
     };
+    target.device.synchronize()?;
     let t0 = Instant::now();
     let out = greedy(
         &m.backbone,
         Some(prompt.as_tensor()),
         &sources,
         &opts,
-        &Device::Cpu,
+        &target.device,
     )?;
+    target.device.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
     assert!(out.tokens.iter().all(|r| r.len() == NEW_TOKENS));
     Ok(dt)
 }
 
-/// Best of three `n x n x n` f32 matmuls: the sgemm rate candle reaches here.
-fn sgemm_peak() -> candle_core::Result<f64> {
-    let n = 2048;
-    let (a, b) = (randn(&[n, n], 1.0)?, randn(&[n, n], 1.0)?);
+/// The size of the peak-rate matmul: 2048 on the CPU, 8192 on a GPU.
+fn gemm_n(target: &Target) -> usize {
+    if target.is_cpu() {
+        2048
+    } else {
+        8192
+    }
+}
+
+/// Best of three `n x n x n` matmuls in the target's dtype ([`gemm_n`]): the gemm rate candle
+/// reaches here.
+fn sgemm_peak(target: &Target) -> candle_core::Result<f64> {
+    let n = gemm_n(target);
+    let (a, b) = (
+        target.place(randn(&[n, n], 1.0)?)?,
+        target.place(randn(&[n, n], 1.0)?)?,
+    );
     let _ = a.matmul(&b)?;
     let mut best = f64::INFINITY;
     for _ in 0..3 {
+        target.device.synchronize()?;
         let t0 = Instant::now();
         let c = a.matmul(&b)?;
-        let _ = c.get(0)?.get(0)?.to_scalar::<f32>()?;
+        let _ = c.get(0)?.get(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        target.device.synchronize()?;
         best = best.min(t0.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n * n * n) as f64 / best)
+}
+
+/// Adds the device and dtype to a JSON line, except on the CPU in f32 (the lines
+/// `bench/run_side_by_side.sh` reads stay as they were), and renames the memory field on a GPU.
+fn tag_json(mut v: serde_json::Value, target: &Target) -> serde_json::Value {
+    if target.is_cpu() && target.dtype == DType::F32 {
+        return v;
+    }
+    if let Some(o) = v.as_object_mut() {
+        o.insert("device".into(), target.name.clone().into());
+        o.insert("dtype".into(), target.dtype_name().into());
+        if !target.is_cpu() {
+            if let Some(peak) = o.remove("peak_rss_mib") {
+                o.insert("peak_gpu_mib".into(), peak);
+            }
+        }
+    }
+    v
 }
 
 fn main() -> softprompt::Result<()> {
@@ -440,29 +648,72 @@ fn main() -> softprompt::Result<()> {
     let with_gen = env("BENCH_GEN").as_deref() != Some("0");
     let with_train = env("BENCH_TRAIN").as_deref() != Some("0");
     let names = env("BENCH_MODELS").unwrap_or_else(|| "t5-small,flan-t5-small,gpt2,smollm2".into());
+    let target = Target::from_env(
+        env("BENCH_DEVICE").as_deref(),
+        env("BENCH_DTYPE").as_deref(),
+    )?;
+    let mem = PeakMem::new(&target.device);
+    let (cpu, dev, dt) = (target.is_cpu(), target.name.as_str(), target.dtype_name());
+    if target.dtype != DType::F32 {
+        if let Some(m) = names
+            .split(',')
+            .map(str::trim)
+            .find(|m| !matches!(*m, "t5-small" | "flan-t5-small"))
+        {
+            softprompt::bail!(
+                "BENCH_DTYPE={dt}: {m} runs in f32 only (GPT-2 and Llama build their attention \
+                 bias, Llama its rotary tables, in f32); bf16 runs t5-small and flan-t5-small"
+            );
+        }
+    }
 
-    let peak = sgemm_peak()?;
-    println!(
-        "sgemm peak (2048^3 candle matmul, {threads} threads): {:.1} GFLOP/s",
-        peak / 1e9
-    );
+    let peak = sgemm_peak(&target)?;
+    if cpu && target.dtype == DType::F32 {
+        println!(
+            "sgemm peak (2048^3 candle matmul, {threads} threads): {:.1} GFLOP/s",
+            peak / 1e9
+        );
+    } else {
+        println!(
+            "gemm peak ({}^3 {dt} candle matmul, {dev}): {:.1} GFLOP/s",
+            gemm_n(&target),
+            peak / 1e9
+        );
+    }
     println!(
         "BENCH_JSON {}",
-        serde_json::json!({"kind": "sgemm", "threads": threads, "gflops": peak / 1e9})
+        tag_json(
+            serde_json::json!({"kind": "sgemm", "threads": threads, "gflops": peak / 1e9}),
+            &target
+        )
     );
-    println!(
-        "\nbatch {BATCH} x {INPUT} input tokens + {PROMPT} virtual tokens, {TARGET} target tokens/row, \
-         {threads} threads, mean of {iters} steps per variant after 1 warm-up; generation {BATCH} x {NEW_TOKENS} tokens\n"
-    );
-    println!("| model | variant | step ms | input tokens/s | peak RSS MiB | GFLOP/s (% of sgemm) | gen tokens/s |");
+    if cpu {
+        let dtype = if target.dtype == DType::F32 {
+            String::new()
+        } else {
+            format!(" in {dt}")
+        };
+        println!(
+            "\nbatch {BATCH} x {INPUT} input tokens + {PROMPT} virtual tokens, {TARGET} target tokens/row, \
+             {threads} threads{dtype}, mean of {iters} steps per variant after 1 warm-up; generation {BATCH} x {NEW_TOKENS} tokens\n"
+        );
+        println!("| model | variant | step ms | input tokens/s | peak RSS MiB | GFLOP/s (% of sgemm) | gen tokens/s |");
+    } else {
+        println!(
+            "\nbatch {BATCH} x {INPUT} input tokens + {PROMPT} virtual tokens, {TARGET} target tokens/row, \
+             {dev} in {dt}, mean of {iters} steps per variant after 1 warm-up; generation {BATCH} x {NEW_TOKENS} tokens \
+             (the fused kernels are CPU-only: here `ops` and `fused` run the same single ops with the frozen matmul)\n"
+        );
+        println!("| model | variant | step ms | input tokens/s | peak GPU pool MiB | GFLOP/s (% of gemm peak) | gen tokens/s |");
+    }
     println!("|---|---|---:|---:|---:|---:|---:|");
     for name in names.split(',').map(str::trim) {
         let t0 = Instant::now();
         let m = match name {
-            "smollm2" => smollm2()?,
-            "gpt2" => gpt2()?,
-            "t5-small" => t5(false)?,
-            "flan-t5-small" => t5(true)?,
+            "smollm2" => smollm2(&target)?,
+            "gpt2" => gpt2(&target)?,
+            "t5-small" => t5(false, &target)?,
+            "flan-t5-small" => t5(true, &target)?,
             other => {
                 softprompt::bail!("unknown model {other} (t5-small, flan-t5-small, gpt2, smollm2)")
             }
@@ -473,25 +724,25 @@ fn main() -> softprompt::Result<()> {
         );
         let seq2seq = m.backbone.is_seq2seq();
         let ex = examples(seq2seq, m.shape.vocab);
-        let batch = collate(&ex, m.backbone.info(), PROMPT, &Device::Cpu)?;
-        let prompt = Var::from_tensor(&randn(&[PROMPT, m.shape.d], 0.5)?)?;
+        let batch = collate(&ex, m.backbone.info(), PROMPT, &target.device)?;
+        let prompt = Var::from_tensor(&target.place(randn(&[PROMPT, m.shape.d], 0.5)?)?)?;
         let flops = train_flops(&m.shape, seq2seq);
 
         let mut stats: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
         for (v, st) in variants.iter().zip(stats.iter_mut()).filter(|_| with_train) {
             v.select();
-            step(&m, &prompt, &batch, st, false)?;
+            step(&m, &prompt, &batch, st, false, &target, &mem)?;
         }
         for _ in 0..if with_train { iters } else { 0 } {
             for (v, st) in variants.iter().zip(stats.iter_mut()) {
                 v.select();
-                step(&m, &prompt, &batch, st, true)?;
+                step(&m, &prompt, &batch, st, true, &target, &mem)?;
             }
         }
         if with_gen {
             for (v, st) in variants.iter().zip(stats.iter_mut()) {
                 v.select();
-                st.gen_s = Some(generate(&m, &prompt, &ex)?);
+                st.gen_s = Some(generate(&m, &prompt, &ex, &target)?);
             }
         }
         Variant::Fused.select();
@@ -512,12 +763,15 @@ fn main() -> softprompt::Result<()> {
             );
             println!(
                 "BENCH_JSON {}",
-                serde_json::json!({
-                    "kind": "train", "impl": "softprompt", "model": name, "variant": variant,
-                    "threads": threads, "step_ms": step_s * 1e3, "input_tokens_per_s": tok_s,
-                    "peak_rss_mib": st.peak_mib, "train_gflop": flops / 1e9,
-                    "gflops": flops / step_s / 1e9, "gen_tokens_per_s": gen_tok_s,
-                })
+                tag_json(
+                    serde_json::json!({
+                        "kind": "train", "impl": "softprompt", "model": name, "variant": variant,
+                        "threads": threads, "step_ms": step_s * 1e3, "input_tokens_per_s": tok_s,
+                        "peak_rss_mib": st.peak_mib, "train_gflop": flops / 1e9,
+                        "gflops": flops / step_s / 1e9, "gen_tokens_per_s": gen_tok_s,
+                    }),
+                    &target
+                )
             );
         }
         let last = stats.len() - 1;
@@ -526,8 +780,16 @@ fn main() -> softprompt::Result<()> {
                 stats[i].grad.as_ref().unwrap(),
                 stats[last].grad.as_ref().unwrap(),
             );
-            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (a - b)?
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            let scale = a
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
             let speed = (stats[i].step_s / stats[i].steps as f64)
                 / (stats[last].step_s / stats[last].steps as f64);
             println!(
