@@ -123,7 +123,7 @@ pub fn beam_search_one(
     let mask = Tensor::ones((1, source.len()), DType::F32, device)?; // [1, S]
     let embeds = backbone.embed(&ids)?; // [1, S, D]
     let (embeds, mask) = match prompt {
-        Some(p) => prepend(p, &embeds, &mask)?,
+        Some(p) => prepend(&p.detach(), &embeds, &mask)?, // no autograd graph in search
         None => (embeds, mask),
     };
     let prefix = embeds.dim(1)?;

@@ -69,8 +69,10 @@ pub fn greedy(
     let ids = ids_tensor(&rows, device)?; // [B, S]
     let mask = Tensor::from_vec(mask_rows, (b, s), device)?; // [B, S]
     let embeds = backbone.embed(&ids)?;
+    // Generation never differentiates: a prompt still tracked (a training `Var`) would make
+    // every layer build an autograd graph and miss the fused, cache-filling prefill.
     let (embeds, mut mask) = match prompt {
-        Some(p) => prepend(p, &embeds, &mask)?,
+        Some(p) => prepend(&p.detach(), &embeds, &mask)?,
         None => (embeds, mask),
     };
     if let Some(max) = info.max_positions {

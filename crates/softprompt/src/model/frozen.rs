@@ -315,6 +315,47 @@ pub fn attention_block(
     s: &SelfAttention,
     rows: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
+    match attention_op(x, s, rows, false)? {
+        Some(op) => Ok(Some(x.contiguous()?.apply_op1(op)?)),
+        None => Ok(None),
+    }
+}
+
+/// [`attention_block`] for a forward pass that fills a KV cache (the prefill of generation):
+/// `(y, k, v)` with the block output as [`attention_block`] gives it (`[B, T, D]`, or
+/// `[1, M, D]` with `rows`) and the keys (rotated, when the block has rotary tables) and
+/// values of every position, `[B, H_kv, T, Dh]`, as the cache path stores them. Forward only:
+/// `None` when `x` takes part in a gradient computation, or where [`attention_block`] gives
+/// `None` (the caller then runs the single ops).
+pub fn attention_block_kv(
+    x: &Tensor,
+    s: &SelfAttention,
+    rows: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if x.track_op() {
+        return Ok(None);
+    }
+    let Some(op) = attention_op(x, s, rows, true)? else {
+        return Ok(None);
+    };
+    let y = x.contiguous()?.apply_op1_no_bwd(&op)?;
+    let Some((k, v)) = op.kv.lock().map_err(|_| poisoned())?.take() else {
+        candle_core::bail!("attention block: the forward kept no keys and values");
+    };
+    let AttnShape { b, t, hkv, dh, .. } = op.shape;
+    let k = Tensor::from_vec(k, (b, hkv, t, dh), x.device())?;
+    let v = Tensor::from_vec(v, (b, hkv, t, dh), x.device())?;
+    Ok(Some((y, k, v)))
+}
+
+/// The [`AttentionOp`] of [`attention_block`] (`emit_kv`: for [`attention_block_kv`]), or
+/// `None` when [`block_usable`] says no. Errors on inconsistent shapes.
+fn attention_op(
+    x: &Tensor,
+    s: &SelfAttention,
+    rows: Option<&Tensor>,
+    emit_kv: bool,
+) -> Result<Option<AttentionOp>> {
     let mut frozen = Vec::new();
     s.norm.tensors(&mut frozen);
     for l in [&s.q, &s.k, &s.v, &s.o] {
@@ -329,8 +370,9 @@ pub fn attention_block(
     }
     let (b, t, d) = x.dims3()?;
     let (h, hkv, dh) = (s.heads, s.kv_heads, s.head_dim);
-    let bad =
-        |msg: String| -> Result<Option<Tensor>> { candle_core::bail!("attention block: {msg}") };
+    let bad = |msg: String| -> Result<Option<AttentionOp>> {
+        candle_core::bail!("attention block: {msg}")
+    };
     if h == 0 || hkv == 0 || h % hkv != 0 || dh == 0 {
         return bad(format!("{h} heads, {hkv} kv heads, head dim {dh}"));
     }
@@ -398,10 +440,12 @@ pub fn attention_block(
             dh,
         },
         scale: s.scale as f32,
-        keep: x.track_op(),
+        keep: x.track_op() && !emit_kv,
         saved: Mutex::new(None),
+        emit_kv,
+        kv: Mutex::new(None),
     };
-    Ok(Some(x.contiguous()?.apply_op1(op)?))
+    Ok(Some(op))
 }
 
 /// The fused feed-forward sub-block, or `None` when [`block_usable`] says no or the
@@ -887,6 +931,10 @@ struct AttentionOp {
     /// Keep [`AttnSaved`] for the backward (the input takes part in a gradient computation).
     keep: bool,
     saved: Mutex<Option<AttnSaved>>,
+    /// Hand the rotated keys and the values `[B, H_kv, T, Dh]` of the forward to
+    /// [`attention_block_kv`] (through `kv`).
+    emit_kv: bool,
+    kv: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 /// Held operands of an [`AttentionOp`].
@@ -980,7 +1028,9 @@ impl CustomOp1 for AttentionOp {
         let n = norm_fwd(x, d, &held.norm.data()?); // [R, D]
         if let Some(rows) = &self.rows {
             let (y, saved) = self.fwd_rows(x, n, rows, &held)?;
-            if self.keep {
+            if self.emit_kv {
+                *self.kv.lock().map_err(|_| poisoned())? = Some((saved.k, saved.v));
+            } else if self.keep {
                 *self.saved.lock().map_err(|_| poisoned())? = Some(saved);
             }
             return Ok((CpuStorage::F32(y), Shape::from((1, rows.len(), d))));
@@ -992,17 +1042,25 @@ impl CustomOp1 for AttentionOp {
 
         // Per (row, kv head): scores of its `group` query heads, softmax, `P V` into the
         // merged `[B*T, H*Dh]` layout.
-        let mut p = vec![0f32; b * h * t * t]; // [B, H, T, T]
+        // Kept for the backward: all of them; otherwise one `[T, T]` scratch per task.
+        let mut p = vec![0f32; if self.keep { b * h * t * t } else { 0 }]; // [B, H, T, T]
+        let all_p = Out::new(&mut p);
         let mut merged = vec![0f32; r * nq];
         let out = Out::new(&mut merged);
-        p.par_chunks_mut(group * t * t)
-            .enumerate()
-            .try_for_each(|(task, pg)| -> Result<()> {
+        (0..b * hkv)
+            .into_par_iter()
+            .try_for_each(|task| -> Result<()> {
                 let (bi, kv) = (task / hkv, task % hkv);
                 let kv_off = (bi * hkv + kv) * t * dh;
+                let mut scratch = vec![0f32; if self.keep { 0 } else { t * t }];
                 for gi in 0..group {
                     let hi = kv * group + gi;
-                    let ph = &mut pg[gi * t * t..(gi + 1) * t * t];
+                    let ph: &mut [f32] = match self.keep {
+                        // SAFETY: head `hi` of batch row `bi` belongs to this task only.
+                        true => unsafe { all_p.slice((bi * h + hi) * t * t, t * t)? },
+                        // Rows and keys past those computed below are never read.
+                        false => &mut scratch,
+                    };
                     let q_off = (bi * h + hi) * t * dh;
                     let bsel = (if bb == 1 { 0 } else { bi }) * hb + if hb == 1 { 0 } else { hi };
                     let b_off = bsel * t * t;
@@ -1055,7 +1113,9 @@ impl CustomOp1 for AttentionOp {
             Src(o.w, Mat::t(0, nq)),
             (r, d, nq),
         )?;
-        if self.keep {
+        if self.emit_kv {
+            *self.kv.lock().map_err(|_| poisoned())? = Some((k, v));
+        } else if self.keep {
             *self.saved.lock().map_err(|_| poisoned())? = Some(AttnSaved { q, k, v, p });
         }
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -2023,5 +2083,116 @@ mod tests {
             grads.get(wg.as_tensor()).is_some(),
             "the trained weight has a gradient"
         );
+    }
+
+    /// The forward-only op that fills a KV cache ([`attention_block_kv`]) against the cache
+    /// path of single ops: the output (whole sequence and at rows) and the keys (rotated) and
+    /// values `[B, H_kv, T, Dh]`, with a left-padded causal mask longer than a row block; a
+    /// grouped-query rotary (Llama) and a GPT-2-style block. An input that needs a gradient
+    /// gets `None`.
+    #[test]
+    fn prefill_with_kv_matches_cache_path() {
+        let (b, t, d) = (3, ROW_BLOCK + 9, 24);
+        let x = rand(&[b, t, d], 7, 1.0);
+        // Row `i` has its first `3 i` positions padded.
+        let mask: Vec<f32> = (0..b)
+            .flat_map(|i| (0..t).map(move |j| if j < 3 * i { 0.0 } else { 1.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+        let causal = attention_bias(&mask, t, true).unwrap(); // [B, 1, T, T]
+        let check_kv = |what: &str, spec: &SelfAttention| {
+            // The cache path: norm, projections, head split, rotation, then attention.
+            let n = match spec.norm {
+                Norm::Rms { w, eps } => ops::rms_norm(&x, w, eps).unwrap(),
+                Norm::Layer { w, b, eps } => ops::layer_norm(&x, w, b, eps).unwrap(),
+            };
+            let proj = |l: &Linear| {
+                let y = ops::linear(&n, l.w, l.b).unwrap();
+                ops::split_heads(&y, spec.kv_heads).unwrap()
+            };
+            let (mut k, v) = (proj(&spec.k), proj(&spec.v));
+            if let Some(r) = &spec.rope {
+                k = ops::rope(&k, r.cos, r.sin, r.interleaved).unwrap();
+            }
+            let y_ref = ops::attention_block_composite(&x, spec).unwrap();
+            let (y, k_got, v_got) = attention_block_kv(&x, spec, None)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{what}: fused path not taken"));
+            assert_rel(&format!("{what}: output"), &y, &y_ref, 1e-5);
+            assert_rel(&format!("{what}: keys"), &k_got, &k, 1e-5);
+            assert_rel(&format!("{what}: values"), &v_got, &v, 1e-5);
+            let rows = Tensor::new(
+                &[(t - 1) as u32, (2 * t - 1) as u32, (3 * t - 1) as u32],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let (y, k_got, v_got) = attention_block_kv(&x, spec, Some(&rows))
+                .unwrap()
+                .unwrap_or_else(|| panic!("{what} at rows: fused path not taken"));
+            let y_rows = y_ref
+                .reshape((b * t, d))
+                .unwrap()
+                .index_select(&rows, 0)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            assert_rel(&format!("{what} at rows: output"), &y, &y_rows, 1e-5);
+            assert_rel(&format!("{what} at rows: keys"), &k_got, &k, 1e-5);
+            assert_rel(&format!("{what} at rows: values"), &v_got, &v, 1e-5);
+            let xv = Var::from_tensor(&x).unwrap();
+            assert!(attention_block_kv(xv.as_tensor(), spec, None)
+                .unwrap()
+                .is_none());
+        };
+        // Llama-style: RMSNorm, grouped-query attention, rotary in both layouts.
+        let (h, hkv, dh) = (6, 2, 4);
+        let w = attn_weights(d, h, hkv, dh, 70);
+        let (cos, sin) = ops::rope_tables(dh, 10000.0, 0, t, &Device::Cpu).unwrap();
+        for interleaved in [false, true] {
+            let lin = |p| self::tests::lin(p, interleaved);
+            let spec = SelfAttention {
+                norm: Norm::Rms {
+                    w: &w.norm_w,
+                    eps: 1e-5,
+                },
+                q: lin(&w.q),
+                k: lin(&w.k),
+                v: lin(&w.v),
+                o: Linear { w: &w.o.0, b: None },
+                heads: h,
+                kv_heads: hkv,
+                head_dim: dh,
+                rope: Some(Rotary {
+                    cos: &cos,
+                    sin: &sin,
+                    interleaved,
+                }),
+                bias: &causal,
+                scale: 0.5,
+            };
+            check_kv(&format!("llama-style (interleaved {interleaved})"), &spec);
+        }
+        // GPT-2-style: LayerNorm, biases everywhere, no rotary.
+        let (h, dh) = (3, 8);
+        let w = attn_weights(d, h, h, dh, 80);
+        let lin = |p| self::tests::lin(p, true);
+        let spec = SelfAttention {
+            norm: Norm::Layer {
+                w: &w.norm_w,
+                b: &w.norm_b,
+                eps: 1e-5,
+            },
+            q: lin(&w.q),
+            k: lin(&w.k),
+            v: lin(&w.v),
+            o: lin(&w.o),
+            heads: h,
+            kv_heads: h,
+            head_dim: dh,
+            rope: None,
+            bias: &causal,
+            scale: 0.3,
+        };
+        check_kv("gpt2-style", &spec);
     }
 }

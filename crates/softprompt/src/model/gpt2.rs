@@ -210,16 +210,20 @@ impl Gpt2 {
         ops::layer_norm(x, &n.w, &n.b, self.eps)
     }
 
-    /// One block without a KV cache, as [`ops::attention_block`] and
-    /// [`ops::feed_forward_block`]: `h [B, T, D]`, `bias [B, 1, T, T]`. With `rows` (flattened
-    /// positions `[M]`), only those: `[1, M, D]` out.
+    /// One block as [`ops::attention_block`] and [`ops::feed_forward_block`]: `h [B, T, D]`,
+    /// `bias [B, 1, T, T]`. With `rows` (flattened positions `[M]`), only those: `[1, M, D]`
+    /// out. With `fill` (an empty KV cache and this block's index), also appends the block's
+    /// keys and values to the cache, through the fused forward-only op
+    /// ([`ops::attention_block_kv`]); `None` when that op does not apply (the caller then runs
+    /// the cache path of single ops). Without `fill`, always `Some`.
     fn block(
         &self,
         h: &Tensor,
         blk: &Block,
         bias: &Tensor,
         rows: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        fill: Option<(&mut KvCache, usize)>,
+    ) -> Result<Option<Tensor>> {
         let d = self.info.d_model;
         // c_attn stacks q, k, v: rows of `w [3D, D]` and `b [3D]` (contiguous views).
         let (w, b) = (&blk.c_attn.w, &blk.c_attn.b);
@@ -256,9 +260,16 @@ impl Gpt2 {
             bias,
             scale: blk.scale,
         };
-        let h = match rows {
-            Some(rows) => ops::attention_block_at(h, &attn, rows)?,
-            None => ops::attention_block(h, &attn)?,
+        let h = match (fill, rows) {
+            (Some((cache, i)), rows) => match ops::attention_block_kv(h, &attn, rows)? {
+                Some((y, k, v)) => {
+                    cache.append(i, k, v)?;
+                    y
+                }
+                None => return Ok(None),
+            },
+            (None, Some(rows)) => ops::attention_block_at(h, &attn, rows)?,
+            (None, None) => ops::attention_block(h, &attn)?,
         };
         let act = match self.act {
             Activation::GeluTanh => ops::FfnAct::GeluTanh,
@@ -273,7 +284,7 @@ impl Gpt2 {
             },
             down: proj(&blk.mlp_proj),
         };
-        ops::feed_forward_block(&h, &ffn)
+        Ok(Some(ops::feed_forward_block(&h, &ffn)?))
     }
 
     /// Runs the blocks and the final norm, at the positions `at` picks (see
@@ -308,22 +319,27 @@ impl Gpt2 {
         let mut h = embeds.broadcast_add(&pos)?; // [B, T, D]
         let bias = attention_bias(mask, t, true)?; // [B, 1, T, P+T]
         let mut picked = false;
+        // An empty cache (a prefill) is filled by the fused sub-blocks where they apply.
+        let fresh = past == 0;
         for (i, blk) in self.blocks.iter().enumerate() {
             if let Some(hs) = hidden.as_deref_mut() {
                 // [0] is the input of block 0, [i] the output of block i-1; the last block's
                 // output is pushed after the final norm below.
                 hs.push(h.clone());
             }
-            if cache.is_none() {
-                // Nothing to cache: each residual sub-block as one op, the last block only at
-                // the positions `at` picks.
+            if cache.is_none() || fresh {
+                // Each residual sub-block as one op, the last block only at the positions `at`
+                // picks.
                 let rows = match i + 1 == self.blocks.len() {
                     true => ops::logit_rows(at, b, t, embeds.device())?,
                     false => None,
                 };
-                picked = rows.is_some();
-                h = self.block(&h, blk, &bias, rows.as_ref())?;
-                continue;
+                let fill = cache.as_deref_mut().map(|c| (c, i));
+                if let Some(y) = self.block(&h, blk, &bias, rows.as_ref(), fill)? {
+                    picked = rows.is_some();
+                    h = y;
+                    continue;
+                }
             }
             // Attention.
             let x = self.norm(&h, &blk.ln_1)?;

@@ -222,9 +222,12 @@ impl Llama {
         })
     }
 
-    /// One layer without a KV cache, as [`ops::attention_block`] and
-    /// [`ops::feed_forward_block`]: `x [B, T, D]`, `bias [B, 1, T, T]`, rotary tables `[T, Dh/2]`.
-    /// With `rows` (flattened positions `[M]`), only those: `[1, M, D]` out.
+    /// One layer as [`ops::attention_block`] and [`ops::feed_forward_block`]: `x [B, T, D]`,
+    /// `bias [B, 1, T, T]`, rotary tables `[T, Dh/2]`. With `rows` (flattened positions
+    /// `[M]`), only those: `[1, M, D]` out. With `fill` (an empty KV cache and this layer's
+    /// index), also appends the layer's keys and values to the cache, through the fused
+    /// forward-only op ([`ops::attention_block_kv`]); `None` when that op does not apply (the
+    /// caller then runs the cache path of single ops). Without `fill`, always `Some`.
     #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
@@ -235,7 +238,8 @@ impl Llama {
         sin: &Tensor,
         scale: f64,
         rows: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        fill: Option<(&mut KvCache, usize)>,
+    ) -> Result<Option<Tensor>> {
         fn lin<'a>(w: &'a Tensor, b: &'a Option<Tensor>) -> ops::Linear<'a> {
             ops::Linear { w, b: b.as_ref() }
         }
@@ -257,9 +261,16 @@ impl Llama {
             bias,
             scale,
         };
-        let x = match rows {
-            Some(rows) => ops::attention_block_at(x, &attn, rows)?,
-            None => ops::attention_block(x, &attn)?,
+        let x = match (fill, rows) {
+            (Some((cache, i)), rows) => match ops::attention_block_kv(x, &attn, rows)? {
+                Some((y, k, v)) => {
+                    cache.append(i, k, v)?;
+                    y
+                }
+                None => return Ok(None),
+            },
+            (None, Some(rows)) => ops::attention_block_at(x, &attn, rows)?,
+            (None, None) => ops::attention_block(x, &attn)?,
         };
         let ffn = ops::FeedForward {
             norm: norm(&layer.post_norm),
@@ -270,7 +281,7 @@ impl Llama {
             },
             down: lin(&layer.down, &None),
         };
-        ops::feed_forward_block(&x, &ffn)
+        Ok(Some(ops::feed_forward_block(&x, &ffn)?))
     }
 
     /// Runs every block; returns the final-normed hidden states at the positions `at` picks
@@ -302,22 +313,28 @@ impl Llama {
             s.push(x.clone());
         }
         let mut picked = false;
+        // An empty cache (a prefill) is filled by the fused sub-blocks where they apply.
+        let fresh = past == 0;
         for (i, layer) in self.layers.iter().enumerate() {
-            if cache.is_none() {
-                // Nothing to cache: each residual sub-block as one op, the last layer only at
-                // the positions `at` picks.
+            if cache.is_none() || fresh {
+                // Each residual sub-block as one op, the last layer only at the positions `at`
+                // picks.
                 let rows = match i + 1 == self.layers.len() {
                     true => ops::logit_rows(at, b, t, device)?,
                     false => None,
                 };
-                picked = rows.is_some();
-                x = self.block(&x, layer, &bias, &cos, &sin, scale, rows.as_ref())?;
-                if let Some(s) = states.as_mut() {
-                    if i + 1 < self.layers.len() {
-                        s.push(x.clone());
+                let fill = cache.as_deref_mut().map(|c| (c, i));
+                let y = self.block(&x, layer, &bias, &cos, &sin, scale, rows.as_ref(), fill)?;
+                if let Some(y) = y {
+                    picked = rows.is_some();
+                    x = y;
+                    if let Some(s) = states.as_mut() {
+                        if i + 1 < self.layers.len() {
+                            s.push(x.clone());
+                        }
                     }
+                    continue;
                 }
-                continue;
             }
             let h = ops::rms_norm(&x, &layer.input_norm, self.eps)?;
             let q = ops::linear(&h, &layer.q, layer.q_bias.as_ref())?; // [B, T, H*Dh]

@@ -239,6 +239,18 @@ pub fn attention_block_at(x: &Tensor, s: &SelfAttention, rows: &Tensor) -> Resul
     Ok(y.index_select(rows, 0)?.unsqueeze(0)?)
 }
 
+/// [`attention_block`] (at `rows` when given, as [`attention_block_at`]) for a forward pass
+/// that starts an empty KV cache: also returns the keys (rotated) and values of every
+/// position, `[B, H_kv, T, Dh]`, for [`super::KvCache::append`]. Fused only: `None` where the
+/// fused op does not apply or `x` needs a gradient; the caller then runs the single ops.
+pub fn attention_block_kv(
+    x: &Tensor,
+    s: &SelfAttention,
+    rows: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    Ok(super::frozen::attention_block_kv(x, s, rows)?)
+}
+
 /// The flattened positions `[M]` (u32) that [`super::LogitsAt`] picks from `[B, T, ..]`, or
 /// `None` for all of them. The rows [`select_positions`] takes, in the same order.
 pub fn logit_rows(
