@@ -7,7 +7,7 @@
 #   scripts/init_ablation.sh [OUT]          (default OUT: runs/init-ablation)
 #
 # Environment: SOFTPROMPT (the binary, default: softprompt on PATH), STEPS (100), SEED (1),
-# EVAL_EVERY (10), DEV (200 dev examples), THRESHOLDS ("0.70 0.80 0.85"), THREADS (1 per run:
+# LR (Adafactor learning rate, 0.3: the paper's), EVAL_EVERY (10), DEV (200 dev examples), THRESHOLDS ("0.70 0.80 0.85"), THREADS (1 per run:
 # the two runs go side by side, so each gets the same share of the machine).
 #
 # Writes OUT/data/{train,dev,test}.jsonl (the task's splits), OUT/<init>/ (adapter,
@@ -20,6 +20,7 @@ OUT=${1:-runs/init-ablation}
 BIN=${SOFTPROMPT:-softprompt}
 STEPS=${STEPS:-100}
 SEED=${SEED:-1}
+LR=${LR:-0.3}
 EVAL_EVERY=${EVAL_EVERY:-10}
 DEV=${DEV:-200}
 THRESHOLDS=${THRESHOLDS:-0.70 0.80 0.85}
@@ -28,7 +29,7 @@ INITS=(class-labels random-uniform)
 
 mkdir -p "$OUT"
 common=(train --model smollm2 --data movie-sentiment --dev movie-sentiment --dev-limit "$DEV"
-    --n-tokens 20 --optimizer adafactor --lr 0.3 --schedule constant --batch-size 8
+    --n-tokens 20 --optimizer adafactor --lr "$LR" --schedule constant --batch-size 8
     --steps "$STEPS" --eval-every "$EVAL_EVERY" --checkpoint-every "$EVAL_EVERY"
     --select-by accuracy --seed "$SEED" --resume --quiet)
 
