@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{setup, Setup};
+use common::{setup, train_on, Setup};
 use softprompt::prompt::PeftAdapter;
 use softprompt::train::checkpoint::Checkpoint;
 use softprompt::train::metrics;
@@ -27,15 +27,8 @@ const SEED: u64 = 0x5eed_c0de;
 /// `softprompt train --resume` with a checkpoint after every step and AdamW (its state
 /// tensors make the checkpoint bigger than the prompt alone).
 fn train_cmd(s: &Setup, out: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_softprompt"));
-    c.arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.train)
-        .arg("--dev")
-        .arg(&s.dev)
-        .args(["--labels", "w100,w200", "--n-tokens", "4", "--batch-size", "4"])
+    let mut c = train_on(s);
+    c.args(["--labels", "w100,w200", "--n-tokens", "4", "--batch-size", "4"])
         .args(["--optimizer", "adamw", "--lr", "0.05", "--eval-every", "3"])
         .args(["--checkpoint-every", "1", "--steps", &STEPS.to_string()])
         .args(["--resume", "--quiet"])

@@ -19,14 +19,7 @@ fn metrics(path: &std::path::Path) -> Vec<serde_json::Value> {
 /// Trains on the word data (`--eval-every 1`, 8 steps) with `extra`; returns the exported
 /// step and the metrics lines that carry a dev evaluation.
 fn train_words(s: &Setup, out: &Path, extra: &[&str]) -> (u64, Vec<serde_json::Value>) {
-    let (ok, stdout, stderr) = run(bin()
-        .arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.train)
-        .arg("--dev")
-        .arg(&s.dev)
+    let (ok, stdout, stderr) = run(train_on(s)
         .args(["--labels", "w100,w200", "--init", "random-uniform", "--seed", "0"])
         .args(["--n-tokens", "4", "--batch-size", "4", "--steps", "8", "--eval-every", "1"])
         .arg("--quiet")
@@ -96,14 +89,7 @@ fn logged_dev_accuracy_is_what_eval_measures_for_the_exported_prompt() {
 fn select_by_accuracy_needs_labels_that_are_the_dev_targets() {
     let s = setup(8);
     let train = |extra: &[&str]| {
-        run(bin()
-            .arg("train")
-            .arg("--model")
-            .arg(&s.model)
-            .arg("--data")
-            .arg(&s.train)
-            .arg("--dev")
-            .arg(&s.dev)
+        run(train_on(&s)
             .args(["--n-tokens", "4", "--batch-size", "4", "--steps", "2", "--quiet"])
             .arg("--output")
             .arg(s.root.join("run"))

@@ -9,15 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 fn train_cmd(s: &Setup, out: &Path, extra: &[&str]) -> Command {
-    let mut c = bin();
-    c.arg("train")
-        .arg("--model")
-        .arg(&s.model)
-        .arg("--data")
-        .arg(&s.train)
-        .arg("--dev")
-        .arg(&s.dev)
-        .args(["--batch-size", "4", "--eval-every", "2", "--quiet"])
+    let mut c = train_on(s);
+    c.args(["--batch-size", "4", "--eval-every", "2", "--quiet"])
         .arg("--output")
         .arg(out)
         .args(extra);

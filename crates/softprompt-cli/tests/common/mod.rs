@@ -72,6 +72,20 @@ pub struct Setup {
     pub dev: PathBuf,
 }
 
+/// `softprompt train` on the set-up's model, training data and dev data; callers add the rest.
+#[allow(dead_code)] // not every test binary trains
+pub fn train_on(s: &Setup) -> Command {
+    let mut c = bin();
+    c.arg("train")
+        .arg("--model")
+        .arg(&s.model)
+        .arg("--data")
+        .arg(&s.train)
+        .arg("--dev")
+        .arg(&s.dev);
+    c
+}
+
 pub fn setup(n_train: usize) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
