@@ -111,10 +111,6 @@ pub fn causal(model: &Model) -> Result<&dyn CausalLm> {
     }
 }
 
-fn pad_id(m: &dyn CausalLm) -> u32 {
-    let info = m.info();
-    info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0)
-}
 
 /// Keys and values of one prompt run alone (batch 1, positions `0..N-1`): a [`KvCache`] of
 /// `N` positions, each layer `[1, H_kv, N, Dh]`. Empty until the first batch that needs it
@@ -197,7 +193,7 @@ fn start(m: &dyn CausalLm, rows: &[RowSpec], count: &mut Prefill, decode: bool, 
     if b == 0 {
         softprompt::bail!("a batch needs at least one row");
     }
-    let pad = pad_id(m);
+    let pad = m.info().pad_id();
     let s_max = rows.iter().map(|r| r.tokens.len()).max().unwrap_or(0).max(1);
     let mut ids = Vec::with_capacity(b * s_max);
     for r in rows {

@@ -35,17 +35,13 @@ pub fn seq2seq(model: &Model) -> Result<&dyn Seq2SeqLm> {
     }
 }
 
-fn pad_id(m: &dyn Seq2SeqLm) -> u32 {
-    let info = m.info();
-    info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0)
-}
 
 /// Encoder input `[B, L, D]` and mask `[B, L]` for rows `(prompt [N_i, D], tokens)`:
 /// `[P_i; embed(x_i)]` followed by zero vectors up to `L = max(N_i + S_i)`.
 fn encoder_input(m: &dyn Seq2SeqLm, rows: &[(&Tensor, &[u32])], device: &Device) -> Result<(Tensor, Tensor)> {
     let b = rows.len();
     let d = m.info().d_model;
-    let pad = pad_id(m);
+    let pad = m.info().pad_id();
     let s_max = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(1);
     let mut ids = Vec::with_capacity(b * s_max);
     for (_, src) in rows {
@@ -104,7 +100,7 @@ pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> b
         let (x, mut enc_mask) = encoder_input(m, &rows, device)?; // [B, L, D], [B, L]
         let mut enc = m.encode(&x, &enc_mask)?; // [B, L, D]
         let mut cache = KvCache::new(info.n_layers);
-        let start = info.decoder_start_token_id.unwrap_or_else(|| pad_id(m));
+        let start = info.decoder_start_token_id.unwrap_or_else(|| info.pad_id());
         let mut next = Tensor::from_vec(vec![start; owners.len()], (owners.len(), 1), device)?; // [B, 1]
         loop {
             let logits = m.decode(&next, &enc, &enc_mask, Some(&mut cache), LogitsAt::Last)?; // [B, V]

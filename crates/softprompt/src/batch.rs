@@ -47,7 +47,7 @@ pub fn collate(examples: &[Example], info: &ModelInfo, n_prompt: usize, device: 
     if examples.iter().any(|e| e.target.is_empty()) {
         crate::bail!("an example has an empty target: nothing to score");
     }
-    let pad = info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0);
+    let pad = info.pad_id();
     let b = examples.len();
     let mut label_rows = Vec::new();
     let mut label_ids = Vec::new();
@@ -93,7 +93,7 @@ pub fn collate(examples: &[Example], info: &ModelInfo, n_prompt: usize, device: 
         for (i, e) in examples.iter().enumerate() {
             let len = e.source.len() + e.target.len();
             let pads = s - len;
-            ids.extend(std::iter::repeat(pad).take(pads));
+            ids.extend(std::iter::repeat_n(pad, pads));
             ids.extend(e.source.iter().chain(e.target.iter()).copied());
             mask.extend((0..s).map(|j| if j < pads { 0f32 } else { 1. }));
             for (j, &tok) in e.target.iter().enumerate() {

@@ -115,10 +115,7 @@ pub fn beam_search_one(
             finished: false,
         }]);
     }
-    let pad = info
-        .pad_token_id
-        .or(info.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad = info.pad_id();
     let ids = Tensor::new(source, device)?.unsqueeze(0)?; // [1, S]
     let mask = Tensor::ones((1, source.len()), DType::F32, device)?; // [1, S]
     let embeds = backbone.embed(&ids)?; // [1, S, D]

@@ -110,7 +110,7 @@ pub fn last_logits(
         crate::bail!("last_logits needs a decoder-only model");
     };
     let info = m.info();
-    let pad = info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0);
+    let pad = info.pad_id();
     let b = sources.len();
     let s = sources.iter().map(Vec::len).max().unwrap_or(0);
     if s == 0 {

@@ -46,7 +46,7 @@ pub fn greedy(
     if b == 0 {
         return Ok(Generation { tokens: vec![], step_logits: vec![] });
     }
-    let pad = info.pad_token_id.or(info.eos_token_ids.first().copied()).unwrap_or(0);
+    let pad = info.pad_id();
     let seq2seq = backbone.is_seq2seq();
     // Pad the sources: left for decoder-only, right for the encoder.
     let s = sources.iter().map(Vec::len).max().unwrap_or(0).max(1);
@@ -57,10 +57,10 @@ pub fn greedy(
         let mut row: Vec<u32> = Vec::with_capacity(s);
         if seq2seq {
             row.extend(src);
-            row.extend(std::iter::repeat(pad).take(pads));
+            row.extend(std::iter::repeat_n(pad, pads));
             mask_rows.extend((0..s).map(|j| if j < src.len() { 1f32 } else { 0. }));
         } else {
-            row.extend(std::iter::repeat(pad).take(pads));
+            row.extend(std::iter::repeat_n(pad, pads));
             row.extend(src);
             mask_rows.extend((0..s).map(|j| if j < pads { 0f32 } else { 1. }));
         }

@@ -47,6 +47,14 @@ pub struct ModelInfo {
     pub decoder_start_token_id: Option<u32>,
 }
 
+impl ModelInfo {
+    /// The id that fills padded positions: the pad token, else the first EOS, else 0. Padded
+    /// positions are masked out, so any id works; these are the ones transformers would use.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0)
+    }
+}
+
 /// Where the LM head is applied. Training needs logits only where labels are.
 #[derive(Clone, Copy, Debug)]
 pub enum LogitsAt<'a> {
