@@ -4,6 +4,8 @@
 //! Reference answers come from the library's own entry points (`eval::generate::greedy`,
 //! `eval::classify::label_log_likelihoods`) run directly on the same prompt and input.
 
+mod common;
+use common::*;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use softprompt::eval::classify::label_log_likelihoods;
@@ -125,20 +127,6 @@ fn library_generate(model: &Model, prompt: &Tensor, src: &[u32], max_new: usize)
     (tokens, logprobs)
 }
 
-fn as_u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn as_f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol, "{what}[{i}]: {x} vs {y}");
-    }
-}
 
 const INPUTS: [&str; 3] = [
     "a gripping, beautifully shot film",
@@ -264,18 +252,7 @@ fn mixed_batches_give_each_request_its_alone_answer() {
     let mixed: Vec<(u16, serde_json::Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     for (((path, body), a), (status, m)) in jobs.iter().zip(&alone).zip(&mixed) {
         assert_eq!(*status, 200, "{m}");
-        let what = format!("{path} {body}");
-        if *path == "/v1/generate" {
-            assert_eq!(as_u32s(&a["tokens"]), as_u32s(&m["tokens"]), "{what}: tokens");
-            assert_close(&what, &as_f32s(&a["logprobs"]), &as_f32s(&m["logprobs"]), 1e-4);
-            assert_eq!(a["text"], m["text"]);
-        } else {
-            assert_eq!(a["label"], m["label"], "{what}");
-            for (label, s) in a["scores"].as_object().unwrap() {
-                let (x, y) = (s.as_f64().unwrap(), m["scores"][label].as_f64().unwrap());
-                assert!((x - y).abs() < 1e-4, "{what} {label}: {x} vs {y}");
-            }
-        }
+        assert_same_answer(&format!("{path} {body}"), path, a, m);
     }
     // Some batch held more than one task.
     let (_, m) = get(addr, "/metrics");

@@ -10,6 +10,8 @@
 //! path (`prefix_after_bos`, a tokenizer without BOS, `eval::report`); for the key rotation, the
 //! model run with the inputs placed later.
 
+mod common;
+use common::*;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use softprompt::batch::Example;
@@ -100,21 +102,6 @@ fn prefill(addr: SocketAddr) -> (u64, u64) {
     )
 }
 
-fn as_u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn as_f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-#[track_caller]
-fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol, "{what}[{i}]: {x} vs {y}");
-    }
-}
 
 fn format(meta: &TaskMeta, input: &str) -> String {
     match &meta.template {

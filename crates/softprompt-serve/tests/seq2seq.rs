@@ -8,6 +8,8 @@
 //! them (`eval::generate::greedy`, `eval::classify::label_log_likelihoods`,
 //! `objective::target_nll`), on the same prompt and input.
 
+mod common;
+use common::*;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use softprompt::batch::{collate, Example};
@@ -66,21 +68,6 @@ fn post(addr: SocketAddr, path: &str, body: &serde_json::Value) -> (u16, serde_j
     (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
 }
 
-fn as_u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-fn as_f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-#[track_caller]
-fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol, "{what}[{i}]: {x} vs {y}");
-    }
-}
 
 /// Encoder input as the library builds it: the template applied, then EOS.
 fn source(model: &Model, meta: &TaskMeta, input: &str) -> Vec<u32> {
@@ -366,18 +353,9 @@ fn mixed_batches_give_each_request_its_alone_answer() {
         let mixed: Vec<(u16, serde_json::Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         for (((path, body), a), (status, m)) in jobs.iter().zip(&alone).zip(&mixed) {
             assert_eq!(*status, 200, "{m}");
-            let what = format!("{name} {path} {body}");
+            assert_same_answer(&format!("{name} {path} {body}"), path, a, m);
             if *path == "/v1/generate" {
-                assert_eq!(as_u32s(&a["tokens"]), as_u32s(&m["tokens"]), "{what}: tokens");
-                assert_close(&what, &as_f32s(&a["logprobs"]), &as_f32s(&m["logprobs"]), 1e-4);
-                assert_eq!(a["text"], m["text"]);
                 assert_eq!(a["finish_reason"], m["finish_reason"]);
-            } else {
-                assert_eq!(a["label"], m["label"], "{what}");
-                for (label, s) in a["scores"].as_object().unwrap() {
-                    let (x, y) = (s.as_f64().unwrap(), m["scores"][label].as_f64().unwrap());
-                    assert!((x - y).abs() < 1e-4, "{what} {label}: {x} vs {y}");
-                }
             }
         }
         // Some batch of the mixed server held more than one task.

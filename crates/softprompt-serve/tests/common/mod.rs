@@ -1,0 +1,36 @@
+//! Helpers shared by the server's integration tests: reading JSON answers and comparing them.
+#![allow(dead_code)] // not every test binary uses every helper
+
+pub fn as_u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+pub fn as_f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+/// Two answers to the same request (`path` `/v1/generate` or `/v1/classify`) agree: the same
+/// tokens and text (log-probabilities within 1e-4), or the same label (every label's score
+/// within 1e-4).
+#[track_caller]
+pub fn assert_same_answer(what: &str, path: &str, a: &serde_json::Value, b: &serde_json::Value) {
+    if path == "/v1/generate" {
+        assert_eq!(as_u32s(&a["tokens"]), as_u32s(&b["tokens"]), "{what}: tokens");
+        assert_close(what, &as_f32s(&a["logprobs"]), &as_f32s(&b["logprobs"]), 1e-4);
+        assert_eq!(a["text"], b["text"]);
+    } else {
+        assert_eq!(a["label"], b["label"], "{what}");
+        for (label, s) in a["scores"].as_object().unwrap() {
+            let (x, y) = (s.as_f64().unwrap(), b["scores"][label].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-4, "{what} {label}: {x} vs {y}");
+        }
+    }
+}
