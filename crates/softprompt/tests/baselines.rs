@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::fixture_dir;
+use common::{fixture_dir, mean_nll};
 use softprompt::batch::{collate, Example};
 use softprompt::load::{load_model, Model};
 use softprompt::objective::target_nll;
@@ -53,16 +53,6 @@ fn config(out: &Path, lr: f64, steps: usize) -> TrainConfig {
     cfg
 }
 
-/// Mean target-token NLL of `data` with no prompt.
-fn mean_nll(m: &Model, data: &[Example]) -> f64 {
-    let batch = collate(data, m.backbone.info(), 0, &Device::Cpu).unwrap();
-    target_nll(&m.backbone, None, &batch)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64
-}
 
 #[test]
 fn model_tuning_learns_and_saves_a_loadable_folder() {

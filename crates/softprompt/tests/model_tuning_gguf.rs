@@ -9,10 +9,9 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use softprompt::batch::{collate, Example};
+use softprompt::batch::Example;
 use softprompt::load::{load_model, Model};
 use softprompt::model::{Backbone, CausalLm, LogitsAt};
-use softprompt::objective::target_nll;
 use softprompt::train::optim::{AdamWConfig, OptimizerConfig};
 use softprompt::train::schedule::Schedule;
 use softprompt::train::{model_tuning, TrainConfig};
@@ -192,16 +191,6 @@ fn config(out: &Path, lr: f64, steps: usize) -> TrainConfig {
     cfg
 }
 
-/// Mean target-token NLL of `data` (one batch, no prompt).
-fn mean_nll(m: &Model, data: &[Example]) -> f64 {
-    let batch = collate(data, m.backbone.info(), 0, &Device::Cpu).unwrap();
-    target_nll(&m.backbone, None, &batch)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64
-}
 
 fn saved_weights(dir: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()

@@ -85,3 +85,14 @@ pub const TOL_GRAD_REL: f32 = 1e-4;
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary folder")
 }
+
+/// Mean target-token NLL of `data` with no prompt (one batch).
+pub fn mean_nll(m: &softprompt::load::Model, data: &[softprompt::batch::Example]) -> f64 {
+    let batch = softprompt::batch::collate(data, m.backbone.info(), 0, &Device::Cpu).unwrap();
+    softprompt::objective::target_nll(&m.backbone, None, &batch)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+}
