@@ -287,9 +287,7 @@ pub fn generate_text(
         .iter()
         .map(|p| {
             let mut ids = tokenizer.encode_input(&p.input)?;
-            if info.decoder_start_token_id.is_some() {
-                ids.extend(info.eos_token_ids.first());
-            }
+            info.end_source(&mut ids);
             Ok(ids)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -344,10 +342,8 @@ pub fn multiple_choice(
     let mut right = 0usize;
     for ex in examples {
         let mut source = tokenizer.encode_input(&ex.input)?;
-        let seq2seq = info.decoder_start_token_id.is_some();
-        if seq2seq {
-            source.extend(info.eos_token_ids.first());
-        }
+        info.end_source(&mut source);
+        let seq2seq = info.is_encoder_decoder();
         let choices = ex
             .choices
             .iter()

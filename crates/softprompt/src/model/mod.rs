@@ -48,6 +48,19 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// Whether the model is encoder-decoder (T5): the one test every caller uses.
+    pub fn is_encoder_decoder(&self) -> bool {
+        self.arch == Arch::T5
+    }
+
+    /// Ends an encoder input the way the model was trained: T5 encoder inputs end with EOS;
+    /// decoder-only inputs are left as they are.
+    pub fn end_source(&self, ids: &mut Vec<u32>) {
+        if self.is_encoder_decoder() {
+            ids.extend(self.eos_token_ids.first());
+        }
+    }
+
     /// The id that fills padded positions: the pad token, else the first EOS, else 0. Padded
     /// positions are masked out, so any id works; these are the ones transformers would use.
     pub fn pad_id(&self) -> u32 {
@@ -275,7 +288,7 @@ impl Backbone {
     }
 
     pub fn is_seq2seq(&self) -> bool {
-        matches!(self, Backbone::Seq2Seq(_))
+        self.info().is_encoder_decoder()
     }
 }
 

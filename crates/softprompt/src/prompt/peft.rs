@@ -8,7 +8,7 @@
 //! prompt in the unused rows.
 
 use crate::fsutil::write_atomic;
-use crate::model::{Arch, ModelInfo};
+use crate::model::ModelInfo;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,7 @@ impl AdapterConfig {
     /// A config for a prompt of `n_tokens` rows trained on `info`'s model.
     /// `init` is PEFT's name of the initialisation (RANDOM, TEXT, SAMPLE_VOCAB).
     pub fn new(info: &ModelInfo, n_tokens: usize, init: &str) -> Self {
-        let seq2seq = info.arch == Arch::T5;
+        let seq2seq = info.is_encoder_decoder();
         let mut extra = serde_json::Map::new();
         for key in ["auto_mapping", "modules_to_save", "revision", "tokenizer_kwargs"] {
             extra.insert(key.into(), serde_json::Value::Null);
@@ -174,7 +174,7 @@ impl PeftAdapter {
             ));
         }
         if let Some(task) = &self.config.task_type {
-            let seq2seq = info.arch == Arch::T5;
+            let seq2seq = info.is_encoder_decoder();
             let ok = match task.as_str() {
                 "SEQ_2_SEQ_LM" => seq2seq,
                 "CAUSAL_LM" => !seq2seq,

@@ -53,10 +53,8 @@ pub fn encode_pair(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair) -> 
 /// Like [`encode_pair`]; `target_eos = false` scores the target text alone (decoder-only).
 pub fn encode_pair_with(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair, target_eos: bool) -> Result<Example> {
     let mut source = tokenizer.encode_input(&pair.input)?;
-    let seq2seq = info.decoder_start_token_id.is_some();
-    if seq2seq {
-        source.extend(info.eos_token_ids.first()); // T5 encoder inputs end with EOS
-    }
+    info.end_source(&mut source);
+    let seq2seq = info.is_encoder_decoder();
     let mut target = tokenizer.encode(&pair.target)?;
     if target_eos || seq2seq {
         target.extend(info.eos_token_ids.first());
@@ -108,7 +106,7 @@ impl ClassificationTask {
             if ids.is_empty() {
                 crate::bail!("task {}: label `{label}` (verbalizer `{text}`) tokenizes to nothing", self.name);
             }
-            if info.decoder_start_token_id.is_some() {
+            if info.is_encoder_decoder() {
                 ids.extend(info.eos_token_ids.first());
             }
             out.push(ids);
@@ -121,9 +119,7 @@ impl ClassificationTask {
         rows.iter()
             .map(|r| {
                 let mut ids = tokenizer.encode_input(&self.format(&r.text))?;
-                if info.decoder_start_token_id.is_some() {
-                    ids.extend(info.eos_token_ids.first());
-                }
+                info.end_source(&mut ids);
                 Ok(ids)
             })
             .collect()

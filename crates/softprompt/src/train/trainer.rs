@@ -24,7 +24,7 @@ use crate::batch::{collate, Example};
 use crate::eval::classify::{argmax, label_log_likelihoods};
 use crate::fsutil::write_atomic;
 use crate::load::Model;
-use crate::model::{Arch, ModelInfo};
+use crate::model::ModelInfo;
 use crate::objective::target_nll;
 use crate::prompt::init::{init_prompt, PromptInit, Rng};
 use crate::prompt::{prefix_after_bos, strip_leading_bos, AdapterConfig, PeftAdapter};
@@ -576,7 +576,7 @@ pub fn validate(
         bail!("the training set is empty");
     }
     if cfg.prompt_after_bos {
-        if info.decoder_start_token_id.is_some() || info.arch == Arch::T5 {
+        if info.is_encoder_decoder() {
             bail!("placing the prompt after BOS is for decoder-only models; this one is encoder-decoder");
         }
         if info.bos_token_id.is_none() {
@@ -635,7 +635,7 @@ fn check_examples(
     n_tokens: usize,
     info: &ModelInfo,
 ) -> Result<()> {
-    let seq2seq = info.decoder_start_token_id.is_some() || info.arch == Arch::T5;
+    let seq2seq = info.is_encoder_decoder();
     for (i, e) in examples.iter().enumerate() {
         if e.target.is_empty() {
             bail!(
@@ -908,7 +908,7 @@ fn export(
     let prompt = prompt.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     PeftAdapter::new(config, prompt)?.save(&cfg.output)?;
 
-    let seq2seq = info.decoder_start_token_id.is_some() || info.arch == Arch::T5;
+    let seq2seq = info.is_encoder_decoder();
     let mut task = serde_json::Map::new();
     task.insert("model".into(), info.name.clone().into());
     task.insert("model_path".into(), model.path.display().to_string().into());
