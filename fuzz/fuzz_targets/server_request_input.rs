@@ -42,6 +42,7 @@ pub fn state(model_path: &Path, scratch: &Path) -> Arc<AppState> {
         template: template.map(str::to_string),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         verbalizer: verbalizer.iter().map(|s| s.to_string()).collect(),
+        ..TaskMeta::default()
     };
     let dir = scratch.join("prompts");
     let _ = std::fs::remove_dir_all(&dir);

@@ -23,6 +23,9 @@
 //! -p softprompt-serve --bench soak`); `-- --tiny` runs the fixture model for 2 s (a smoke
 //! test), `-- --help` lists the environment variables.
 
+#[path = "../../softprompt/tests/common/word_level.rs"]
+mod word_level;
+
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use softprompt::load::{load_model, Model};
@@ -147,6 +150,7 @@ fn meta(template: &str, labels: &[&str], verbalizer: &[&str]) -> TaskMeta {
         template: Some(template.to_string()),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         verbalizer: verbalizer.iter().map(|s| s.to_string()).collect(),
+        ..TaskMeta::default()
     }
 }
 
@@ -158,7 +162,7 @@ fn word_model(root: &Path) -> std::path::PathBuf {
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
         std::fs::copy(fixture.join(f), dir.join(f)).expect("copy the llama-tiny fixture");
     }
-    let tok = softprompt::tokenizer::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
+    let tok = word_level::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
     std::fs::write(dir.join("tokenizer.json"), tok).expect("write tokenizer.json");
     dir
 }

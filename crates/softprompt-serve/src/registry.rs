@@ -18,9 +18,8 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use softprompt::load::Model;
 use softprompt::prompt::peft::{AdapterConfig, PeftAdapter, CONFIG_FILE, TENSOR_NAME};
-use softprompt::task::ClassificationTask;
+pub use softprompt::task::TaskMeta;
 use softprompt::tokenizer::Tokenizer;
-use softprompt::train::trainer::TASK_FILE;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -83,26 +82,6 @@ impl Task {
             "template": self.template,
         })
     }
-}
-
-/// `task.json` fields the server reads; everything else is ignored.
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
-pub struct TaskMeta {
-    #[serde(default)]
-    pub template: Option<String>,
-    #[serde(default)]
-    pub labels: Vec<String>,
-    #[serde(default)]
-    pub verbalizer: Vec<String>,
-}
-
-/// Where `task.json` puts the prompt (read apart from [`TaskMeta`], which tests and tools
-/// build field by field).
-#[derive(Default, Deserialize)]
-struct PromptPlace {
-    /// `[BOS; P; X]` instead of `[P; X]` (`softprompt train --prompt-after-bos`).
-    #[serde(default)]
-    prompt_after_bos: bool,
 }
 
 /// All tasks, and the folder they live in.
@@ -279,53 +258,34 @@ fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option
         prompts.push(adapter.prompt);
         members.push(n.clone());
     }
-    let meta_path = [dir.join(TASK_FILE), member_dirs[0].1.join(TASK_FILE)]
+    // task.json of the task folder, else of the first member.
+    let meta_dir = [dir, member_dirs[0].1.as_path()]
         .into_iter()
-        .find(|p| p.is_file());
-    let (meta, place): (TaskMeta, PromptPlace) = match &meta_path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| softprompt::Error::io(p, e))?;
-            let bad = |e: serde_json::Error| softprompt::Error::format(p, format!("bad task.json: {e}"));
-            (serde_json::from_str(&text).map_err(bad)?, serde_json::from_str(&text).map_err(bad)?)
-        }
-        None => Default::default(),
+        .find(|d| d.join(softprompt::task::TASK_FILE).is_file());
+    let meta = match meta_dir {
+        Some(d) => TaskMeta::read(d)?.unwrap_or_default(),
+        None => TaskMeta::default(),
     };
-    let verbalizer = if meta.verbalizer.is_empty() { meta.labels.clone() } else { meta.verbalizer.clone() };
-    if verbalizer.len() != meta.labels.len() {
-        return Err(softprompt::Error::invalid(format!(
-            "task {name}: {} labels but {} verbalizer entries",
-            meta.labels.len(),
-            verbalizer.len()
-        )));
-    }
+    let verbalizer = meta.label_texts().to_vec();
     let label_targets = if meta.labels.is_empty() {
         Vec::new()
     } else {
-        let ct = ClassificationTask {
-            name: name.to_string(),
-            template: meta.template.clone().unwrap_or_else(|| "{text}".into()),
-            labels: meta.labels.clone(),
-            verbalizer: verbalizer.clone(),
-            train: vec![],
-            dev: vec![],
-            test: vec![],
-        };
-        ct.label_targets(model.tokenizer()?, info)?
+        softprompt::task::label_targets(name, &meta.labels, &verbalizer, model.tokenizer()?, info)?
     };
-    if place.prompt_after_bos {
-        // As `softprompt eval`: the model sees `[embed(BOS); P]` before the input.
-        let at = meta_path.as_deref().unwrap_or(dir);
-        prompts = prompts
-            .iter()
-            .map(|p| softprompt::prompt::prefix_after_bos(p, &model.backbone))
-            .collect::<softprompt::Result<Vec<_>>>()
-            .map_err(|e| softprompt::Error::format(at, format!("prompt_after_bos: {e}")))?;
-    }
+    // As `softprompt eval`: with `prompt_after_bos` the model sees `[embed(BOS); P]` before the input.
+    let prompts = prompts
+        .iter()
+        .map(|p| softprompt::prompt::model_prefix(p, &model.backbone, meta.prompt_after_bos))
+        .collect::<softprompt::Result<Vec<_>>>()
+        .map_err(|e| {
+            let at = meta_dir.unwrap_or(dir).join(softprompt::task::TASK_FILE);
+            softprompt::Error::config(at, "prompt_after_bos", e.to_string())
+        })?;
     Ok(Some(Task {
         name: name.to_string(),
         prompt_kv: prompts.iter().map(|_| Arc::new(PromptKv::default())).collect(),
         prompts,
-        prompt_after_bos: place.prompt_after_bos,
+        prompt_after_bos: meta.prompt_after_bos,
         members,
         template: meta.template,
         labels: meta.labels,
@@ -458,14 +418,9 @@ fn stage(staging: &Path, upload: &Upload, model: &Model) -> Result<(), ApiError>
     }
     std::fs::create_dir_all(staging).map_err(|e| ApiError::internal(e.to_string()))?;
     if let Some(task) = &upload.task {
-        let meta: TaskMeta = serde_json::from_value(serde_json::Value::Object(task.clone()))
+        let meta = TaskMeta::from_value(serde_json::Value::Object(task.clone()))
             .map_err(|e| ApiError::bad_request(format!("task: {e}")))?;
-        if !meta.verbalizer.is_empty() && meta.verbalizer.len() != meta.labels.len() {
-            return Err(ApiError::bad_request("task: `labels` and `verbalizer` differ in length"));
-        }
-        let text = serde_json::to_string_pretty(task).map_err(|e| ApiError::internal(e.to_string()))?;
-        softprompt::fsutil::write_atomic(&staging.join(TASK_FILE), text.as_bytes())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        meta.write(staging).map_err(|e| ApiError::internal(e.to_string()))?;
     }
     Ok(())
 }
@@ -485,8 +440,7 @@ pub fn write_task_folder(
         PeftAdapter::new(AdapterConfig::new(info, n, "RANDOM"), p.to_device(&Device::Cpu)?)?.save(&member)?;
     }
     if let Some(meta) = meta {
-        let text = serde_json::to_string_pretty(meta).map_err(|e| softprompt::Error::invalid(e.to_string()))?;
-        softprompt::fsutil::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?;
+        meta.write(dir)?;
     }
     Ok(())
 }

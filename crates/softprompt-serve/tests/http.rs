@@ -54,16 +54,19 @@ fn three_tasks(model: &Model) -> Fixture {
         template: Some("Review: {text}\nSentiment:".into()),
         labels: vec!["positive".into(), "negative".into()],
         verbalizer: vec![" positive".into(), " negative".into()],
+        ..TaskMeta::default()
     };
     let yesno = TaskMeta {
         template: None,
         labels: vec!["yes".into(), "no".into()],
         verbalizer: vec![" absolutely yes, indeed".into(), " certainly not".into()],
+        ..TaskMeta::default()
     };
     let ens = TaskMeta {
         template: Some("Q: {text}\nA:".into()),
         labels: vec!["good".into(), "bad".into(), "meh".into()],
         verbalizer: vec![" good".into(), " bad".into(), " meh".into()],
+        ..TaskMeta::default()
     };
     let tasks = vec![
         ("sent".to_string(), vec![random_prompt(model, 5, 1)], sent),

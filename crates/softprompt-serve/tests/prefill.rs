@@ -48,7 +48,7 @@ fn word_model(root: &Path, name: &str) -> Model {
         }
         let specials: Vec<(u32, &str)> =
             if name == "gpt2-tiny" { vec![(255, "<|endoftext|>")] } else { vec![(0, "<unk>"), (1, "<s>"), (2, "</s>")] };
-        let tok = softprompt::tokenizer::word_level_json(&specials, 256);
+        let tok = common::word_level_json(&specials, 256);
         std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     }
     load_model(&dir, &Device::Cpu).unwrap()
@@ -115,6 +115,7 @@ fn meta(template: Option<&str>, labels: &[&str], verbalizer: &[&str]) -> TaskMet
         template: template.map(str::to_string),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         verbalizer: verbalizer.iter().map(|s| s.to_string()).collect(),
+        ..TaskMeta::default()
     }
 }
 
@@ -373,9 +374,9 @@ fn prompt_after_bos_task_is_served_as_eval_runs_it() {
     cfg.batch_size = 3;
     cfg.quiet = true;
     cfg.prompt_after_bos = true;
-    cfg.task.insert("template".into(), template.into());
-    cfg.task.insert("labels".into(), serde_json::json!(task.labels));
-    cfg.task.insert("verbalizer".into(), serde_json::json!(task.verbalizer));
+    cfg.task.template = Some(template.into());
+    cfg.task.labels = task.labels.clone();
+    cfg.task.verbalizer = task.verbalizer.clone();
     train(&model, &examples, None, &cfg).unwrap();
     let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("task.json")).unwrap()).unwrap();
     assert_eq!(saved["prompt_after_bos"], true);

@@ -40,7 +40,7 @@ fn word_model(root: &Path, name: &str) -> Arc<Model> {
         std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
     }
     // The unknown token first: it is the tokenizer's unk.
-    let tok = softprompt::tokenizer::word_level_json(&[(2, "<unk>"), (0, "<pad>"), (1, "</s>")], 256);
+    let tok = common::word_level_json(&[(2, "<unk>"), (0, "<pad>"), (1, "</s>")], 256);
     std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     Arc::new(load_model(&dir, &Device::Cpu).unwrap())
 }
@@ -82,16 +82,8 @@ fn source(model: &Model, meta: &TaskMeta, input: &str) -> Vec<u32> {
 
 /// Label targets as the library builds them (`ClassificationTask::label_targets`: EOS last).
 fn label_targets(model: &Model, meta: &TaskMeta) -> Vec<Vec<u32>> {
-    let task = softprompt::task::ClassificationTask {
-        name: "t".into(),
-        template: "{text}".into(),
-        labels: meta.labels.clone(),
-        verbalizer: meta.verbalizer.clone(),
-        train: vec![],
-        dev: vec![],
-        test: vec![],
-    };
-    task.label_targets(model.tokenizer().unwrap(), model.backbone.info()).unwrap()
+    softprompt::task::label_targets("t", &meta.labels, &meta.verbalizer, model.tokenizer().unwrap(), model.backbone.info())
+        .unwrap()
 }
 
 /// Library greedy decoding with one prompt: tokens and each token's log-probability.
@@ -123,6 +115,7 @@ fn three_tasks(model: &Model, dir: &Path) -> Vec<(String, Vec<Tensor>, TaskMeta)
         template: template.map(str::to_string),
         labels: labels.iter().map(|s| s.to_string()).collect(),
         verbalizer: verbalizer.iter().map(|s| s.to_string()).collect(),
+        ..TaskMeta::default()
     };
     let tasks = vec![
         (
@@ -411,7 +404,7 @@ fn uploads_that_do_not_fit_are_refused() {
 
     // A fitting upload is served and classifies as the library does.
     let p = random_prompt(&model, 4, 9);
-    let meta = TaskMeta { template: None, labels: vec!["x".into(), "y".into()], verbalizer: vec!["w90".into(), "w91 w92".into()] };
+    let meta = TaskMeta { template: None, labels: vec!["x".into(), "y".into()], verbalizer: vec!["w90".into(), "w91 w92".into()], ..TaskMeta::default() };
     let body = serde_json::json!({"prompt": p.to_vec2::<f32>().unwrap(), "task": meta});
     let (s, t) = request(addr, "PUT", "/v1/tasks/up", Some(body.to_string().as_bytes()));
     assert_eq!(s, 201, "{t}");

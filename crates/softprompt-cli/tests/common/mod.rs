@@ -2,6 +2,10 @@
 //! with a word-level tokenizer so that text data can be used with it.
 #![allow(dead_code)]
 
+#[path = "../../../softprompt/tests/common/word_level.rs"]
+mod word_level;
+pub use word_level::word_level_json;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -39,7 +43,7 @@ pub fn word_model_dir(root: &Path) -> PathBuf {
     for f in ["config.json", "generation_config.json", "model.safetensors"] {
         std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
     }
-    let tok = softprompt::tokenizer::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
+    let tok = word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
     std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     dir
 }

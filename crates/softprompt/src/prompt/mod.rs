@@ -71,23 +71,40 @@ pub fn prepend(prompt: &Tensor, embeds: &Tensor, mask: &Tensor) -> Result<(Tenso
 /// leading BOS removed by [`strip_leading_bos`] so BOS appears once. The gradient reaches
 /// `prompt`; the BOS row is a frozen embedding.
 pub fn prefix_after_bos(prompt: &Tensor, backbone: &crate::model::Backbone) -> Result<Tensor> {
-    if backbone.is_seq2seq() {
-        crate::bail!(
-            "placing the prompt after BOS is for decoder-only models; this one is encoder-decoder"
-        );
-    }
-    let info = backbone.info();
-    let Some(bos) = info.bos_token_id else {
-        crate::bail!(
-            "placing the prompt after BOS needs a BOS token, but model `{}` has no bos_token_id",
-            info.name
-        );
-    };
+    let bos = after_bos_token(backbone.info())?;
     let (_n, d) = prompt.dims2()?;
     let ids = Tensor::new(&[[bos]], prompt.device())?; // [1, 1]
     let row = backbone.embed(&ids)?.detach(); // [1, 1, D]
     let row = row.reshape((1, d))?.to_dtype(prompt.dtype())?; // [1, D]
     Ok(Tensor::cat(&[&row, prompt], 0)?) // [N+1, D]
+}
+
+/// The BOS id that [`prefix_after_bos`] places before the prompt; an error when `info`'s
+/// model cannot take the prompt after BOS (encoder-decoder, or no BOS token).
+pub fn after_bos_token(info: &crate::model::ModelInfo) -> Result<u32> {
+    if info.is_encoder_decoder() {
+        crate::bail!(
+            "placing the prompt after BOS is for decoder-only models; this one is encoder-decoder"
+        );
+    }
+    match info.bos_token_id {
+        Some(bos) => Ok(bos),
+        None => crate::bail!(
+            "placing the prompt after BOS needs a BOS token, but model `{}` has no bos_token_id",
+            info.name
+        ),
+    }
+}
+
+/// What the model sees before the input for a prompt `[N, D]` trained with
+/// `after_bos` (`task.json`'s `prompt_after_bos`): `[embed(BOS); prompt]` `[N+1, D]`, else
+/// the prompt itself. Training, evaluation and the server all place prompts with this.
+pub fn model_prefix(prompt: &Tensor, backbone: &crate::model::Backbone, after_bos: bool) -> Result<Tensor> {
+    if after_bos {
+        prefix_after_bos(prompt, backbone)
+    } else {
+        Ok(prompt.clone())
+    }
 }
 
 /// Removes `source`'s first token when it is `bos` (see [`prefix_after_bos`]).

@@ -67,7 +67,37 @@ pub fn encode_pair_with(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair
 
 pub mod bigbench;
 pub mod formats;
+pub mod meta;
 pub mod movie;
+
+pub use meta::{TaskMeta, TASK_FILE};
+
+/// Tokenized target of each label of `task` (named in errors): `verbalizer[i]`'s tokens;
+/// encoder-decoder targets end with EOS, decoder-only classification targets do not (the
+/// label is the answer).
+pub fn label_targets(
+    task: &str,
+    labels: &[String],
+    verbalizer: &[String],
+    tokenizer: &Tokenizer,
+    info: &ModelInfo,
+) -> Result<Vec<Vec<u32>>> {
+    if labels.len() != verbalizer.len() {
+        crate::bail!("task {task}: {} labels but {} verbalizer entries", labels.len(), verbalizer.len());
+    }
+    let mut out = Vec::with_capacity(verbalizer.len());
+    for (label, text) in labels.iter().zip(verbalizer) {
+        let mut ids = tokenizer.encode(text)?;
+        if ids.is_empty() {
+            crate::bail!("task {task}: label `{label}` (verbalizer `{text}`) tokenizes to nothing");
+        }
+        if info.is_encoder_decoder() {
+            ids.extend(info.eos_token_ids.first());
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
 
 /// A text with a class label (index into the task's labels).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,18 +130,7 @@ impl ClassificationTask {
     /// Tokenized target of each label: the verbalizer's tokens; encoder-decoder targets end
     /// with EOS, decoder-only classification targets do not (the label is the answer).
     pub fn label_targets(&self, tokenizer: &Tokenizer, info: &ModelInfo) -> Result<Vec<Vec<u32>>> {
-        let mut out = Vec::with_capacity(self.verbalizer.len());
-        for (label, text) in self.labels.iter().zip(&self.verbalizer) {
-            let mut ids = tokenizer.encode(text)?;
-            if ids.is_empty() {
-                crate::bail!("task {}: label `{label}` (verbalizer `{text}`) tokenizes to nothing", self.name);
-            }
-            if info.is_encoder_decoder() {
-                ids.extend(info.eos_token_ids.first());
-            }
-            out.push(ids);
-        }
-        Ok(out)
+        label_targets(&self.name, &self.labels, &self.verbalizer, tokenizer, info)
     }
 
     /// Tokenized model inputs of a split (template applied; encoder inputs end with EOS).

@@ -26,12 +26,13 @@ use crate::prompt::encoder::{EncoderKind, PromptEncoder};
 use crate::prompt::init::{init_prompt, PromptInit};
 use crate::prompt::{AdapterConfig, PeftAdapter};
 use crate::model::ModelInfo;
+use crate::task::meta::{EncoderMeta, TaskMeta};
 use crate::train::checkpoint::{self, ParamsCheckpoint};
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::clip_grad_norm;
 use crate::train::plot;
 use crate::train::trainer::{
-    config_hash, dev_nll, epoch_batches, validate, TrainConfig, TASK_FILE,
+    config_hash, dev_nll, epoch_batches, validate, TrainConfig,
 };
 use crate::{bail, Error, Result};
 use candle_core::backprop::GradStore;
@@ -123,18 +124,10 @@ pub fn model_tuning(
         .collect::<Result<_>>()?;
     base.export(out, &tensors)?;
     drop(tensors);
-    let mut task = serde_json::Map::new();
-    task.insert("method".into(), MODEL_TUNING.into());
-    task.insert("model".into(), info.name.clone().into());
-    task.insert("model_path".into(), path.display().to_string().into());
-    task.insert("optimizer".into(), format!("{:?}", cfg.optimizer).into());
-    task.insert("train_examples".into(), train.len().into());
-    task.insert("dev_examples".into(), dev.map(|d| d.len()).into());
-    task.insert("seed".into(), cfg.seed.into());
-    for (k, v) in &cfg.task {
-        task.insert(k.clone(), v.clone());
-    }
-    write_task(out, task)?;
+    let mut task = TaskMeta::for_run(Some(MODEL_TUNING), &info, path, train.len(), dev.map(<[_]>::len), cfg.seed)?;
+    task.optimizer = Some(format!("{:?}", cfg.optimizer));
+    task.merge(&cfg.task)?;
+    task.write(out)?;
     plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;
     Ok(BaselineReport {
         steps: run.steps,
@@ -300,23 +293,12 @@ pub fn p_tuning(
     candle_core::safetensors::save(&params, &tmp)?;
     std::fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
 
-    let mut task = serde_json::Map::new();
-    task.insert("method".into(), P_TUNING.into());
-    task.insert(
-        "encoder".into(),
-        serde_json::json!({"kind": kind.name(), "hidden": hidden}),
-    );
-    task.insert("model".into(), info.name.clone().into());
-    task.insert("model_path".into(), model.path.display().to_string().into());
-    task.insert("n_tokens".into(), cfg.n_tokens.into());
-    task.insert("init".into(), cfg.init.describe());
-    task.insert("train_examples".into(), train.len().into());
-    task.insert("dev_examples".into(), dev.map(|d| d.len()).into());
-    task.insert("seed".into(), cfg.seed.into());
-    for (k, v) in &cfg.task {
-        task.insert(k.clone(), v.clone());
-    }
-    write_task(out, task)?;
+    let mut task = TaskMeta::for_run(Some(P_TUNING), info, &model.path, train.len(), dev.map(<[_]>::len), cfg.seed)?;
+    task.encoder = Some(EncoderMeta { kind: kind.name().into(), hidden });
+    task.n_tokens = Some(cfg.n_tokens);
+    task.init = Some(cfg.init.describe());
+    task.merge(&cfg.task)?;
+    task.write(out)?;
     plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;
     Ok((
         BaselineReport {
@@ -328,12 +310,6 @@ pub fn p_tuning(
         },
         encoder,
     ))
-}
-
-fn write_task(out: &Path, task: serde_json::Map<String, serde_json::Value>) -> Result<()> {
-    let text = serde_json::to_string_pretty(&serde_json::Value::Object(task))
-        .map_err(|e| Error::invalid(format!("task.json: {e}")))?;
-    write_atomic(&out.join(TASK_FILE), text.as_bytes())
 }
 
 fn dev_nll_no_prompt(model: &Model, dev: &[Example], cfg: &TrainConfig) -> Result<f64> {

@@ -22,12 +22,12 @@
 
 use crate::batch::{collate, Example};
 use crate::eval::classify::{argmax, label_log_likelihoods};
-use crate::fsutil::write_atomic;
 use crate::load::Model;
 use crate::model::ModelInfo;
 use crate::objective::target_nll;
 use crate::prompt::init::{init_prompt, PromptInit, Rng};
-use crate::prompt::{prefix_after_bos, strip_leading_bos, AdapterConfig, PeftAdapter};
+use crate::prompt::{after_bos_token, model_prefix, strip_leading_bos, AdapterConfig, PeftAdapter};
+use crate::task::meta::{ExampleLayout, TaskMeta};
 use crate::train::checkpoint::{self, Best, Checkpoint};
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_grad_norm, AdafactorConfig, OptimizerConfig};
@@ -44,7 +44,7 @@ use std::time::Instant;
 pub const BUCKET_BATCHES: usize = 32;
 /// Seed stream of the data order.
 const STREAM_DATA: u64 = 0x7c15_d3b2_04e9_a66f;
-pub const TASK_FILE: &str = "task.json";
+pub use crate::task::TASK_FILE;
 
 /// Which dev metric chooses the exported prompt and drives early stopping.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,8 +96,9 @@ pub struct TrainConfig {
     pub resume: bool,
     /// No progress bar.
     pub quiet: bool,
-    /// Extra facts for `task.json` (input/target format, labels, data files...).
-    pub task: serde_json::Map<String, serde_json::Value>,
+    /// Extra facts for `task.json` (input/target format, labels, data files...); the fields
+    /// set here win over the trainer's own.
+    pub task: TaskMeta,
     /// Decoder-only models: the prompt goes after BOS, `[embed(BOS); P; embed(X)]` (the
     /// prompt-tuning code's `prefix_prompt_after_bos`); see [`crate::prompt::prefix_after_bos`].
     pub prompt_after_bos: bool,
@@ -127,7 +128,7 @@ impl TrainConfig {
             output: output.into(),
             resume: false,
             quiet: false,
-            task: serde_json::Map::new(),
+            task: TaskMeta::default(),
             prompt_after_bos: false,
         }
     }
@@ -576,15 +577,7 @@ pub fn validate(
         bail!("the training set is empty");
     }
     if cfg.prompt_after_bos {
-        if info.is_encoder_decoder() {
-            bail!("placing the prompt after BOS is for decoder-only models; this one is encoder-decoder");
-        }
-        if info.bos_token_id.is_none() {
-            bail!(
-                "placing the prompt after BOS needs a BOS token, but model `{}` has no bos_token_id",
-                info.name
-            );
-        }
+        after_bos_token(info)?;
     }
     let n_prefix = cfg.n_tokens + usize::from(cfg.prompt_after_bos);
     check_examples("training", train, n_prefix, info)?;
@@ -730,11 +723,7 @@ fn after_bos_examples(
 /// The prompt as the model sees it: `prompt [N, D]`, or `[embed(BOS); prompt] [N+1, D]` with
 /// `cfg.prompt_after_bos`.
 fn effective_prompt(model: &Model, cfg: &TrainConfig, prompt: &Tensor) -> Result<Tensor> {
-    if cfg.prompt_after_bos {
-        prefix_after_bos(prompt, &model.backbone)
-    } else {
-        Ok(prompt.clone())
-    }
+    model_prefix(prompt, &model.backbone, cfg.prompt_after_bos)
 }
 
 /// Mean target-token NLL of `dev` under `prompt` (no gradient), batched in length order.
@@ -908,50 +897,16 @@ fn export(
     let prompt = prompt.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     PeftAdapter::new(config, prompt)?.save(&cfg.output)?;
 
-    let seq2seq = info.is_encoder_decoder();
-    let mut task = serde_json::Map::new();
-    task.insert("model".into(), info.name.clone().into());
-    task.insert("model_path".into(), model.path.display().to_string().into());
-    task.insert(
-        "arch".into(),
-        serde_json::to_value(info.arch).unwrap_or_default(),
-    );
-    task.insert("n_tokens".into(), cfg.n_tokens.into());
-    task.insert("init".into(), cfg.init.describe());
-    task.insert(
-        "format".into(),
-        if seq2seq {
-            serde_json::json!({
-                "layout": "encoder: [prompt; source], right padded; decoder: [start] + target[..-1], scored on target",
-                "target": "target tokens followed by EOS",
-            })
-        } else if cfg.prompt_after_bos {
-            serde_json::json!({
-                "layout": "[BOS; prompt; source (without its BOS) + target], left padded; every target token scored",
-                "target": "target tokens followed by EOS",
-            })
-        } else {
-            serde_json::json!({
-                "layout": "[prompt; source + target], left padded; every target token scored",
-                "target": "target tokens followed by EOS",
-            })
-        },
-    );
+    let mut task = TaskMeta::for_run(None, info, &model.path, train.len(), dev.map(<[_]>::len), cfg.seed)?;
+    task.n_tokens = Some(cfg.n_tokens);
+    task.init = Some(cfg.init.describe());
+    task.format = Some(ExampleLayout::prompt_tuning(info.is_encoder_decoder(), cfg.prompt_after_bos));
     if let PromptInit::ClassLabels(labels) = &cfg.init {
-        task.insert("labels".into(), labels.clone().into());
+        task.labels = labels.clone();
     }
-    task.insert("train_examples".into(), train.len().into());
-    task.insert("dev_examples".into(), dev.map(|d| d.len()).into());
-    task.insert("seed".into(), cfg.seed.into());
-    if cfg.prompt_after_bos {
-        task.insert("prompt_after_bos".into(), true.into());
-    }
-    for (k, v) in &cfg.task {
-        task.insert(k.clone(), v.clone());
-    }
-    let text = serde_json::to_string_pretty(&serde_json::Value::Object(task))
-        .map_err(|e| Error::invalid(format!("task.json: {e}")))?;
-    write_atomic(&cfg.output.join(TASK_FILE), text.as_bytes())
+    task.prompt_after_bos = cfg.prompt_after_bos;
+    task.merge(&cfg.task)?;
+    task.write(&cfg.output)
 }
 
 fn progress_bar(cfg: &TrainConfig, start: usize) -> indicatif::ProgressBar {

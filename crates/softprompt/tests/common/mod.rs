@@ -2,6 +2,9 @@
 //! transformers + PEFT, see tests/fixtures/README.md) and comparisons.
 #![allow(dead_code)]
 
+pub mod word_level;
+pub use word_level::word_level_json;
+
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
