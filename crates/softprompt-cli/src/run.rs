@@ -90,10 +90,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     cfg.checkpoint_every = (steps / 10).max(1);
     cfg.resume = args.resume;
     cfg.quiet = args.quiet;
-    cfg.task.insert("name".into(), task.name.clone().into());
-    cfg.task.insert("template".into(), task.template.clone().into());
-    cfg.task.insert("labels".into(), serde_json::json!(task.labels));
-    cfg.task.insert("verbalizer".into(), serde_json::json!(task.verbalizer));
+    cfg.task = task.meta();
     eprintln!(
         "training a {}-token class-label prompt: {steps} steps x batch {} (Adafactor, lr {})...",
         args.n_tokens, args.batch_size, args.lr

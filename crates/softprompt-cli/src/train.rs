@@ -1,15 +1,12 @@
 //! `softprompt train`: prompt tuning on a JSONL data set, with the paper's recipe as defaults.
 
 use crate::common;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use softprompt::batch::Example;
 use softprompt::prompt::{EncoderKind, PeftAdapter, PromptInit};
-use softprompt::task::{encode_pair, movie, read_jsonl, ClassificationTask};
-use softprompt::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
-use softprompt::train::schedule::Schedule;
-use softprompt::train::trainer::{gold_labels, SelectBy};
-use softprompt::train::{model_tuning, p_tuning, train, BaselineReport, TrainConfig};
+use softprompt::recipe::{self, DataSpec, DevClasses, InitSpec, TrainData, BUILTIN_TASK};
+use softprompt::train::trainer::SelectBy;
+use softprompt::train::{model_tuning, p_tuning, train, BaselineReport, TrainConfig, TrainReport};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -59,9 +56,6 @@ pub enum SelectByArg {
     /// The highest dev accuracy (rank classification over --labels; ties: the lower dev loss).
     Accuracy,
 }
-
-/// The built-in task `--data` / `--dev` may name instead of a file.
-const BUILTIN_TASK: &str = "movie-sentiment";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ScheduleKind {
@@ -189,236 +183,100 @@ pub struct TrainArgs {
     pub prompt_after_bos: bool,
 }
 
-/// The prompt initialisation; `labels`: --labels, or the built-in task's.
-fn prompt_init(args: &TrainArgs, labels: &[String]) -> Result<PromptInit> {
-    let kind = args.init.unwrap_or(if args.init_file.is_some() {
-        InitKind::File
-    } else if args.init_text.is_some() {
-        InitKind::Text
-    } else if !labels.is_empty() {
-        InitKind::ClassLabels
-    } else {
-        InitKind::SampledVocab
-    });
-    Ok(match kind {
-        InitKind::RandomUniform => PromptInit::RandomUniform {
-            range: args.init_range,
-        },
-        InitKind::SampledVocab => PromptInit::SampledVocab,
-        InitKind::ClassLabels => {
-            if labels.is_empty() {
-                bail!("--init class-labels needs --labels (comma separated)");
+impl TrainArgs {
+    fn method(&self) -> recipe::Method {
+        match self.method {
+            Method::PromptTuning => recipe::Method::PromptTuning,
+            Method::ModelTuning => recipe::Method::ModelTuning,
+            Method::PTuning => recipe::Method::PTuning,
+        }
+    }
+
+    fn select_by(&self) -> SelectBy {
+        match self.select_by {
+            SelectByArg::Loss => SelectBy::Loss,
+            SelectByArg::Accuracy => SelectBy::Accuracy,
+        }
+    }
+
+    fn init_spec(&self) -> InitSpec {
+        InitSpec {
+            kind: self.init.map(|k| match k {
+                InitKind::RandomUniform => recipe::InitKind::RandomUniform,
+                InitKind::SampledVocab => recipe::InitKind::SampledVocab,
+                InitKind::ClassLabels => recipe::InitKind::ClassLabels,
+                InitKind::Text => recipe::InitKind::Text,
+                InitKind::File => recipe::InitKind::File,
+            }),
+            text: self.init_text.clone(),
+            file: self.init_file.clone(),
+            range: self.init_range,
+        }
+    }
+
+    /// Rejects options that the chosen method does not use.
+    fn check_method(&self) -> Result<()> {
+        let m = self.method().name();
+        if self.method != Method::PTuning && (self.encoder.is_some() || self.encoder_hidden.is_some()) {
+            bail!("--encoder and --encoder-hidden are options of --method p-tuning, not {m}");
+        }
+        if self.method == Method::PTuning && self.prompt_after_bos {
+            bail!("--prompt-after-bos is an option of --method prompt-tuning, not {m}");
+        }
+        if self.encoder_hidden == Some(0) {
+            bail!("--encoder-hidden must be at least 1");
+        }
+        if self.method != Method::PromptTuning && self.select_by == SelectByArg::Accuracy {
+            bail!("--select-by accuracy is an option of --method prompt-tuning, not {m}");
+        }
+        if self.method == Method::ModelTuning {
+            let prompt_options = [
+                ("--init", self.init.is_some()),
+                ("--init-text", self.init_text.is_some()),
+                ("--init-file", self.init_file.is_some()),
+                ("--labels", !self.labels.is_empty()),
+                ("--n-tokens", self.n_tokens.is_some()),
+                ("--prompt-after-bos", self.prompt_after_bos),
+            ];
+            if let Some((flag, _)) = prompt_options.iter().find(|(_, set)| *set) {
+                bail!("{flag} does not apply to --method model-tuning: it trains the model's weights with no soft prompt");
             }
-            PromptInit::ClassLabels(labels.to_vec())
         }
-        InitKind::Text => match &args.init_text {
-            Some(t) => PromptInit::Text(t.clone()),
-            None => bail!("--init text needs --init-text"),
-        },
-        InitKind::File => match &args.init_file {
-            Some(d) => PromptInit::File(d.clone()),
-            None => bail!("--init file needs --init-file (a PEFT adapter folder)"),
-        },
-    })
-}
-
-fn read_examples(path: &Path, model: &softprompt::load::Model) -> Result<Vec<Example>> {
-    let pairs = read_jsonl(path)?;
-    if pairs.is_empty() {
-        bail!("{}: no examples", path.display());
-    }
-    let tokenizer = model.tokenizer()?;
-    let info = model.backbone.info();
-    pairs
-        .iter()
-        .map(|p| {
-            encode_pair(tokenizer, info, p)
-                .with_context(|| format!("{}:{}", path.display(), p.line))
-        })
-        .collect()
-}
-
-/// `--data` / `--dev` naming the built-in task (a file of that name wins).
-fn is_builtin(path: &Path) -> bool {
-    path.as_os_str() == BUILTIN_TASK && !path.exists()
-}
-
-/// The built-in task when `--data` names it; checks the options that go with it.
-fn builtin_task(args: &TrainArgs) -> Result<Option<ClassificationTask>> {
-    let data = is_builtin(&args.data);
-    if args.dev.as_deref().is_some_and(is_builtin) && !data {
-        bail!("--dev {BUILTIN_TASK} needs --data {BUILTIN_TASK} (its dev split goes with its train split)");
-    }
-    if args.write_splits.is_some() && !data {
-        bail!("--write-splits needs --data {BUILTIN_TASK}");
-    }
-    if args.dev_limit.is_some() && args.dev.is_none() {
-        bail!("--dev-limit needs --dev");
-    }
-    if args.dev_limit == Some(0) {
-        bail!("--dev-limit must be at least 1");
-    }
-    if !data {
-        return Ok(None);
-    }
-    Ok(Some(movie::load().context("preparing movie-sentiment")?))
-}
-
-/// Writes the task's splits as `{"input", "target"}` JSONL files into `dir`.
-fn write_splits(dir: &Path, task: &ClassificationTask) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (name, rows) in [("train", &task.train), ("dev", &task.dev), ("test", &task.test)] {
-        let mut text = String::new();
-        for p in task.pairs(rows) {
-            text.push_str(&serde_json::json!({"input": p.input, "target": p.target}).to_string());
-            text.push('\n');
+        if self.n_tokens == Some(0) {
+            bail!("--n-tokens must be at least 1");
         }
-        softprompt::fsutil::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+        Ok(())
     }
-    eprintln!(
-        "wrote {} train / {} dev / {} test examples of {} to {}",
-        task.train.len(),
-        task.dev.len(),
-        task.test.len(),
-        task.name,
-        dir.display()
-    );
-    Ok(())
-}
-
-/// Each label's target as rank classification scores it, when every dev target is one of
-/// them (with or without EOS); else `None` with a note, or an error with --select-by accuracy.
-fn dev_classes(
-    args: &TrainArgs,
-    labels: &[String],
-    task: Option<&ClassificationTask>,
-    dev: Option<&[Example]>,
-    model: &softprompt::load::Model,
-) -> Result<Option<Vec<Vec<u32>>>> {
-    let accuracy = args.select_by == SelectByArg::Accuracy;
-    let Some(dev) = dev else {
-        if accuracy {
-            bail!("--select-by accuracy needs --dev");
-        }
-        return Ok(None);
-    };
-    if labels.is_empty() {
-        if accuracy {
-            bail!("--select-by accuracy needs --labels (the targets of the classes)");
-        }
-        return Ok(None);
-    }
-    let tokenizer = model.tokenizer()?;
-    let info = model.backbone.info();
-    let classes = match task {
-        Some(t) if args.labels.is_empty() => t.label_targets(tokenizer, info),
-        _ => ClassificationTask {
-            name: "--labels".into(),
-            template: "{text}".into(),
-            labels: labels.to_vec(),
-            verbalizer: labels.to_vec(),
-            train: Vec::new(),
-            dev: Vec::new(),
-            test: Vec::new(),
-        }
-        .label_targets(tokenizer, info),
-    };
-    let classes = match classes {
-        Ok(c) => c,
-        Err(e) if accuracy => return Err(e.into()),
-        // A bad label is reported by the initialisation that uses it, if any.
-        Err(_) => return Ok(None),
-    };
-    match gold_labels(dev, &classes, info) {
-        Ok(_) => Ok(Some(classes)),
-        Err(e) if accuracy => Err(e).context("--select-by accuracy: every dev target must be one of --labels"),
-        Err(e) => {
-            eprintln!("note: no dev accuracy ({e})");
-            Ok(None)
-        }
-    }
-}
-
-/// Rejects options that the chosen method does not use.
-fn check_method(args: &TrainArgs) -> Result<()> {
-    let m = match args.method {
-        Method::PromptTuning => "prompt-tuning",
-        Method::ModelTuning => "model-tuning",
-        Method::PTuning => "p-tuning",
-    };
-    if args.method != Method::PTuning && (args.encoder.is_some() || args.encoder_hidden.is_some()) {
-        bail!("--encoder and --encoder-hidden are options of --method p-tuning, not {m}");
-    }
-    if args.method == Method::PTuning && args.prompt_after_bos {
-        bail!("--prompt-after-bos is an option of --method prompt-tuning, not {m}");
-    }
-    if args.encoder_hidden == Some(0) {
-        bail!("--encoder-hidden must be at least 1");
-    }
-    if args.method != Method::PromptTuning && args.select_by == SelectByArg::Accuracy {
-        bail!("--select-by accuracy is an option of --method prompt-tuning, not {m}");
-    }
-    if args.method == Method::ModelTuning {
-        let prompt_options = [
-            ("--init", args.init.is_some()),
-            ("--init-text", args.init_text.is_some()),
-            ("--init-file", args.init_file.is_some()),
-            ("--labels", !args.labels.is_empty()),
-            ("--n-tokens", args.n_tokens.is_some()),
-            ("--prompt-after-bos", args.prompt_after_bos),
-        ];
-        if let Some((flag, _)) = prompt_options.iter().find(|(_, set)| *set) {
-            bail!("{flag} does not apply to --method model-tuning: it trains the model's weights with no soft prompt");
-        }
-    }
-    Ok(())
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    check_method(&args)?;
-    let task = builtin_task(&args)?;
-    let labels: Vec<String> = match &task {
-        Some(t) if args.labels.is_empty() => t.verbalizer.clone(),
-        _ => args.labels.clone(),
-    };
-    let init = prompt_init(&args, &labels)?;
-    let baseline = args.method != Method::PromptTuning;
-    let lr = args.lr.unwrap_or(match args.method {
-        Method::PromptTuning => 0.3,
-        Method::ModelTuning => 1e-4,
-        Method::PTuning => 1e-3,
-    });
-    let weight_decay = args.weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
     // Cheap checks first, before loading anything.
-    if !(lr.is_finite() && lr > 0.0) {
-        bail!("--lr must be a positive number, got {lr}");
+    args.check_method()?;
+    if args.write_splits.is_some() && !recipe::is_builtin(&args.data) {
+        bail!("--write-splits needs --data {BUILTIN_TASK}");
     }
-    if args.n_tokens == Some(0) {
-        bail!("--n-tokens must be at least 1");
-    }
+    let data = TrainData::resolve(DataSpec {
+        data: args.data.clone(),
+        dev: args.dev.clone(),
+        dev_limit: args.dev_limit,
+        labels: args.labels.clone(),
+    })?;
+    let init = recipe::prompt_init(&args.init_spec(), &data.labels)?;
+    let method = args.method();
+    let lr = recipe::learning_rate(method, args.lr)?;
     let schedule = match args.schedule {
-        ScheduleKind::Constant if args.warmup_steps > 0 => {
-            Schedule::warmup_constant(lr, args.warmup_steps)
-        }
-        ScheduleKind::Constant => Schedule::constant(lr),
-        ScheduleKind::Linear => Schedule::linear(lr, args.warmup_steps, args.steps),
-        ScheduleKind::Cosine => Schedule::cosine(lr, args.warmup_steps, args.steps),
+        ScheduleKind::Constant => recipe::ScheduleKind::Constant,
+        ScheduleKind::Linear => recipe::ScheduleKind::Linear,
+        ScheduleKind::Cosine => recipe::ScheduleKind::Cosine,
     };
-    let kind = args.optimizer.unwrap_or(if baseline {
-        OptimizerKind::Adamw
-    } else {
-        OptimizerKind::Adafactor
+    let optimizer = args.optimizer.map(|k| match k {
+        OptimizerKind::Adafactor => recipe::OptimizerKind::Adafactor,
+        OptimizerKind::Adamw => recipe::OptimizerKind::AdamW,
     });
-    let optimizer = match kind {
-        OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
-            weight_decay,
-            ..AdafactorConfig::default()
-        }),
-        OptimizerKind::Adamw => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
-    };
-
-    if let (Some(dir), Some(t)) = (&args.write_splits, &task) {
-        write_splits(dir, t)?;
+    if let (Some(dir), Some(t)) = (&args.write_splits, &data.task) {
+        recipe::write_splits(dir, t)?;
+        let (train, dev, test) = (t.train.len(), t.dev.len(), t.test.len());
+        eprintln!("wrote {train} train / {dev} dev / {test} test examples of {} to {}", t.name, dir.display());
     }
     let device = common::device()?;
     let model = common::load(&args.model, &device)?;
@@ -427,34 +285,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
         (None, PromptInit::File(dir)) => PeftAdapter::load(dir, &device)?.config.num_virtual_tokens,
         (None, _) => 100,
     };
-    let (train_set, mut dev_set) = match &task {
-        Some(t) => {
-            let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
-            let dev = match args.dev.as_deref() {
-                Some(p) if is_builtin(p) => Some(t.examples(tokenizer, info, &t.dev)?),
-                Some(p) => Some(read_examples(p, &model)?),
-                None => None,
-            };
-            (t.examples(tokenizer, info, &t.train)?, dev)
+    let (train_set, dev_set) = data.examples(&model)?;
+    let classes = match data.dev_classes(args.select_by(), dev_set.as_deref(), &model)? {
+        DevClasses::None(Some(note)) => {
+            eprintln!("note: {note}");
+            None
         }
-        None => (
-            read_examples(&args.data, &model)?,
-            args.dev
-                .as_deref()
-                .map(|p| read_examples(p, &model))
-                .transpose()?,
-        ),
+        c => c.into_option(),
     };
-    if let (Some(dev), Some(n)) = (dev_set.as_mut(), args.dev_limit) {
-        dev.truncate(n);
-    }
-    let classes = dev_classes(&args, &labels, task.as_ref(), dev_set.as_deref(), &model)?;
 
     let mut cfg = TrainConfig::paper(&args.output);
     cfg.n_tokens = n_tokens;
     cfg.init = init;
-    cfg.optimizer = optimizer;
-    cfg.schedule = schedule;
+    cfg.optimizer = recipe::optimizer(method, optimizer, args.weight_decay);
+    cfg.schedule = recipe::schedule(schedule, lr, args.warmup_steps, args.steps);
     cfg.steps = args.steps;
     cfg.batch_size = args.batch_size;
     cfg.grad_accum = args.grad_accum;
@@ -468,75 +312,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.quiet = args.quiet;
     cfg.prompt_after_bos = args.prompt_after_bos;
     cfg.classes = classes;
-    cfg.select_by = match args.select_by {
-        SelectByArg::Loss => SelectBy::Loss,
-        SelectByArg::Accuracy => SelectBy::Accuracy,
-    };
-    cfg.task
-        .insert("data".into(), args.data.display().to_string().into());
-    cfg.task.insert(
-        "dev".into(),
-        args.dev.as_ref().map(|p| p.display().to_string()).into(),
-    );
-    cfg.task.insert("dev_limit".into(), args.dev_limit.into());
-    cfg.task.insert(
-        "select_by".into(),
-        format!("{:?}", cfg.select_by).to_lowercase().into(),
-    );
-    match &task {
-        Some(t) => {
-            // As `softprompt run` records it: `softprompt eval` finds the task from these.
-            cfg.task.insert("name".into(), t.name.clone().into());
-            cfg.task.insert("template".into(), t.template.clone().into());
-            cfg.task.insert("labels".into(), serde_json::json!(t.labels));
-            cfg.task.insert("verbalizer".into(), serde_json::json!(t.verbalizer));
-            cfg.task.insert(
-                "target_format".into(),
-                "the label's verbalizer (encoder-decoder models: followed by EOS)".into(),
-            );
-        }
-        None => {
-            cfg.task.insert(
-                "input_format".into(),
-                "the `input` text as model input: BOS first where the model wants one; T5: followed by EOS"
-                    .into(),
-            );
-            cfg.task.insert(
-                "target_format".into(),
-                "the `target` text followed by EOS".into(),
-            );
-            if !labels.is_empty() {
-                cfg.task.insert("labels".into(), serde_json::json!(labels));
-            }
-        }
-    }
+    cfg.select_by = args.select_by();
+    cfg.task = data.meta(cfg.select_by);
 
     match args.method {
-        Method::PromptTuning => {}
+        Method::PromptTuning => {
+            let report = train(&model, &train_set, dev_set.as_deref(), &cfg)?;
+            print_report(&report, &args);
+        }
         Method::ModelTuning => {
-            cfg.task.insert("lr".into(), lr.into());
+            cfg.task.lr = Some(lr);
             // model_tuning reads the weights again, as trainable f32 variables.
             let path = model.path.clone();
             drop(model);
             let report = model_tuning(&path, &device, &train_set, dev_set.as_deref(), &cfg)?;
             print_baseline(&report, &args.output, "tuned model folder");
-            return Ok(());
         }
         Method::PTuning => {
             let kind = match args.encoder.unwrap_or(EncoderArg::Mlp) {
                 EncoderArg::Mlp => EncoderKind::Mlp,
                 EncoderArg::Lstm => EncoderKind::Lstm,
             };
-            let hidden = args
-                .encoder_hidden
-                .unwrap_or(model.backbone.info().d_model);
-            let (report, _) =
-                p_tuning(&model, &train_set, dev_set.as_deref(), &cfg, kind, hidden)?;
+            let hidden = args.encoder_hidden.unwrap_or(model.backbone.info().d_model);
+            let (report, _) = p_tuning(&model, &train_set, dev_set.as_deref(), &cfg, kind, hidden)?;
             print_baseline(&report, &args.output, "adapter (the encoder's output)");
-            return Ok(());
         }
     }
-    let report = train(&model, &train_set, dev_set.as_deref(), &cfg)?;
+    Ok(())
+}
+
+fn print_report(report: &TrainReport, args: &TrainArgs) {
     let mut line = format!("trained {} steps", report.steps);
     if let Some(from) = report.resumed_from {
         line.push_str(&format!(" (resumed at step {from})"));
@@ -558,12 +363,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         line.push_str("; stopped early");
     }
     println!("{line}");
-    println!(
-        "adapter (prompt of step {}) written to {}",
-        report.exported_step,
-        args.output.display()
-    );
-    Ok(())
+    println!("adapter (prompt of step {}) written to {}", report.exported_step, args.output.display());
 }
 
 fn print_baseline(report: &BaselineReport, output: &Path, what: &str) {
@@ -571,10 +371,7 @@ fn print_baseline(report: &BaselineReport, output: &Path, what: &str) {
     if let Some(from) = report.resumed_from {
         line.push_str(&format!(" (resumed at step {from})"));
     }
-    line.push_str(&format!(
-        "; train loss {:.4} -> {:.4}",
-        report.first_loss, report.final_loss
-    ));
+    line.push_str(&format!("; train loss {:.4} -> {:.4}", report.first_loss, report.final_loss));
     if let Some(d) = report.dev_loss {
         line.push_str(&format!("; dev loss {d:.4}"));
     }

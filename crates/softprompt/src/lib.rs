@@ -16,6 +16,7 @@ pub mod load;
 pub mod model;
 pub mod objective;
 pub mod prompt;
+pub mod recipe;
 pub mod task;
 pub mod tokenizer;
 pub mod train;

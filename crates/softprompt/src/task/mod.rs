@@ -70,7 +70,7 @@ pub mod formats;
 pub mod meta;
 pub mod movie;
 
-pub use meta::{TaskMeta, TASK_FILE};
+pub use meta::{data_source, TaskMeta, TASK_FILE};
 
 /// Tokenized target of each label of `task` (named in errors): `verbalizer[i]`'s tokens;
 /// encoder-decoder targets end with EOS, decoder-only classification targets do not (the
@@ -122,6 +122,18 @@ pub struct ClassificationTask {
 }
 
 impl ClassificationTask {
+    /// What `task.json` records of the task (`softprompt eval` and the server find the
+    /// template, labels and verbalizer there).
+    pub fn meta(&self) -> TaskMeta {
+        TaskMeta {
+            name: Some(self.name.clone()),
+            template: Some(self.template.clone()),
+            labels: self.labels.clone(),
+            verbalizer: self.verbalizer.clone(),
+            ..TaskMeta::default()
+        }
+    }
+
     /// The model input for `text`.
     pub fn format(&self, text: &str) -> String {
         self.template.replace("{text}", text)

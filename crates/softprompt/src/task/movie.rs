@@ -6,6 +6,8 @@ use super::{split, ClassificationTask, LabeledText};
 use crate::{Error, Result};
 use std::path::Path;
 
+/// The task's name (`--task`, `--data`, `task.json`).
+pub const NAME: &str = "movie-sentiment";
 pub const TEMPLATE: &str = "Review: {text}\nSentiment:";
 pub const LABELS: [&str; 2] = ["negative", "positive"];
 /// Verbalizer: what the model is asked to produce for each label.
@@ -55,7 +57,7 @@ pub fn from_file(path: &Path) -> Result<ClassificationTask> {
     let rows = parse(path)?;
     let (train, dev, test) = split(rows, SPLIT_SEED, 0.8, 0.1);
     Ok(ClassificationTask {
-        name: "movie-sentiment".into(),
+        name: NAME.into(),
         template: TEMPLATE.into(),
         labels: LABELS.iter().map(|s| s.to_string()).collect(),
         verbalizer: VERBALIZER.iter().map(|s| s.to_string()).collect(),

@@ -1,0 +1,325 @@
+//! Training recipes: each method's defaults (learning rate, weight decay, optimizer, prompt
+//! initialisation) and the data a run trains on (a JSONL file or the built-in task), so that
+//! every front end turns the same choices into the same [`TrainConfig`] and `task.json`.
+//! Messages name the `softprompt train` options a user sets.
+
+use crate::batch::Example;
+use crate::load::Model;
+use crate::prompt::PromptInit;
+use crate::task::{data_source, encode_pair, label_targets, movie, read_jsonl, ClassificationTask, TaskMeta};
+use crate::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
+use crate::train::schedule::Schedule;
+use crate::train::trainer::{gold_labels, SelectBy};
+use crate::{bail, Error, Result};
+use std::path::{Path, PathBuf};
+
+/// The built-in task `--data` / `--dev` may name instead of a file.
+pub const BUILTIN_TASK: &str = movie::NAME;
+
+/// What is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Lester et al. 2021: a soft prompt trained on the frozen model.
+    PromptTuning,
+    /// Baseline: every weight trained, no soft prompt.
+    ModelTuning,
+    /// Baseline (Liu et al. 2021): the prompt is the output of a trained prompt encoder.
+    PTuning,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::PromptTuning => "prompt-tuning",
+            Method::ModelTuning => "model-tuning",
+            Method::PTuning => "p-tuning",
+        }
+    }
+
+    /// The paper's 0.3 for prompts; 1e-4 for model tuning; 1e-3 for P-tuning.
+    pub fn default_lr(self) -> f64 {
+        match self {
+            Method::PromptTuning => 0.3,
+            Method::ModelTuning => 1e-4,
+            Method::PTuning => 1e-3,
+        }
+    }
+
+    /// The baselines train with AdamW and weight decay 0.01; prompt tuning with the paper's
+    /// Adafactor and 1e-5.
+    fn is_baseline(self) -> bool {
+        self != Method::PromptTuning
+    }
+}
+
+/// Optimizer family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    Adafactor,
+    AdamW,
+}
+
+/// Learning-rate decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// `method`'s learning rate (`lr` when given), checked.
+pub fn learning_rate(method: Method, lr: Option<f64>) -> Result<f64> {
+    let lr = lr.unwrap_or(method.default_lr());
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--lr must be a positive number, got {lr}");
+    }
+    Ok(lr)
+}
+
+/// The optimizer: `kind` (default by method) with `weight_decay` (default by method).
+pub fn optimizer(method: Method, kind: Option<OptimizerKind>, weight_decay: Option<f64>) -> OptimizerConfig {
+    let baseline = method.is_baseline();
+    let weight_decay = weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
+    let kind = kind.unwrap_or(if baseline { OptimizerKind::AdamW } else { OptimizerKind::Adafactor });
+    match kind {
+        OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
+            weight_decay,
+            ..AdafactorConfig::default()
+        }),
+        OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
+    }
+}
+
+/// The schedule of `kind` peaking at `lr` after `warmup_steps`, over `steps`.
+pub fn schedule(kind: ScheduleKind, lr: f64, warmup_steps: usize, steps: usize) -> Schedule {
+    match kind {
+        ScheduleKind::Constant if warmup_steps > 0 => Schedule::warmup_constant(lr, warmup_steps),
+        ScheduleKind::Constant => Schedule::constant(lr),
+        ScheduleKind::Linear => Schedule::linear(lr, warmup_steps, steps),
+        ScheduleKind::Cosine => Schedule::cosine(lr, warmup_steps, steps),
+    }
+}
+
+/// Prompt initialisation kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitKind {
+    RandomUniform,
+    SampledVocab,
+    ClassLabels,
+    Text,
+    File,
+}
+
+/// The initialisation options a user gave.
+#[derive(Clone, Debug, Default)]
+pub struct InitSpec {
+    pub kind: Option<InitKind>,
+    pub text: Option<String>,
+    pub file: Option<PathBuf>,
+    /// Half-width of `U[-r, r]` for random-uniform.
+    pub range: f64,
+}
+
+/// The prompt initialisation: `spec.kind`, by default file with a file, text with a text,
+/// class labels with `labels`, else sampled vocabulary.
+pub fn prompt_init(spec: &InitSpec, labels: &[String]) -> Result<PromptInit> {
+    let kind = spec.kind.unwrap_or(if spec.file.is_some() {
+        InitKind::File
+    } else if spec.text.is_some() {
+        InitKind::Text
+    } else if !labels.is_empty() {
+        InitKind::ClassLabels
+    } else {
+        InitKind::SampledVocab
+    });
+    Ok(match kind {
+        InitKind::RandomUniform => PromptInit::RandomUniform { range: spec.range },
+        InitKind::SampledVocab => PromptInit::SampledVocab,
+        InitKind::ClassLabels if labels.is_empty() => bail!("--init class-labels needs --labels (comma separated)"),
+        InitKind::ClassLabels => PromptInit::ClassLabels(labels.to_vec()),
+        InitKind::Text => match &spec.text {
+            Some(t) => PromptInit::Text(t.clone()),
+            None => bail!("--init text needs --init-text"),
+        },
+        InitKind::File => match &spec.file {
+            Some(d) => PromptInit::File(d.clone()),
+            None => bail!("--init file needs --init-file (a PEFT adapter folder)"),
+        },
+    })
+}
+
+/// `--data` / `--dev` naming the built-in task (a file of that name wins).
+pub fn is_builtin(path: &Path) -> bool {
+    path.as_os_str() == BUILTIN_TASK && !path.exists()
+}
+
+/// Where a run's examples come from.
+#[derive(Clone, Debug)]
+pub struct DataSpec {
+    pub data: PathBuf,
+    pub dev: Option<PathBuf>,
+    /// Use only the first N dev examples.
+    pub dev_limit: Option<usize>,
+    /// Class labels given by the user (`None` of them: the built-in task's).
+    pub labels: Vec<String>,
+}
+
+/// The classes whose dev accuracy a run logs.
+pub enum DevClasses {
+    /// Each label's target tokens.
+    Some(Vec<Vec<u32>>),
+    /// No dev accuracy, and a note for the user when the reason is worth one.
+    None(Option<String>),
+}
+
+impl DevClasses {
+    pub fn into_option(self) -> Option<Vec<Vec<u32>>> {
+        match self {
+            DevClasses::Some(c) => Some(c),
+            DevClasses::None(_) => None,
+        }
+    }
+}
+
+/// A run's data: the built-in task when `data` names it, its labels, and (once a model is
+/// loaded) the tokenized examples.
+pub struct TrainData {
+    pub spec: DataSpec,
+    pub task: Option<ClassificationTask>,
+    /// The given labels, or the built-in task's verbalizer.
+    pub labels: Vec<String>,
+}
+
+impl TrainData {
+    /// Checks the data options and loads the built-in task when `spec.data` names it.
+    pub fn resolve(spec: DataSpec) -> Result<TrainData> {
+        let builtin = is_builtin(&spec.data);
+        if spec.dev.as_deref().is_some_and(is_builtin) && !builtin {
+            bail!("--dev {BUILTIN_TASK} needs --data {BUILTIN_TASK} (its dev split goes with its train split)");
+        }
+        if spec.dev_limit.is_some() && spec.dev.is_none() {
+            bail!("--dev-limit needs --dev");
+        }
+        if spec.dev_limit == Some(0) {
+            bail!("--dev-limit must be at least 1");
+        }
+        let task = if builtin { Some(movie::load()?) } else { None };
+        let labels = match &task {
+            Some(t) if spec.labels.is_empty() => t.verbalizer.clone(),
+            _ => spec.labels.clone(),
+        };
+        Ok(TrainData { spec, task, labels })
+    }
+
+    /// Tokenized train and dev examples for `model` (dev cut to `dev_limit`).
+    pub fn examples(&self, model: &Model) -> Result<(Vec<Example>, Option<Vec<Example>>)> {
+        let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
+        let read = |p: &Path| match &self.task {
+            Some(t) if is_builtin(p) => t.examples(tokenizer, info, &t.dev),
+            _ => read_examples(p, model),
+        };
+        let train = match &self.task {
+            Some(t) => t.examples(tokenizer, info, &t.train)?,
+            None => read_examples(&self.spec.data, model)?,
+        };
+        let mut dev = self.spec.dev.as_deref().map(read).transpose()?;
+        if let (Some(dev), Some(n)) = (dev.as_mut(), self.spec.dev_limit) {
+            dev.truncate(n);
+        }
+        Ok((train, dev))
+    }
+
+    /// The classes of dev accuracy: each label's target as rank classification scores it,
+    /// when every dev target is one of them. An error when `select_by` is accuracy and they
+    /// cannot be; otherwise `DevClasses::None` with a note when the dev targets are not the
+    /// labels.
+    pub fn dev_classes(&self, select_by: SelectBy, dev: Option<&[Example]>, model: &Model) -> Result<DevClasses> {
+        let accuracy = select_by == SelectBy::Accuracy;
+        let Some(dev) = dev else {
+            if accuracy {
+                bail!("--select-by accuracy needs --dev");
+            }
+            return Ok(DevClasses::None(None));
+        };
+        if self.labels.is_empty() {
+            if accuracy {
+                bail!("--select-by accuracy needs --labels (the targets of the classes)");
+            }
+            return Ok(DevClasses::None(None));
+        }
+        let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
+        let classes = match &self.task {
+            Some(t) if self.spec.labels.is_empty() => t.label_targets(tokenizer, info),
+            _ => label_targets("--labels", &self.labels, &self.labels, tokenizer, info),
+        };
+        let classes = match classes {
+            Ok(c) => c,
+            Err(e) if accuracy => return Err(e),
+            // A bad label is reported by the initialisation that uses it, if any.
+            Err(_) => return Ok(DevClasses::None(None)),
+        };
+        match gold_labels(dev, &classes, info) {
+            Ok(_) => Ok(DevClasses::Some(classes)),
+            Err(e) if accuracy => Err(Error::invalid(format!(
+                "--select-by accuracy: every dev target must be one of --labels: {e}"
+            ))),
+            Err(e) => Ok(DevClasses::None(Some(format!("no dev accuracy ({e})")))),
+        }
+    }
+
+    /// What `task.json` records of the data: the sources, the task (the built-in one's
+    /// template, labels and verbalizer, as `softprompt run` records it, so `softprompt eval`
+    /// finds the task), the formats and the selection metric.
+    pub fn meta(&self, select_by: SelectBy) -> TaskMeta {
+        let mut meta = match &self.task {
+            Some(t) => TaskMeta {
+                target_format: Some("the label's verbalizer (encoder-decoder models: followed by EOS)".into()),
+                ..t.meta()
+            },
+            None => TaskMeta {
+                input_format: Some(
+                    "the `input` text as model input: BOS first where the model wants one; T5: followed by EOS".into(),
+                ),
+                target_format: Some("the `target` text followed by EOS".into()),
+                labels: self.labels.clone(),
+                ..TaskMeta::default()
+            },
+        };
+        meta.data = Some(data_source(&self.spec.data));
+        meta.dev = self.spec.dev.as_deref().map(data_source);
+        meta.dev_limit = self.spec.dev_limit;
+        meta.select_by = Some(format!("{select_by:?}").to_lowercase());
+        meta
+    }
+}
+
+/// Reads and tokenizes a JSONL file of `{"input", "target"}` pairs for `model`.
+pub fn read_examples(path: &Path, model: &Model) -> Result<Vec<Example>> {
+    let pairs = read_jsonl(path)?;
+    if pairs.is_empty() {
+        bail!("{}: no examples", path.display());
+    }
+    let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
+    pairs
+        .iter()
+        .map(|p| {
+            encode_pair(tokenizer, info, p)
+                .map_err(|e| Error::invalid(format!("{}:{}: {e}", path.display(), p.line)))
+        })
+        .collect()
+}
+
+/// Writes `task`'s splits into `dir` as `train.jsonl`, `dev.jsonl`, `test.jsonl` of
+/// `{"input": template applied, "target": verbalizer}` (what `--data` reads).
+pub fn write_splits(dir: &Path, task: &ClassificationTask) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for (name, rows) in [("train", &task.train), ("dev", &task.dev), ("test", &task.test)] {
+        let mut text = String::new();
+        for p in task.pairs(rows) {
+            text.push_str(&serde_json::json!({"input": p.input, "target": p.target}).to_string());
+            text.push('\n');
+        }
+        crate::fsutil::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
+    }
+    Ok(())
+}
