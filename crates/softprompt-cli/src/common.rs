@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use softprompt::eval::adapters::AdapterSet;
 use softprompt::load::{load_model, Model};
-use softprompt::prompt::PeftAdapter;
 use std::path::{Path, PathBuf};
 
 /// `--model`: a path, or the name of a model `softprompt fetch` knows (fetched on first use).
@@ -33,10 +33,11 @@ pub fn load(spec: &str, device: &Device) -> Result<Model> {
     load_model(&path, device).with_context(|| format!("loading model {}", path.display()))
 }
 
-/// Loads a PEFT adapter folder and checks it against the model. Returns the prompt `[N, D]`.
-pub fn load_prompt(dir: Option<&Path>, model: &Model, device: &Device) -> Result<Option<Tensor>> {
+/// Loads a PEFT adapter folder, checked against the model, as the model sees it before the
+/// input (after BOS when its `task.json` says it was trained so). Returns the prefix `[N, D]`
+/// (`[N+1, D]` after BOS).
+pub fn load_prompt(dir: Option<&Path>, model: &mut Model) -> Result<Option<Tensor>> {
     let Some(dir) = dir else { return Ok(None) };
-    let adapter = PeftAdapter::load(dir, device)?;
-    adapter.validate(model.backbone.info(), dir)?;
-    Ok(Some(adapter.prompt))
+    let adapters = AdapterSet::read(&[dir.to_path_buf()])?;
+    Ok(adapters.load_prompts(model)?.pop())
 }

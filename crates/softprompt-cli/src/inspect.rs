@@ -5,6 +5,8 @@ use crate::common;
 use anyhow::Result;
 use clap::Args;
 use softprompt::eval::inspect::{embedding_table, nearest_tokens};
+use softprompt::prompt::PeftAdapter;
+use softprompt::task::TaskMeta;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -28,7 +30,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
     }
     let device = common::device()?;
     let model = common::load(&args.model, &device)?;
-    let prompt = common::load_prompt(Some(&args.adapter), &model, &device)?.expect("prompt");
+    // The trained prompt itself (not the BOS row placed before it): its task.json must read.
+    TaskMeta::read(&args.adapter)?;
+    let adapter = PeftAdapter::load(&args.adapter, &device)?;
+    adapter.validate(model.backbone.info(), &args.adapter)?;
+    let prompt = adapter.prompt; // [N, D]
     let table = embedding_table(&model.backbone, &device)?;
     let near = nearest_tokens(&prompt, &table, args.top, model.tokenizer.as_ref())?;
     for (pos, list) in near.iter().enumerate() {

@@ -7,9 +7,9 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use softprompt::eval::classify::{evaluate, ClassificationReport};
-use softprompt::prompt::init::PromptInit;
+use softprompt::recipe::MainJob;
 use softprompt::task::movie;
-use softprompt::train::trainer::{train, TrainConfig};
+use softprompt::train::trainer::train;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -46,14 +46,13 @@ pub struct RunArgs {
 const EVAL_BATCH: usize = 32;
 
 pub fn run(args: RunArgs) -> Result<()> {
-    if args.job != "movie-sentiment" {
+    if args.job != movie::NAME {
         anyhow::bail!("unknown job `{}` (known: movie-sentiment)", args.job);
     }
     let device = crate::common::device()?;
     eprintln!("fetching SmolLM2-135M-Instruct and the movie-review snippets (cached after the first run)...");
     let model = crate::common::load("smollm2", &device)?;
     let task = movie::load().context("preparing movie-sentiment")?;
-    let tokenizer = model.tokenizer()?;
     let info = model.backbone.info();
     let test = match args.test_limit {
         Some(n) => &task.test[..n.min(task.test.len())],
@@ -74,23 +73,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let zero_shot_time = t0.elapsed().as_secs_f64();
 
     // 2. Prompt tuning.
-    let steps = args.steps.unwrap_or(if args.full { 1500 } else { 300 });
-    let dev_rows = if args.full { &task.dev[..] } else { &task.dev[..task.dev.len().min(200)] };
-    let train_examples = task.examples(tokenizer, info, &task.train)?;
-    let dev_examples = task.examples(tokenizer, info, dev_rows)?;
-    let mut cfg = TrainConfig::paper(&args.output);
-    cfg.n_tokens = args.n_tokens;
-    cfg.init = PromptInit::ClassLabels(task.verbalizer.clone());
-    // Logs the dev accuracy next to the dev loss; the prompt is still chosen by dev loss.
-    cfg.classes = Some(task.label_targets(tokenizer, info)?);
-    cfg.schedule = softprompt::train::schedule::Schedule::constant(args.lr);
-    cfg.steps = steps;
-    cfg.batch_size = args.batch_size;
-    cfg.eval_every = (steps / 4).max(1);
-    cfg.checkpoint_every = (steps / 10).max(1);
+    let steps = args.steps.unwrap_or(MainJob::default_steps(args.full));
+    let job = MainJob { n_tokens: args.n_tokens, lr: args.lr, steps, batch_size: args.batch_size, full: args.full };
+    let (mut cfg, train_examples, dev_examples) = job.config(&args.output, &task, &model)?;
     cfg.resume = args.resume;
     cfg.quiet = args.quiet;
-    cfg.task = task.meta();
     eprintln!(
         "training a {}-token class-label prompt: {steps} steps x batch {} (Adafactor, lr {})...",
         args.n_tokens, args.batch_size, args.lr

@@ -32,8 +32,8 @@ pub struct ScoreArgs {
 
 pub fn run_score(args: ScoreArgs) -> Result<()> {
     let device = common::device()?;
-    let model = common::load(&args.model, &device)?;
-    let prompt = common::load_prompt(args.prompt.as_deref(), &model, &device)?;
+    let mut model = common::load(&args.model, &device)?;
+    let prompt = common::load_prompt(args.prompt.as_deref(), &mut model)?;
     let n_prompt = prompt.as_ref().map(|p| p.dim(0)).transpose()?.unwrap_or(0);
     let tokenizer = model.tokenizer()?;
     let info = model.backbone.info();
@@ -98,8 +98,8 @@ pub struct GenerateArgs {
 
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
     let device = common::device()?;
-    let model = common::load(&args.model, &device)?;
-    let prompt = common::load_prompt(args.prompt.as_deref(), &model, &device)?;
+    let mut model = common::load(&args.model, &device)?;
+    let prompt = common::load_prompt(args.prompt.as_deref(), &mut model)?;
     let tokenizer = model.tokenizer()?;
     let mut source = tokenizer.encode_input(&args.input)?;
     if model.backbone.is_seq2seq() {

@@ -9,7 +9,7 @@ use crate::prompt::PromptInit;
 use crate::task::{data_source, encode_pair, label_targets, movie, read_jsonl, ClassificationTask, TaskMeta};
 use crate::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
 use crate::train::schedule::Schedule;
-use crate::train::trainer::{gold_labels, SelectBy};
+use crate::train::trainer::{gold_labels, SelectBy, TrainConfig};
 use crate::{bail, Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -322,4 +322,52 @@ pub fn write_splits(dir: &Path, task: &ClassificationTask) -> Result<()> {
         crate::fsutil::write_atomic(&dir.join(format!("{name}.jsonl")), text.as_bytes())?;
     }
     Ok(())
+}
+
+/// The main job (`softprompt run movie-sentiment`): a class-label-initialised prompt trained
+/// with constant-rate Adafactor on the built-in task, the dev accuracy logged beside the dev
+/// loss (the prompt is still chosen by dev loss).
+#[derive(Clone, Debug)]
+pub struct MainJob {
+    pub n_tokens: usize,
+    pub lr: f64,
+    pub steps: usize,
+    pub batch_size: usize,
+    /// The longer recipe: the whole dev split for model selection (else its first 200).
+    pub full: bool,
+}
+
+impl MainJob {
+    /// The default number of steps: 300, or 1500 for the longer recipe.
+    pub fn default_steps(full: bool) -> usize {
+        if full {
+            1500
+        } else {
+            300
+        }
+    }
+
+    /// The training configuration and the train and dev examples of `task` for `model`.
+    pub fn config(
+        &self,
+        output: &Path,
+        task: &ClassificationTask,
+        model: &Model,
+    ) -> Result<(TrainConfig, Vec<Example>, Vec<Example>)> {
+        let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
+        let dev_rows = if self.full { &task.dev[..] } else { &task.dev[..task.dev.len().min(200)] };
+        let train = task.examples(tokenizer, info, &task.train)?;
+        let dev = task.examples(tokenizer, info, dev_rows)?;
+        let mut cfg = TrainConfig::paper(output);
+        cfg.n_tokens = self.n_tokens;
+        cfg.init = PromptInit::ClassLabels(task.verbalizer.clone());
+        cfg.classes = Some(task.label_targets(tokenizer, info)?);
+        cfg.schedule = Schedule::constant(self.lr);
+        cfg.steps = self.steps;
+        cfg.batch_size = self.batch_size;
+        cfg.eval_every = (self.steps / 4).max(1);
+        cfg.checkpoint_every = (self.steps / 10).max(1);
+        cfg.task = task.meta();
+        Ok((cfg, train, dev))
+    }
 }
