@@ -6,7 +6,7 @@ use crate::common;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use softprompt::eval::adapters::AdapterSet;
-use softprompt::eval::outcome::{evaluate_plan, DecodeSpec, Outcome};
+use softprompt::eval::outcome::{evaluate_plan, DecodeSpec};
 use softprompt::eval::plan::{self, EvalPlan, EvalSource, LabelSpec};
 use softprompt::eval::report::Mode;
 use softprompt::task::formats::{Format, ReadOptions};
@@ -227,68 +227,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!("{summary}");
         return Ok(());
     }
-    print_outcome(&what, &args.prompt, &outcome);
+    let names: Vec<String> = args.prompt.iter().map(|p| p.display().to_string()).collect();
+    print!("{}", outcome.text(&what, &names));
     if skipped > 0 {
         println!("skipped {skipped} bad rows");
     }
     Ok(())
-}
-
-/// The human-readable summary.
-fn print_outcome(what: &str, dirs: &[PathBuf], outcome: &Outcome) {
-    match outcome {
-        Outcome::Ensemble { task, report, .. } => {
-            println!("{what}: {} examples, ensemble of {} prompts", report.examples, dirs.len());
-            for (i, m) in report.per_prompt.iter().enumerate() {
-                println!(
-                    "  prompt {i} ({}): accuracy {:.4}  macro-F1 {:.4}",
-                    dirs[i].display(),
-                    m.accuracy,
-                    m.macro_f1
-                );
-            }
-            println!(
-                "  majority vote:      accuracy {:.4}  macro-F1 {:.4}",
-                report.majority_vote.accuracy, report.majority_vote.macro_f1
-            );
-            println!(
-                "  mean log-prob:      accuracy {:.4}  macro-F1 {:.4}",
-                report.mean_log_prob.accuracy, report.mean_log_prob.macro_f1
-            );
-            print_confusion(&task.labels, &report.mean_log_prob.confusion);
-        }
-        Outcome::Class { task, report, mode } => {
-            let unmatched = match mode {
-                Mode::Generate => format!("  unmatched generations {}", report.unmatched),
-                Mode::Rank => String::new(),
-            };
-            println!(
-                "{what}: {} examples  accuracy {:.4}  macro-F1 {:.4}{unmatched}",
-                report.examples, report.accuracy, report.macro_f1
-            );
-            print_confusion(&task.labels, &report.confusion);
-        }
-        Outcome::Text(r) => println!(
-            "{what}: {} examples  exact match {:.4}  token F1 {:.4}",
-            r.examples, r.exact_match, r.f1
-        ),
-        Outcome::Choice(r) => println!("{what}: {} examples  accuracy {:.4}", r.examples, r.accuracy),
-    }
-}
-
-fn print_confusion(labels: &[String], m: &[Vec<usize>]) {
-    let width = labels.iter().map(String::len).max().unwrap_or(4).max(6);
-    println!("confusion (rows: gold, columns: predicted)");
-    print!("  {:width$}", "");
-    for l in labels {
-        print!(" {l:>width$}");
-    }
-    println!();
-    for (l, row) in labels.iter().zip(m) {
-        print!("  {l:width$}");
-        for c in row {
-            print!(" {c:>width$}");
-        }
-        println!();
-    }
 }

@@ -173,6 +173,65 @@ impl Outcome {
                 .collect(),
         })
     }
+
+    /// The human-readable summary: metrics per line, then the confusion matrix of a
+    /// classification. `what` names the data, `prompts` the ensemble's members.
+    pub fn text(&self, what: &str, prompts: &[String]) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = match self {
+            Outcome::Ensemble { task, report, .. } => {
+                let _ = writeln!(s, "{what}: {} examples, ensemble of {} prompts", report.examples, prompts.len());
+                for (i, (m, name)) in report.per_prompt.iter().zip(prompts).enumerate() {
+                    let _ = writeln!(s, "  prompt {i} ({name}): accuracy {:.4}  macro-F1 {:.4}", m.accuracy, m.macro_f1);
+                }
+                let (vote, mean) = (&report.majority_vote, &report.mean_log_prob);
+                let _ = writeln!(s, "  majority vote:      accuracy {:.4}  macro-F1 {:.4}", vote.accuracy, vote.macro_f1);
+                let _ = writeln!(s, "  mean log-prob:      accuracy {:.4}  macro-F1 {:.4}", mean.accuracy, mean.macro_f1);
+                write_confusion(&mut s, &task.labels, &mean.confusion)
+            }
+            Outcome::Class { task, report, mode } => {
+                let unmatched = match mode {
+                    Mode::Generate => format!("  unmatched generations {}", report.unmatched),
+                    Mode::Rank => String::new(),
+                };
+                let _ = writeln!(
+                    s,
+                    "{what}: {} examples  accuracy {:.4}  macro-F1 {:.4}{unmatched}",
+                    report.examples, report.accuracy, report.macro_f1
+                );
+                write_confusion(&mut s, &task.labels, &report.confusion)
+            }
+            Outcome::Text(r) => writeln!(
+                s,
+                "{what}: {} examples  exact match {:.4}  token F1 {:.4}",
+                r.examples, r.exact_match, r.f1
+            ),
+            Outcome::Choice(r) => writeln!(s, "{what}: {} examples  accuracy {:.4}", r.examples, r.accuracy),
+        };
+        s
+    }
+}
+
+/// `m[gold][predicted]` as a table with the label names as row and column heads.
+fn write_confusion(s: &mut String, labels: &[String], m: &[Vec<usize>]) -> std::fmt::Result {
+    use std::fmt::Write;
+    let width = labels.iter().map(String::len).max().unwrap_or(4).max(6);
+    writeln!(s, "confusion (rows: gold, columns: predicted)")?;
+    write!(s, "  {:width$}", "")?;
+    for l in labels {
+        write!(s, " {l:>width$}")?;
+    }
+    writeln!(s)?;
+    for (l, row) in labels.iter().zip(m) {
+        write!(s, "  {l:width$}")?;
+        for c in row {
+            write!(s, " {c:>width$}")?;
+        }
+        writeln!(s)?;
+    }
+    Ok(())
 }
 
 /// `{name: score}` for each name.
