@@ -7,18 +7,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use softprompt::eval::adapters::AdapterSet;
 use softprompt::eval::outcome::{evaluate_plan, DecodeSpec};
-use softprompt::eval::plan::{self, EvalPlan, EvalSource, LabelSpec};
+use softprompt::eval::plan::{EvalPlan, EvalSource, LabelSpec, Split};
 use softprompt::eval::report::Mode;
 use softprompt::task::formats::{Format, ReadOptions};
 use std::io::Write;
 use std::path::PathBuf;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Split {
-    Train,
-    Dev,
-    Test,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Method {
@@ -26,14 +19,6 @@ pub enum Method {
     PromptTuning,
     /// No soft prompt: the task template, with --shots demonstrations before the query.
     PromptDesign,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    /// Score each label's verbalizer and pick the most likely.
-    Rank,
-    /// Generate (greedy, or beam search with --beams) and compare the text.
-    Generate,
 }
 
 #[derive(Args)]
@@ -86,7 +71,7 @@ pub struct EvalArgs {
     pub seed: u64,
     /// [default: rank for classification and multiple choice, generate for text]
     #[arg(long, value_enum)]
-    pub mode: Option<ModeArg>,
+    pub mode: Option<Mode>,
     /// Beams for generation (1: greedy).
     #[arg(long, default_value_t = 1)]
     pub beams: usize,
@@ -151,11 +136,7 @@ impl EvalArgs {
             }
             (Some(name), None) => Some(EvalSource::Task {
                 name: name.clone(),
-                split: match self.split.unwrap_or(Split::Test) {
-                    Split::Train => plan::Split::Train,
-                    Split::Dev => plan::Split::Dev,
-                    Split::Test => plan::Split::Test,
-                },
+                split: self.split.unwrap_or_default(),
             }),
             (None, Some(_)) if self.split.is_some() => {
                 bail!("--split is for --task; --data is evaluated whole")
@@ -185,11 +166,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         verbalizer: args.verbalizer.clone(),
     };
     let plan = EvalPlan::resolve(source, &given, &adapters.meta, args.shots, args.seed, args.limit)?;
-    let requested = args.mode.map(|m| match m {
-        ModeArg::Rank => Mode::Rank,
-        ModeArg::Generate => Mode::Generate,
-    });
-    let mode = plan.mode(requested, args.prompt.len())?;
+    let mode = plan.mode(args.mode, args.prompt.len())?;
     let (what, skipped) = (plan.what.clone(), plan.skipped);
     let mut out = match &args.predictions {
         Some(p) => Some(std::io::BufWriter::new(

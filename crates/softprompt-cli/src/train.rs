@@ -4,42 +4,12 @@ use crate::common;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use softprompt::prompt::{EncoderKind, PeftAdapter, PromptInit};
-use softprompt::recipe::{self, DataSpec, DevClasses, InitSpec, TrainData, BUILTIN_TASK};
+use softprompt::recipe::{
+    self, DataSpec, DevClasses, InitKind, InitSpec, Method, OptimizerKind, ScheduleKind, TrainData, BUILTIN_TASK,
+};
 use softprompt::train::trainer::SelectBy;
 use softprompt::train::{model_tuning, p_tuning, train, BaselineReport, TrainConfig, TrainReport};
 use std::path::{Path, PathBuf};
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum InitKind {
-    /// Values from U[-r, r] (--init-range, default 0.5).
-    RandomUniform,
-    /// Embeddings of distinct tokens drawn from the 5,000 most common (lowest-id) tokens.
-    SampledVocab,
-    /// One slot per --labels entry (multi-token labels averaged), the rest sampled-vocab.
-    ClassLabels,
-    /// Embeddings of --init-text's tokens, repeated or cut to fill the prompt.
-    Text,
-    /// The prompt of a PEFT adapter folder (--init-file): prompt transfer.
-    File,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum OptimizerKind {
-    /// The paper's: T5X Adafactor, decay 0.8, update clipping 1.0, no momentum.
-    Adafactor,
-    /// torch.optim.AdamW (betas 0.9, 0.999; eps 1e-8).
-    Adamw,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Method {
-    /// Lester et al. 2021: a soft prompt trained on the frozen model.
-    PromptTuning,
-    /// Baseline: every weight trained (AdamW), no soft prompt; writes a model folder.
-    ModelTuning,
-    /// Baseline (Liu et al. 2021): the prompt is the output of a trained prompt encoder.
-    PTuning,
-}
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum EncoderArg {
@@ -55,13 +25,6 @@ pub enum SelectByArg {
     Loss,
     /// The highest dev accuracy (rank classification over --labels; ties: the lower dev loss).
     Accuracy,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum ScheduleKind {
-    Constant,
-    Linear,
-    Cosine,
 }
 
 /// Defaults are the prompt-tuning paper's recipe (Lester et al. 2021).
@@ -184,14 +147,6 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn method(&self) -> recipe::Method {
-        match self.method {
-            Method::PromptTuning => recipe::Method::PromptTuning,
-            Method::ModelTuning => recipe::Method::ModelTuning,
-            Method::PTuning => recipe::Method::PTuning,
-        }
-    }
-
     fn select_by(&self) -> SelectBy {
         match self.select_by {
             SelectByArg::Loss => SelectBy::Loss,
@@ -201,13 +156,7 @@ impl TrainArgs {
 
     fn init_spec(&self) -> InitSpec {
         InitSpec {
-            kind: self.init.map(|k| match k {
-                InitKind::RandomUniform => recipe::InitKind::RandomUniform,
-                InitKind::SampledVocab => recipe::InitKind::SampledVocab,
-                InitKind::ClassLabels => recipe::InitKind::ClassLabels,
-                InitKind::Text => recipe::InitKind::Text,
-                InitKind::File => recipe::InitKind::File,
-            }),
+            kind: self.init,
             text: self.init_text.clone(),
             file: self.init_file.clone(),
             range: self.init_range,
@@ -216,7 +165,7 @@ impl TrainArgs {
 
     /// Rejects options that the chosen method does not use.
     fn check_method(&self) -> Result<()> {
-        let m = self.method().name();
+        let m = self.method.name();
         if self.method != Method::PTuning && (self.encoder.is_some() || self.encoder_hidden.is_some()) {
             bail!("--encoder and --encoder-hidden are options of --method p-tuning, not {m}");
         }
@@ -262,17 +211,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         labels: args.labels.clone(),
     })?;
     let init = recipe::prompt_init(&args.init_spec(), &data.labels)?;
-    let method = args.method();
-    let lr = recipe::learning_rate(method, args.lr)?;
-    let schedule = match args.schedule {
-        ScheduleKind::Constant => recipe::ScheduleKind::Constant,
-        ScheduleKind::Linear => recipe::ScheduleKind::Linear,
-        ScheduleKind::Cosine => recipe::ScheduleKind::Cosine,
-    };
-    let optimizer = args.optimizer.map(|k| match k {
-        OptimizerKind::Adafactor => recipe::OptimizerKind::Adafactor,
-        OptimizerKind::Adamw => recipe::OptimizerKind::AdamW,
-    });
+    let lr = recipe::learning_rate(args.method, args.lr)?;
     if let (Some(dir), Some(t)) = (&args.write_splits, &data.task) {
         recipe::write_splits(dir, t)?;
         let (train, dev, test) = (t.train.len(), t.dev.len(), t.test.len());
@@ -297,8 +236,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut cfg = TrainConfig::paper(&args.output);
     cfg.n_tokens = n_tokens;
     cfg.init = init;
-    cfg.optimizer = recipe::optimizer(method, optimizer, args.weight_decay);
-    cfg.schedule = recipe::schedule(schedule, lr, args.warmup_steps, args.steps);
+    cfg.optimizer = recipe::optimizer(args.method, args.optimizer, args.weight_decay);
+    cfg.schedule = recipe::schedule(args.schedule, lr, args.warmup_steps, args.steps);
     cfg.steps = args.steps;
     cfg.batch_size = args.batch_size;
     cfg.grad_accum = args.grad_accum;

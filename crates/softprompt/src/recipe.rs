@@ -18,10 +18,11 @@ pub const BUILTIN_TASK: &str = movie::NAME;
 
 /// What is trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Method {
     /// Lester et al. 2021: a soft prompt trained on the frozen model.
     PromptTuning,
-    /// Baseline: every weight trained, no soft prompt.
+    /// Baseline: every weight trained (AdamW), no soft prompt; writes a model folder.
     ModelTuning,
     /// Baseline (Liu et al. 2021): the prompt is the output of a trained prompt encoder.
     PTuning,
@@ -54,13 +55,18 @@ impl Method {
 
 /// Optimizer family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum OptimizerKind {
+    /// The paper's: T5X Adafactor, decay 0.8, update clipping 1.0, no momentum.
     Adafactor,
+    /// torch.optim.AdamW (betas 0.9, 0.999; eps 1e-8).
+    #[cfg_attr(feature = "clap", value(name = "adamw"))]
     AdamW,
 }
 
 /// Learning-rate decay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ScheduleKind {
     Constant,
     Linear,
@@ -102,11 +108,17 @@ pub fn schedule(kind: ScheduleKind, lr: f64, warmup_steps: usize, steps: usize) 
 
 /// Prompt initialisation kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum InitKind {
+    /// Values from U[-r, r] (--init-range, default 0.5).
     RandomUniform,
+    /// Embeddings of distinct tokens drawn from the 5,000 most common (lowest-id) tokens.
     SampledVocab,
+    /// One slot per --labels entry (multi-token labels averaged), the rest sampled-vocab.
     ClassLabels,
+    /// Embeddings of --init-text's tokens, repeated or cut to fill the prompt.
     Text,
+    /// The prompt of a PEFT adapter folder (--init-file): prompt transfer.
     File,
 }
 

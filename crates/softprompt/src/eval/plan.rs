@@ -15,6 +15,7 @@ pub const MOVIE_SENTIMENT: &str = movie::NAME;
 
 /// A split of a named task.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Split {
     Train,
     Dev,

@@ -16,11 +16,13 @@ use candle_core::{Device, Tensor};
 
 /// How a classification task is evaluated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Score every label's verbalizer, pick the most likely.
+    /// Score each label's verbalizer (or choice) and pick the most likely.
     Rank,
-    /// Generate, then map the text back to a label (normalised exact match).
+    /// Generate (greedy, or beam search) and compare the text; a classification maps it
+    /// back to a label (normalised exact match).
     Generate,
 }
 
