@@ -383,3 +383,29 @@ impl MainJob {
         Ok((cfg, train, dev))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_defaults() {
+        assert_eq!(learning_rate(Method::PromptTuning, None).unwrap(), 0.3);
+        assert_eq!(learning_rate(Method::ModelTuning, None).unwrap(), 1e-4);
+        assert!(learning_rate(Method::PTuning, Some(f64::NAN)).is_err());
+        assert!(matches!(optimizer(Method::PromptTuning, None, None), OptimizerConfig::Adafactor(c) if c.weight_decay == 1e-5));
+        assert!(matches!(optimizer(Method::PTuning, None, None), OptimizerConfig::AdamW(_)));
+    }
+
+    #[test]
+    fn the_init_follows_what_was_given() {
+        let labels = vec!["a".to_string()];
+        let spec = InitSpec { range: 0.5, ..InitSpec::default() };
+        assert_eq!(prompt_init(&spec, &labels).unwrap(), PromptInit::ClassLabels(labels.clone()));
+        assert_eq!(prompt_init(&spec, &[]).unwrap(), PromptInit::SampledVocab);
+        let text = InitSpec { text: Some("hi".into()), ..spec.clone() };
+        assert_eq!(prompt_init(&text, &labels).unwrap(), PromptInit::Text("hi".into()));
+        let bad = InitSpec { kind: Some(InitKind::File), ..spec };
+        assert!(prompt_init(&bad, &labels).is_err());
+    }
+}

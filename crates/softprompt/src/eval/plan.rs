@@ -271,3 +271,35 @@ fn limited<T>(mut rows: Vec<T>, limit: Option<usize>, what: &str) -> Result<Vec<
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_verbalizer_comes_from_the_user_then_task_json_then_the_labels() {
+        let saved = TaskMeta { labels: strings(&["a", "b"]), verbalizer: strings(&[" A", " B"]), ..TaskMeta::default() };
+        let labels = strings(&["a", "b"]);
+        let given = LabelSpec { verbalizer: strings(&["x", "y"]), ..LabelSpec::default() };
+        assert_eq!(default_verbalizer(&given, &saved, &labels, "{text}"), ["x", "y"]);
+        assert_eq!(default_verbalizer(&LabelSpec::default(), &saved, &labels, "{text}"), [" A", " B"]);
+        let bare = TaskMeta { labels: labels.clone(), ..TaskMeta::default() };
+        assert_eq!(default_verbalizer(&LabelSpec::default(), &bare, &labels, "{text}"), ["a", "b"]);
+        let given = LabelSpec { labels: labels.clone(), ..LabelSpec::default() };
+        assert_eq!(default_verbalizer(&given, &saved, &labels, "{text}"), [" a", " b"]);
+        assert_eq!(default_verbalizer(&given, &saved, &labels, "{text} "), ["a", "b"]);
+    }
+
+    #[test]
+    fn without_a_source_the_saved_task_is_evaluated_or_the_user_is_asked() {
+        let err = EvalPlan::resolve(None, &LabelSpec::default(), &TaskMeta::default(), 0, 0, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--task") && err.contains("--data"), "{err}");
+    }
+}

@@ -7,6 +7,7 @@
 //! written before these rules (an absolute `model_path`, fields missing) still read.
 
 use crate::model::ModelInfo;
+use crate::prompt::PromptInit;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -271,6 +272,15 @@ impl TaskMeta {
         }
         *self = serde_json::from_value(mine).map_err(|e| Error::invalid(format!("task.json: {e}")))?;
         Ok(())
+    }
+}
+
+/// `init` of `task.json`: [`PromptInit::describe`], with a transferred prompt's adapter
+/// folder recorded as [`data_source`] records files.
+pub fn describe_init(init: &PromptInit) -> serde_json::Value {
+    match init {
+        PromptInit::File(dir) => serde_json::json!({"kind": "file", "adapter": data_source(dir)}),
+        other => other.describe(),
     }
 }
 

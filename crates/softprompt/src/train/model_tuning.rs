@@ -26,7 +26,7 @@ use crate::prompt::encoder::{EncoderKind, PromptEncoder};
 use crate::prompt::init::{init_prompt, PromptInit};
 use crate::prompt::{AdapterConfig, PeftAdapter};
 use crate::model::ModelInfo;
-use crate::task::meta::{EncoderMeta, TaskMeta};
+use crate::task::meta::{describe_init, EncoderMeta, TaskMeta};
 use crate::train::checkpoint::{self, ParamsCheckpoint};
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::clip_grad_norm;
@@ -296,7 +296,7 @@ pub fn p_tuning(
     let mut task = TaskMeta::for_run(Some(P_TUNING), info, &model.path, train.len(), dev.map(<[_]>::len), cfg.seed)?;
     task.encoder = Some(EncoderMeta { kind: kind.name().into(), hidden });
     task.n_tokens = Some(cfg.n_tokens);
-    task.init = Some(cfg.init.describe());
+    task.init = Some(describe_init(&cfg.init));
     task.merge(&cfg.task)?;
     task.write(out)?;
     plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;

@@ -27,7 +27,7 @@ use crate::model::ModelInfo;
 use crate::objective::target_nll;
 use crate::prompt::init::{init_prompt, PromptInit, Rng};
 use crate::prompt::{after_bos_token, model_prefix, strip_leading_bos, AdapterConfig, PeftAdapter};
-use crate::task::meta::{ExampleLayout, TaskMeta};
+use crate::task::meta::{describe_init, ExampleLayout, TaskMeta};
 use crate::train::checkpoint::{self, Best, Checkpoint};
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_grad_norm, AdafactorConfig, OptimizerConfig};
@@ -899,7 +899,7 @@ fn export(
 
     let mut task = TaskMeta::for_run(None, info, &model.path, train.len(), dev.map(<[_]>::len), cfg.seed)?;
     task.n_tokens = Some(cfg.n_tokens);
-    task.init = Some(cfg.init.describe());
+    task.init = Some(describe_init(&cfg.init));
     task.format = Some(ExampleLayout::prompt_tuning(info.is_encoder_decoder(), cfg.prompt_after_bos));
     if let PromptInit::ClassLabels(labels) = &cfg.init {
         task.labels = labels.clone();
