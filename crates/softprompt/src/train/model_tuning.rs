@@ -65,6 +65,34 @@ impl BaselineReport {
     }
 }
 
+/// The training of a baseline (`method`) on the one loop: the `named` vars trained on `loss`,
+/// no dev evaluation during training, a metrics line every step (the report's first and last
+/// losses are read from the log), a [`CheckpointKind::Params`] checkpoint.
+pub(crate) fn run_baseline(
+    cfg: &TrainConfig,
+    method: &str,
+    named: Vec<(String, Var)>,
+    loss: &dyn Fn(&[Example]) -> Result<BatchLoss>,
+    config_hash: &str,
+    device: &Device,
+    train: &[Example],
+) -> Result<LoopOutcome> {
+    let (names, vars): (Vec<String>, Vec<Var>) = named.into_iter().unzip();
+    let mut every_step = cfg.clone();
+    every_step.log_every = 1;
+    StepLoop {
+        cfg: &every_step,
+        optimizer: cfg.optimizer.build(vars.clone())?,
+        vars,
+        loss,
+        dev: None,
+        checkpoint: CheckpointKind::Params { method, names: &names },
+        config_hash,
+        device,
+    }
+    .run(train)
+}
+
 /// Full fine-tuning of `path`, a Hugging Face model folder or a GGUF Llama file (see the
 /// module doc). `cfg.n_tokens` and `cfg.init` are ignored (there is no soft prompt); the
 /// optimizer is `cfg.optimizer` (AdamW in the paper's comparison).
@@ -124,20 +152,8 @@ pub fn model_tuning(
         let nll = target_nll(&build()?.backbone, None, &batch)?; // [M]
         Ok(BatchLoss { nll, tokens: batch.n_tokens })
     };
-    let mut every_step = cfg.clone();
-    // Every step is logged: the report's first and last losses are read from the log.
-    every_step.log_every = 1;
-    let run = StepLoop {
-        cfg: &every_step,
-        optimizer: cfg.optimizer.build(vars.clone())?,
-        vars: vars.clone(),
-        loss: &loss,
-        dev: None,
-        checkpoint: CheckpointKind::Params { method: MODEL_TUNING, names: &names },
-        config_hash: &hash,
-        device,
-    }
-    .run(train)?;
+    let named = names.iter().cloned().zip(vars.iter().cloned()).collect();
+    let run = run_baseline(cfg, MODEL_TUNING, named, &loss, &hash, device, train)?;
     let dev_loss = match dev {
         Some(d) => Some(dev_nll_without_prompt(&build()?, d, cfg)?),
         None => None,

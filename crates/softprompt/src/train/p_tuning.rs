@@ -14,13 +14,12 @@ use crate::train::config::TrainConfig;
 use crate::train::data::validate;
 use crate::train::dev_eval::dev_nll;
 use crate::train::export::{run_task_fields, save_prompt_adapter, save_tensors_atomic, write_task_json};
-use crate::train::model_tuning::BaselineReport;
+use crate::train::model_tuning::{run_baseline, BaselineReport};
 use crate::train::plot;
 use crate::train::run_id::baseline_hash;
-use crate::train::run_state::CheckpointKind;
-use crate::train::step_loop::{BatchLoss, StepLoop};
+use crate::train::step_loop::BatchLoss;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
 /// The method's name in checkpoints and `task.json`.
@@ -52,27 +51,13 @@ pub fn p_tuning(
         dev,
         serde_json::json!({"method": P_TUNING, "encoder": kind.name(), "hidden": hidden}),
     );
-    let (names, vars): (Vec<String>, Vec<Var>) = encoder.named_vars().into_iter().unzip();
     let loss = |examples: &[Example]| -> Result<BatchLoss> {
         let batch = collate(examples, info, cfg.n_tokens, &model.device)?;
         let prompt = encoder.forward()?; // [N, D]
         let nll = target_nll(&model.backbone, Some(&prompt), &batch)?; // [M]
         Ok(BatchLoss { nll, tokens: batch.n_tokens })
     };
-    let mut every_step = cfg.clone();
-    // Every step is logged: the report's first and last losses are read from the log.
-    every_step.log_every = 1;
-    let run = StepLoop {
-        cfg: &every_step,
-        optimizer: cfg.optimizer.build(vars.clone())?,
-        vars,
-        loss: &loss,
-        dev: None,
-        checkpoint: CheckpointKind::Params { method: P_TUNING, names: &names },
-        config_hash: &hash,
-        device: &model.device,
-    }
-    .run(train)?;
+    let run = run_baseline(cfg, P_TUNING, encoder.named_vars(), &loss, &hash, &model.device, train)?;
 
     let prompt = encoder.forward()?.detach(); // [N, D]
     let dev_loss = match dev {
