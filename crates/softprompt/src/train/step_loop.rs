@@ -376,3 +376,97 @@ fn progress_message(
     message.push_str(&format!("  {tokens_per_s:.0} tok/s"));
     message
 }
+
+#[cfg(test)]
+mod tests {
+    //! The loop on a model-free loss: one scalar var `w`, each target token `t` contributing
+    //! `(w - t)^2`, so the step's loss and gradient have closed forms.
+    use super::*;
+    use crate::train::metrics;
+    use crate::train::optim::{AdamWConfig, OptimizerConfig};
+    use crate::train::schedule::Schedule;
+
+    /// Four examples whose targets have 3, 1, 1 and 1 tokens.
+    fn examples() -> Vec<Example> {
+        [vec![1u32, 1, 1], vec![3], vec![5], vec![7]]
+            .into_iter()
+            .map(|target| Example { source: vec![0], target })
+            .collect()
+    }
+
+    fn config(out: &std::path::Path) -> TrainConfig {
+        let mut cfg = TrainConfig::paper(out);
+        cfg.optimizer = OptimizerConfig::AdamW(AdamWConfig::new(0.0));
+        cfg.schedule = Schedule::constant(0.1);
+        cfg.steps = 1;
+        cfg.batch_size = 2;
+        cfg.grad_accum = 2;
+        cfg.quiet = true;
+        cfg
+    }
+
+    /// Runs `cfg` on [`examples`] with `nll` computing each token's loss from `w` `[1]`.
+    fn run(cfg: &TrainConfig, nll: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>) -> Result<LoopOutcome> {
+        let device = Device::Cpu;
+        let w = Var::zeros(1, DType::F32, &device)?;
+        let names = vec!["w".to_string()];
+        let loss = |examples: &[Example]| -> Result<BatchLoss> {
+            let targets: Vec<f32> = examples
+                .iter()
+                .flat_map(|e| e.target.iter().map(|&t| t as f32))
+                .collect();
+            let t = Tensor::new(targets.as_slice(), &device)?; // [M]
+            let w = w.as_tensor().broadcast_as(t.shape())?; // [M]
+            Ok(BatchLoss { nll: nll(&w, &t)?, tokens: t.dim(0)? })
+        };
+        StepLoop {
+            cfg,
+            vars: vec![w.clone()],
+            optimizer: cfg.optimizer.build(vec![w.clone()])?,
+            loss: &loss,
+            dev: None,
+            checkpoint: CheckpointKind::Params { method: "test", names: &names },
+            config_hash: "test",
+            device: &device,
+        }
+        .run(&examples())
+    }
+
+    /// Two micro-batches of two examples make one step whose loss is the mean over all six
+    /// target tokens (not the mean of the batches' means) and whose gradient is that mean's.
+    #[test]
+    fn accumulation_gives_the_token_mean_of_the_whole_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = run(&config(dir.path()), &|w, t| Ok((w - t)?.sqr()?)).unwrap();
+        assert_eq!((run.state.step, run.state.epoch, run.state.position), (1, 0, 2));
+        let rows = metrics::read(&dir.path().join(metrics::FILE)).unwrap();
+        let tokens = [1.0, 1.0, 1.0, 3.0, 5.0, 7.0f64];
+        let n = tokens.len() as f64;
+        // At w = 0: loss mean(t^2), gradient mean(-2t).
+        let loss = tokens.iter().map(|t| t * t).sum::<f64>() / n;
+        let grad = 2.0 * tokens.iter().sum::<f64>() / n;
+        assert_eq!(rows.len(), 1);
+        assert!((rows[0].loss - loss).abs() < 1e-5, "{} vs {loss}", rows[0].loss);
+        assert!((rows[0].grad_norm - grad).abs() < 1e-5, "{} vs {grad}", rows[0].grad_norm);
+    }
+
+    #[test]
+    fn a_non_finite_loss_stops_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(&config(dir.path()), &|w, t| Ok((w - t)?.log()?.sqr()?))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("diverged at step 1"), "{err}");
+    }
+
+    #[test]
+    fn a_loss_without_gradient_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(&config(dir.path()), &|w, t| Ok((w.detach() - t)?.sqr()?))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("no gradient"), "{err}");
+    }
+}
