@@ -1,6 +1,6 @@
 //! Model tuning, the first baseline of the prompt-tuning paper's comparison: every weight of
 //! the model is trained (AdamW), with no soft prompt: the hard prompt is the data's input as
-//! is. A configuration of the one training loop ([`super::step_loop`]) on the data order and
+//! is. A configuration of the one training loop (`train::step_loop`) on the data order and
 //! objective of prompt tuning. The output folder is itself a model folder: from a Hugging Face
 //! folder, `model.safetensors` (the tuned weights under their original names) and a copy of
 //! `config.json` (and `tokenizer.json`, `generation_config.json` when present); from a GGUF

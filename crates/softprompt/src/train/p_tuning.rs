@@ -1,6 +1,6 @@
 //! P-tuning (Liu et al. 2021), a baseline of the prompt-tuning paper's comparison: the prompt
 //! is the output of a [`PromptEncoder`], whose parameters are trained by the one training loop
-//! ([`super::step_loop`]) on the data order and objective of prompt tuning. The exported
+//! (`train::step_loop`) on the data order and objective of prompt tuning. The exported
 //! adapter holds the encoder's final output as `prompt_embeddings` (a plain PEFT
 //! prompt-tuning adapter); `encoder.safetensors` holds every encoder parameter and `task.json`
 //! records the encoder.

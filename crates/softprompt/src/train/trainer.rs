@@ -1,6 +1,6 @@
 //! Prompt tuning: only the `[N, D]` prompt is trained; the backbone is frozen (its weights are
 //! plain tensors, never handed to the optimizer). A configuration of the one training loop
-//! ([`super::step_loop`]): one var (the prompt), the loss of `[P; example]`, dev evaluation and
+//! (`train::step_loop`): one var (the prompt), the loss of `[P; example]`, dev evaluation and
 //! selection of the best prompt, a prompt [`Checkpoint`](super::checkpoint::Checkpoint).
 //!
 //! Dev evaluation: the mean target-token NLL and, for a classification task
