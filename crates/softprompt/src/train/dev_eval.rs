@@ -16,7 +16,11 @@ use candle_core::{DType, Tensor};
 /// The gold class of each example: the index of the class whose tokens are its target, or
 /// its target without a final EOS (decoder-only targets carry EOS, classes do not). An example
 /// whose target is no class is an error naming it.
-pub fn gold_labels(examples: &[Example], classes: &[Vec<u32>], info: &ModelInfo) -> Result<Vec<usize>> {
+pub fn gold_labels(
+    examples: &[Example],
+    classes: &[Vec<u32>],
+    info: &ModelInfo,
+) -> Result<Vec<usize>> {
     examples
         .iter()
         .enumerate()
@@ -107,7 +111,14 @@ pub fn dev_accuracy(
     cfg: &TrainConfig,
 ) -> Result<f64> {
     let gold = gold_labels(dev, classes, model.backbone.info())?;
-    prepared_dev_accuracy(model, prompt, &after_bos(model, cfg, dev), classes, &gold, cfg)
+    prepared_dev_accuracy(
+        model,
+        prompt,
+        &after_bos(model, cfg, dev),
+        classes,
+        &gold,
+        cfg,
+    )
 }
 
 /// [`dev_accuracy`] of examples already without their leading BOS when `cfg.prompt_after_bos`.

@@ -86,7 +86,10 @@ pub(crate) fn run_baseline(
         vars,
         loss,
         dev: None,
-        checkpoint: CheckpointKind::Params { method, names: &names },
+        checkpoint: CheckpointKind::Params {
+            method,
+            names: &names,
+        },
         config_hash,
         device,
     }
@@ -150,7 +153,10 @@ pub fn model_tuning(
     let loss = |examples: &[Example]| -> Result<BatchLoss> {
         let batch = collate(examples, &info, 0, device)?;
         let nll = target_nll(&build()?.backbone, None, &batch)?; // [M]
-        Ok(BatchLoss { nll, tokens: batch.n_tokens })
+        Ok(BatchLoss {
+            nll,
+            tokens: batch.n_tokens,
+        })
     };
     let named = names.iter().cloned().zip(vars.iter().cloned()).collect();
     let run = run_baseline(cfg, MODEL_TUNING, named, &loss, &hash, device, train)?;
@@ -224,9 +230,11 @@ impl Base {
     fn backbone(&self, weights: &Weights) -> Result<Backbone> {
         Ok(match self {
             Base::Folder { dir, .. } => hf::build_backbone(dir, weights)?.0,
-            Base::Gguf { path, config, .. } => {
-                Backbone::Causal(Box::new(llama::Llama::new(config, weights, model_name(path))?))
-            }
+            Base::Gguf { path, config, .. } => Backbone::Causal(Box::new(llama::Llama::new(
+                config,
+                weights,
+                model_name(path),
+            )?)),
         })
     }
 
@@ -235,7 +243,12 @@ impl Base {
         match self {
             Base::Folder { dir, .. } => {
                 save_tensors_atomic(&out.join("model.safetensors"), tensors)?;
-                for extra in ["config.json", "tokenizer.json", "generation_config.json", "tokenizer_config.json"] {
+                for extra in [
+                    "config.json",
+                    "tokenizer.json",
+                    "generation_config.json",
+                    "tokenizer_config.json",
+                ] {
                     let src = dir.join(extra);
                     if src.is_file() {
                         let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;

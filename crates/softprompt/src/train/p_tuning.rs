@@ -13,7 +13,9 @@ use crate::prompt::init::init_prompt;
 use crate::train::config::TrainConfig;
 use crate::train::data::validate;
 use crate::train::dev_eval::dev_nll;
-use crate::train::export::{run_task_fields, save_prompt_adapter, save_tensors_atomic, write_task_json};
+use crate::train::export::{
+    run_task_fields, save_prompt_adapter, save_tensors_atomic, write_task_json,
+};
 use crate::train::model_tuning::{run_baseline, BaselineReport};
 use crate::train::plot;
 use crate::train::run_id::baseline_hash;
@@ -55,9 +57,20 @@ pub fn p_tuning(
         let batch = collate(examples, info, cfg.n_tokens, &model.device)?;
         let prompt = encoder.forward()?; // [N, D]
         let nll = target_nll(&model.backbone, Some(&prompt), &batch)?; // [M]
-        Ok(BatchLoss { nll, tokens: batch.n_tokens })
+        Ok(BatchLoss {
+            nll,
+            tokens: batch.n_tokens,
+        })
     };
-    let run = run_baseline(cfg, P_TUNING, encoder.named_vars(), &loss, &hash, &model.device, train)?;
+    let run = run_baseline(
+        cfg,
+        P_TUNING,
+        encoder.named_vars(),
+        &loss,
+        &hash,
+        &model.device,
+        train,
+    )?;
 
     let prompt = encoder.forward()?.detach(); // [N, D]
     let dev_loss = match dev {

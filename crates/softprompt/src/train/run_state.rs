@@ -45,7 +45,10 @@ pub(crate) enum CheckpointKind<'a> {
     Prompt,
     /// A baseline: a [`ParamsCheckpoint`] of `method` holding the vars under `names` (one name
     /// per var, in the same order).
-    Params { method: &'a str, names: &'a [String] },
+    Params {
+        method: &'a str,
+        names: &'a [String],
+    },
 }
 
 /// What a resumed run starts from.
@@ -113,7 +116,10 @@ impl CheckpointKind<'_> {
                     evals_since_best: c.evals_since_best,
                     stopped_early: c.stopped_early,
                 };
-                Ok(Some(Resumed { state, optimizer: c.optimizer }))
+                Ok(Some(Resumed {
+                    state,
+                    optimizer: c.optimizer,
+                }))
             }
             CheckpointKind::Params { method, names } => {
                 if !path.exists() {
@@ -132,7 +138,10 @@ impl CheckpointKind<'_> {
                     position: c.position,
                     ..RunState::default()
                 };
-                Ok(Some(Resumed { state, optimizer: c.optimizer }))
+                Ok(Some(Resumed {
+                    state,
+                    optimizer: c.optimizer,
+                }))
             }
         }
     }
@@ -151,16 +160,17 @@ impl CheckpointKind<'_> {
                 let [prompt] = vars else {
                     return Err(Error::invalid("prompt tuning trains exactly one var"));
                 };
-                let best = match &state.best {
-                    Some(b) => Some(Best {
-                        dev_loss: b.dev_loss,
-                        step: b.step,
-                        prompt: b.params.first().cloned().ok_or_else(|| {
-                            Error::invalid("the best evaluation kept no prompt")
-                        })?,
-                    }),
-                    None => None,
-                };
+                let best =
+                    match &state.best {
+                        Some(b) => Some(Best {
+                            dev_loss: b.dev_loss,
+                            step: b.step,
+                            prompt: b.params.first().cloned().ok_or_else(|| {
+                                Error::invalid("the best evaluation kept no prompt")
+                            })?,
+                        }),
+                        None => None,
+                    };
                 Checkpoint {
                     step: state.step,
                     epoch: state.epoch,
@@ -228,7 +238,10 @@ fn restore_params(
     let mut saved: HashMap<&str, &Tensor> = c.params.iter().map(|(n, t)| (n.as_str(), t)).collect();
     for (name, var) in names.iter().zip(vars) {
         let Some(t) = saved.remove(name.as_str()) else {
-            return Err(Error::format(path, format!("checkpoint: missing tensor `{name}`")));
+            return Err(Error::format(
+                path,
+                format!("checkpoint: missing tensor `{name}`"),
+            ));
         };
         if t.dims() != var.dims() {
             return Err(Error::format(

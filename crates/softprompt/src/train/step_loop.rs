@@ -81,13 +81,9 @@ impl StepLoop<'_> {
     pub fn run(mut self, train: &[Example]) -> Result<LoopOutcome> {
         let cfg = self.cfg;
         let out = &cfg.output;
-        let resumed = self.checkpoint.resume(
-            out,
-            cfg.resume,
-            self.config_hash,
-            &self.vars,
-            self.device,
-        )?;
+        let resumed =
+            self.checkpoint
+                .resume(out, cfg.resume, self.config_hash, &self.vars, self.device)?;
         let mut state = RunState::default();
         let mut resumed_from = None;
         if let Some(r) = resumed {
@@ -118,7 +114,12 @@ impl StepLoop<'_> {
                     state.position = 0;
                     plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, state.epoch);
                 }
-                micro.push(plan[state.position].iter().map(|&i| train[i].clone()).collect());
+                micro.push(
+                    plan[state.position]
+                        .iter()
+                        .map(|&i| train[i].clone())
+                        .collect(),
+                );
                 state.position += 1;
             }
             let (mut grads, loss_sum, n_tokens) = self.accumulate(&micro)?;
@@ -182,7 +183,12 @@ impl StepLoop<'_> {
                 last_accuracy = dev_accuracy;
             }
             bar.set_position(state.step as u64);
-            bar.set_message(progress_message(loss_sum, &state, last_accuracy, tokens_per_s));
+            bar.set_message(progress_message(
+                loss_sum,
+                &state,
+                last_accuracy,
+                tokens_per_s,
+            ));
             let save = last
                 || state.stopped_early
                 || (cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every));
@@ -274,7 +280,11 @@ impl StepLoop<'_> {
             state.evals_since_best = 0;
         } else {
             state.evals_since_best += 1;
-            if self.cfg.patience.is_some_and(|p| state.evals_since_best >= p) {
+            if self
+                .cfg
+                .patience
+                .is_some_and(|p| state.evals_since_best >= p)
+            {
                 state.stopped_early = true;
             }
         }
@@ -316,7 +326,11 @@ fn global_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sum_sq = 0f64;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum_sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            sum_sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(sum_sq.sqrt())
@@ -390,7 +404,10 @@ mod tests {
     fn examples() -> Vec<Example> {
         [vec![1u32, 1, 1], vec![3], vec![5], vec![7]]
             .into_iter()
-            .map(|target| Example { source: vec![0], target })
+            .map(|target| Example {
+                source: vec![0],
+                target,
+            })
             .collect()
     }
 
@@ -406,7 +423,10 @@ mod tests {
     }
 
     /// Runs `cfg` on [`examples`] with `nll` computing each token's loss from `w` `[1]`.
-    fn run(cfg: &TrainConfig, nll: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>) -> Result<LoopOutcome> {
+    fn run(
+        cfg: &TrainConfig,
+        nll: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<LoopOutcome> {
         let device = Device::Cpu;
         let w = Var::zeros(1, DType::F32, &device)?;
         let names = vec!["w".to_string()];
@@ -417,7 +437,10 @@ mod tests {
                 .collect();
             let t = Tensor::new(targets.as_slice(), &device)?; // [M]
             let w = w.as_tensor().broadcast_as(t.shape())?; // [M]
-            Ok(BatchLoss { nll: nll(&w, &t)?, tokens: t.dim(0)? })
+            Ok(BatchLoss {
+                nll: nll(&w, &t)?,
+                tokens: t.dim(0)?,
+            })
         };
         StepLoop {
             cfg,
@@ -425,7 +448,10 @@ mod tests {
             optimizer: cfg.optimizer.build(vec![w.clone()])?,
             loss: &loss,
             dev: None,
-            checkpoint: CheckpointKind::Params { method: "test", names: &names },
+            checkpoint: CheckpointKind::Params {
+                method: "test",
+                names: &names,
+            },
             config_hash: "test",
             device: &device,
         }
@@ -438,7 +464,10 @@ mod tests {
     fn accumulation_gives_the_token_mean_of_the_whole_step() {
         let dir = tempfile::tempdir().unwrap();
         let run = run(&config(dir.path()), &|w, t| Ok((w - t)?.sqr()?)).unwrap();
-        assert_eq!((run.state.step, run.state.epoch, run.state.position), (1, 0, 2));
+        assert_eq!(
+            (run.state.step, run.state.epoch, run.state.position),
+            (1, 0, 2)
+        );
         let rows = metrics::read(&dir.path().join(metrics::FILE)).unwrap();
         let tokens = [1.0, 1.0, 1.0, 3.0, 5.0, 7.0f64];
         let n = tokens.len() as f64;
@@ -446,8 +475,16 @@ mod tests {
         let loss = tokens.iter().map(|t| t * t).sum::<f64>() / n;
         let grad = 2.0 * tokens.iter().sum::<f64>() / n;
         assert_eq!(rows.len(), 1);
-        assert!((rows[0].loss - loss).abs() < 1e-5, "{} vs {loss}", rows[0].loss);
-        assert!((rows[0].grad_norm - grad).abs() < 1e-5, "{} vs {grad}", rows[0].grad_norm);
+        assert!(
+            (rows[0].loss - loss).abs() < 1e-5,
+            "{} vs {loss}",
+            rows[0].loss
+        );
+        assert!(
+            (rows[0].grad_norm - grad).abs() < 1e-5,
+            "{} vs {grad}",
+            rows[0].grad_norm
+        );
     }
 
     #[test]

@@ -88,17 +88,24 @@ pub fn train(
         let batch = collate(examples, info, n_prefix, &model.device)?;
         let prefix = model_prefix(model, cfg, prompt.as_tensor())?; // [N(+1), D]
         let nll = target_nll(&model.backbone, Some(&prefix), &batch)?; // [M]
-        Ok(BatchLoss { nll, tokens: batch.n_tokens })
+        Ok(BatchLoss {
+            nll,
+            tokens: batch.n_tokens,
+        })
     };
     let dev_loss = |p: &[Tensor]| match (dev, p) {
         (Some(dev), [prompt]) => prepared_dev_nll(model, prompt, dev, cfg),
-        _ => Err(Error::invalid("dev evaluation needs a dev set and one prompt")),
+        _ => Err(Error::invalid(
+            "dev evaluation needs a dev set and one prompt",
+        )),
     };
     let dev_accuracy = |p: &[Tensor]| match (dev, &cfg.classes, &dev_gold, p) {
         (Some(dev), Some(classes), Some(gold), [prompt]) => {
             prepared_dev_accuracy(model, prompt, dev, classes, gold, cfg)
         }
-        _ => Err(Error::invalid("dev accuracy needs a dev set, classes and one prompt")),
+        _ => Err(Error::invalid(
+            "dev accuracy needs a dev set, classes and one prompt",
+        )),
     };
     let run = StepLoop {
         cfg,
