@@ -79,6 +79,9 @@ impl StepLoop<'_> {
     /// Trains on `train` from the checkpoint of `cfg.output` (with `cfg.resume`) or from the
     /// vars' current values, up to `cfg.steps` steps or early stopping.
     pub fn run(mut self, train: &[Example]) -> Result<LoopOutcome> {
+        if train.is_empty() {
+            bail!("the training set is empty");
+        }
         let cfg = self.cfg;
         let out = &cfg.output;
         let resumed =
@@ -95,33 +98,14 @@ impl StepLoop<'_> {
         self.recover_best_accuracy(&mut state, &log)?;
 
         let bar = progress_bar(cfg, state.step);
-        let lengths: Vec<usize> = train
-            .iter()
-            .map(|e| e.source.len() + e.target.len())
-            .collect();
-        let mut plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, state.epoch);
+        let mut data = DataCursor::new(train, cfg, state.epoch);
         let mut final_loss = None;
         let mut pending = LogAccumulator::default();
         let mut last_accuracy: Option<f64> = None;
 
         while state.step < cfg.steps && !state.stopped_early {
             let started = Instant::now();
-            // The batches of this step.
-            let mut micro: Vec<Vec<Example>> = Vec::with_capacity(cfg.grad_accum);
-            for _ in 0..cfg.grad_accum {
-                if state.position >= plan.len() {
-                    state.epoch += 1;
-                    state.position = 0;
-                    plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, state.epoch);
-                }
-                micro.push(
-                    plan[state.position]
-                        .iter()
-                        .map(|&i| train[i].clone())
-                        .collect(),
-                );
-                state.position += 1;
-            }
+            let micro = data.next_step(&mut state, cfg.grad_accum);
             let (mut grads, loss_sum, n_tokens) = self.accumulate(&micro)?;
             if !loss_sum.is_finite() {
                 bail!(
@@ -311,6 +295,54 @@ impl StepLoop<'_> {
             None => accuracy(&best.params)?,
         });
         Ok(())
+    }
+}
+
+/// Where a run is in the data order ([`epoch_batches`]): the batches of one step after the
+/// other, across epochs, at the position kept in [`RunState`].
+struct DataCursor<'a> {
+    train: &'a [Example],
+    /// Tokens of each example (source and target), which the order buckets by.
+    lengths: Vec<usize>,
+    batch_size: usize,
+    seed: u64,
+    /// The batches of the current epoch (example indices).
+    plan: Vec<Vec<usize>>,
+}
+
+impl<'a> DataCursor<'a> {
+    fn new(train: &'a [Example], cfg: &TrainConfig, epoch: usize) -> Self {
+        let lengths: Vec<usize> = train
+            .iter()
+            .map(|e| e.source.len() + e.target.len())
+            .collect();
+        let plan = epoch_batches(&lengths, cfg.batch_size, cfg.seed, epoch);
+        DataCursor {
+            train,
+            lengths,
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            plan,
+        }
+    }
+
+    /// The next `n` batches, moving `state`'s epoch and position past them.
+    fn next_step(&mut self, state: &mut RunState, n: usize) -> Vec<Vec<Example>> {
+        let mut micro = Vec::with_capacity(n);
+        for _ in 0..n {
+            if state.position >= self.plan.len() {
+                state.epoch += 1;
+                state.position = 0;
+                self.plan = epoch_batches(&self.lengths, self.batch_size, self.seed, state.epoch);
+            }
+            let batch = self
+                .plan
+                .get(state.position)
+                .map_or(&[][..], |b| b.as_slice());
+            micro.push(batch.iter().map(|&i| self.train[i].clone()).collect());
+            state.position += 1;
+        }
+        micro
     }
 }
 
