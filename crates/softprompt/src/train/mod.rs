@@ -3,6 +3,7 @@
 //! the run's configuration (`config`), data checks and order (`data`), dev evaluation
 //! (`dev_eval`), identity (`run_id`), state and checkpoints ([`checkpoint`], `run_state`),
 //! metrics, plot and exports (`export`); optimisers and schedules.
+mod baseline;
 pub mod checkpoint;
 mod config;
 mod data;

@@ -26,75 +26,18 @@ use crate::train::dev_eval::dev_nll_without_prompt;
 use crate::train::export::{run_task_fields, save_tensors_atomic, write_task_json};
 use crate::train::plot;
 use crate::train::run_id::baseline_hash;
-use crate::train::run_state::CheckpointKind;
-use crate::train::step_loop::{BatchLoss, LoopOutcome, StepLoop};
+use crate::train::baseline::run_baseline;
+use crate::train::step_loop::BatchLoss;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub use crate::train::baseline::BaselineReport;
 pub use crate::train::p_tuning::p_tuning;
 
 /// The method's name in checkpoints and `task.json`.
 const MODEL_TUNING: &str = "model-tuning";
-
-/// What a baseline run did.
-#[derive(Clone, Debug)]
-pub struct BaselineReport {
-    /// Optimizer steps done in total (resumed steps included).
-    pub steps: usize,
-    /// The step the run resumed from, if it did.
-    pub resumed_from: Option<usize>,
-    /// Loss of the first and last steps (read back from the metrics log after a resume).
-    pub first_loss: f64,
-    pub final_loss: f64,
-    /// Mean target-token NLL on the dev set after training.
-    pub dev_loss: Option<f64>,
-}
-
-impl BaselineReport {
-    /// The report of `run` (whose log has a line every step) and the dev loss after it.
-    pub(crate) fn from_run(run: &LoopOutcome, dev_loss: Option<f64>) -> Self {
-        BaselineReport {
-            steps: run.state.step,
-            resumed_from: run.resumed_from,
-            first_loss: run.log.rows.first().map_or(f64::NAN, |r| r.loss),
-            final_loss: run.log.rows.last().map_or(f64::NAN, |r| r.loss),
-            dev_loss,
-        }
-    }
-}
-
-/// The training of a baseline (`method`) on the one loop: the `named` vars trained on `loss`,
-/// no dev evaluation during training, a metrics line every step (the report's first and last
-/// losses are read from the log), a [`CheckpointKind::Params`] checkpoint.
-pub(crate) fn run_baseline(
-    cfg: &TrainConfig,
-    method: &str,
-    named: Vec<(String, Var)>,
-    loss: &dyn Fn(&[Example]) -> Result<BatchLoss>,
-    config_hash: &str,
-    device: &Device,
-    train: &[Example],
-) -> Result<LoopOutcome> {
-    let (names, vars): (Vec<String>, Vec<Var>) = named.into_iter().unzip();
-    let mut every_step = cfg.clone();
-    every_step.log_every = 1;
-    StepLoop {
-        cfg: &every_step,
-        optimizer: cfg.optimizer.build(vars.clone())?,
-        vars,
-        loss,
-        dev: None,
-        checkpoint: CheckpointKind::Params {
-            method,
-            names: &names,
-        },
-        config_hash,
-        device,
-    }
-    .run(train)
-}
 
 /// Full fine-tuning of `path`, a Hugging Face model folder or a GGUF Llama file (see the
 /// module doc). `cfg.n_tokens` and `cfg.init` are ignored (there is no soft prompt); the

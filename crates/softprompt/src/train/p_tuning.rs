@@ -16,7 +16,7 @@ use crate::train::dev_eval::dev_nll;
 use crate::train::export::{
     run_task_fields, save_prompt_adapter, save_tensors_atomic, write_task_json,
 };
-use crate::train::model_tuning::{run_baseline, BaselineReport};
+use crate::train::baseline::{run_baseline, BaselineReport};
 use crate::train::plot;
 use crate::train::run_id::baseline_hash;
 use crate::train::step_loop::BatchLoss;
