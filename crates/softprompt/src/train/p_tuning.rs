@@ -10,13 +10,13 @@ use crate::load::Model;
 use crate::objective::target_nll;
 use crate::prompt::encoder::{EncoderKind, PromptEncoder};
 use crate::prompt::init::init_prompt;
+use crate::train::baseline::{run_baseline, BaselineReport};
 use crate::train::config::TrainConfig;
 use crate::train::data::validate;
 use crate::train::dev_eval::dev_nll;
 use crate::train::export::{
     run_task_fields, save_prompt_adapter, save_tensors_atomic, write_task_json,
 };
-use crate::train::baseline::{run_baseline, BaselineReport};
 use crate::train::plot;
 use crate::train::run_id::baseline_hash;
 use crate::train::step_loop::BatchLoss;
