@@ -48,7 +48,7 @@ fn word_model(root: &Path, name: &str) -> Model {
         }
         let specials: Vec<(u32, &str)> =
             if name == "gpt2-tiny" { vec![(255, "<|endoftext|>")] } else { vec![(0, "<unk>"), (1, "<s>"), (2, "</s>")] };
-        let tok = common::word_level_json(&specials, 256);
+        let tok = common::word_level::word_level_json(&specials, 256);
         std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     }
     load_model(&dir, &Device::Cpu).unwrap()

@@ -40,7 +40,7 @@ fn word_model(root: &Path, name: &str) -> Arc<Model> {
         std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
     }
     // The unknown token first: it is the tokenizer's unk.
-    let tok = common::word_level_json(&[(2, "<unk>"), (0, "<pad>"), (1, "</s>")], 256);
+    let tok = common::word_level::word_level_json(&[(2, "<unk>"), (0, "<pad>"), (1, "</s>")], 256);
     std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
     Arc::new(load_model(&dir, &Device::Cpu).unwrap())
 }

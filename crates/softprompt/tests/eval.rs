@@ -379,7 +379,7 @@ fn labels_read_back_from_generations() {
 
 /// A word-level tokenizer: `w{i}` is token `i` (3 and up); 0 `[UNK]`, 1 `<s>`, 2 `</s>`.
 fn word_tokenizer(dir: &Path) -> Tokenizer {
-    let json = common::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
+    let json = common::word_level::word_level_json(&[(0, "[UNK]"), (1, "<s>"), (2, "</s>")], 256);
     let path = dir.join("tokenizer.json");
     std::fs::write(&path, json).unwrap();
     Tokenizer::from_file(&path).unwrap()

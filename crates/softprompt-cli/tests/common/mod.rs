@@ -4,7 +4,7 @@
 
 #[path = "../../../softprompt/tests/common/word_level.rs"]
 mod word_level;
-pub use word_level::word_level_json;
+use word_level::word_level_json;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

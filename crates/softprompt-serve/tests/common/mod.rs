@@ -2,8 +2,7 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 #[path = "../../../softprompt/tests/common/word_level.rs"]
-mod word_level;
-pub use word_level::word_level_json;
+pub mod word_level;
 
 pub fn as_u32s(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()

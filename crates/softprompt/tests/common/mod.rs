@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod word_level;
-pub use word_level::word_level_json;
 
 use candle_core::{DType, Device, Tensor};
 use softprompt::batch::Example;
