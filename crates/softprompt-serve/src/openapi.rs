@@ -78,7 +78,7 @@ pub fn document(cfg: &ServeConfig) -> Value {
                     "prompt": {"$ref": "#/components/schemas/Prompt"},
                     "prompts": {"type": "array", "items": {"$ref": "#/components/schemas/Prompt"}, "description": "an ensemble instead of `prompt` (stored as members p0, p1, ...)"},
                     "adapter_config": {"type": "object", "description": "PEFT adapter_config.json (peft_type PROMPT_TUNING); default: one for the served model. num_virtual_tokens is taken from the prompt."},
-                    "task": {"type": "object", "description": "task.json: template (with {text}), labels, verbalizer", "properties": {
+                    "task": {"type": "object", "description": "task.json (softprompt::task::TaskMeta): template (must contain {text}), labels (at most 10,000), verbalizer (one per label); other fields are kept", "properties": {
                         "template": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}}, "verbalizer": {"type": "array", "items": {"type": "string"}},
                         "prompt_after_bos": {"type": "boolean", "description": "decoder-only models: [BOS; prompt; input] (softprompt train --prompt-after-bos)"}}}}}
             }

@@ -187,16 +187,16 @@ impl TaskMeta {
         TaskMeta::parse(&value.to_string())
     }
 
-    /// Writes `dir/task.json` atomically.
+    /// Writes `dir/task.json` atomically. Not validated: a finished training run must not be
+    /// lost at its last step; readers ([`TaskMeta::read`], uploads) validate.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(TASK_FILE);
-        self.validate().map_err(|e| Error::config(&path, e.field, e.msg))?;
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::invalid(format!("task.json: {e}")))?;
         crate::fsutil::write_atomic(&path, text.as_bytes())
     }
 
     /// Rejects values no real task has: too many labels, huge strings, a verbalizer that does
-    /// not match the labels, a template without `{text}`, repeated labels.
+    /// not match the labels, a template without `{text}`.
     pub fn validate(&self) -> std::result::Result<(), FieldError> {
         let bad = |field: &str, msg: String| Err(FieldError { field: field.into(), msg });
         for (field, list) in [("labels", &self.labels), ("verbalizer", &self.verbalizer)] {
@@ -212,10 +212,6 @@ impl TaskMeta {
                 "verbalizer",
                 format!("{} entries for {} labels", self.verbalizer.len(), self.labels.len()),
             );
-        }
-        let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = self.labels.iter().find(|l| !seen.insert(l.as_str())) {
-            return bad("labels", format!("`{dup}` appears twice"));
         }
         if let Some(t) = &self.template {
             if t.len() > MAX_TEXT_BYTES {
