@@ -1,18 +1,22 @@
 //! Frozen backbones: token ids or embeddings in, logits out.
 //!
-//! Every architecture lives in one file and implements one of two small traits:
-//! [`CausalLm`] (decoder-only: Llama family, GPT-2) or [`Seq2SeqLm`] (T5). Both expose the
-//! input embedding table so a soft prompt can be prepended to `embed(ids)`.
+//! Two small traits: [`CausalLm`] (decoder-only) and [`Seq2SeqLm`] (T5). Both expose the input
+//! embedding table so a soft prompt can be prepended to `embed(ids)`. Decoder-only models are
+//! one [`decoder::Decoder`] (embeddings, blocks, final norm, LM head) built by a small
+//! per-family description ([`llama`], [`gpt2`]); T5 has its own file. All of them are made of
+//! the owned [`layers`] and run with the [`Kernels`] policy they own.
 //!
 //! Shapes: `B` batch, `T` new positions, `P` cached (past) positions, `D` d_model, `V` vocab,
 //! `H` heads, `Dh` head dim.
 
-pub mod frozen;
-pub mod fused;
+pub mod decoder;
 pub mod gpt2;
+pub mod layers;
 pub mod llama;
 pub mod ops;
 pub mod t5;
+
+pub use crate::kernels::Kernels;
 
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +28,17 @@ pub enum Arch {
     Llama,
     Gpt2,
     T5,
+}
+
+impl Arch {
+    /// The lowercase name (`llama`, `gpt2`, `t5`), as in errors and serialised facts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gpt2 => "gpt2",
+            Arch::T5 => "t5",
+        }
+    }
 }
 
 /// Facts about a loaded model that the rest of the library needs.
@@ -234,6 +249,17 @@ pub trait CausalLm: Send + Sync {
         let _ = (cache, by);
         Ok(false)
     }
+
+    /// The kernel policy the model runs with (the fast kernels unless it says otherwise).
+    fn kernels(&self) -> Kernels {
+        Kernels::fast()
+    }
+
+    /// Changes the kernel policy (benchmarks, tests against the reference path). Models with
+    /// a single path ignore it.
+    fn set_kernels(&mut self, kernels: Kernels) {
+        let _ = kernels;
+    }
 }
 
 /// Encoder-decoder language model (T5, flan-T5). The soft prompt goes before the encoder input.
@@ -264,6 +290,17 @@ pub trait Seq2SeqLm: Send + Sync {
         mask: &Tensor,
         decoder_ids: &Tensor,
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)>;
+
+    /// The kernel policy the model runs with (the fast kernels unless it says otherwise).
+    fn kernels(&self) -> Kernels {
+        Kernels::fast()
+    }
+
+    /// Changes the kernel policy (benchmarks, tests against the reference path). Models with
+    /// a single path ignore it.
+    fn set_kernels(&mut self, kernels: Kernels) {
+        let _ = kernels;
+    }
 }
 
 /// A frozen backbone of either kind.
@@ -284,6 +321,22 @@ impl Backbone {
         match self {
             Backbone::Causal(m) => m.embed(ids),
             Backbone::Seq2Seq(m) => m.embed(ids),
+        }
+    }
+
+    /// The kernel policy the model runs with.
+    pub fn kernels(&self) -> Kernels {
+        match self {
+            Backbone::Causal(m) => m.kernels(),
+            Backbone::Seq2Seq(m) => m.kernels(),
+        }
+    }
+
+    /// Changes the kernel policy (benchmarks, tests against the reference path).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        match self {
+            Backbone::Causal(m) => m.set_kernels(kernels),
+            Backbone::Seq2Seq(m) => m.set_kernels(kernels),
         }
     }
 

@@ -1,10 +1,12 @@
-//! The fused CPU kernels (`model::fused`) against the same maths written with candle
+//! The element-wise and row-wise kernels against the same maths written with candle
 //! primitives: forward values (1e-5 relative), gradients by candle's backward through the
 //! primitive version, and gradients by central finite differences.
 
+use super::assert_rel;
+use crate::kernels::activation::{self, Act};
+use crate::kernels::{loss, norm, rope, softmax, Kernels};
+use crate::model::{attention_bias, ops};
 use candle_core::{DType, Device, Tensor, Var, D};
-use softprompt::model::fused::{self, Act};
-use softprompt::model::{attention_bias, ops};
 
 const FWD_REL: f32 = 1e-5;
 const GRAD_REL: f32 = 1e-4;
@@ -28,20 +30,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-fn assert_rel(what: &str, got: &Tensor, want: &Tensor, rel: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-    let diff = max_abs(&(got - want).unwrap());
-    let scale = max_abs(want).max(1e-6);
-    assert!(
-        diff <= rel * scale,
-        "{what}: max abs diff {diff:e} > {rel:e} * max |ref| {scale:e}"
-    );
-}
-
 /// `sum(y * r)` for a fixed random `r`: a scalar loss whose gradient wrt `y` is `r`.
 fn probe(y: &Tensor, seed: u64) -> Tensor {
     let r = randn(y.dims(), seed);
@@ -57,7 +45,7 @@ fn check(
     fused: impl Fn(&[Tensor]) -> Tensor,
     reference: impl Fn(&[Tensor]) -> Tensor,
 ) {
-    assert!(fused::usable(&inputs.iter().collect::<Vec<_>>()));
+    assert!(Kernels::fast().ops_apply(&inputs.iter().collect::<Vec<_>>()));
     let y_f = fused(inputs);
     let y_r = reference(inputs);
     assert_rel(&format!("{what} forward"), &y_f, &y_r, FWD_REL);
@@ -118,7 +106,7 @@ fn rms_norm_matches_composite() {
     check(
         "rms_norm",
         &[x],
-        |a| fused::rms_norm(&a[0], &w, 1e-6).unwrap(),
+        |a| norm::rms_norm(&a[0], &w, 1e-6).unwrap(),
         |a| rms_norm_ref(&a[0], &w, 1e-6),
     );
     // Large enough to run on the thread pool.
@@ -126,7 +114,7 @@ fn rms_norm_matches_composite() {
     let w = randn(&[512], 4);
     assert_rel(
         "rms_norm parallel",
-        &fused::rms_norm(&x, &w, 1e-5).unwrap(),
+        &norm::rms_norm(&x, &w, 1e-5).unwrap(),
         &rms_norm_ref(&x, &w, 1e-5),
         FWD_REL,
     );
@@ -146,7 +134,7 @@ fn layer_norm_matches_composite() {
     check(
         "layer_norm",
         &[(randn(&[2, 7, 40], 1) + 0.3).unwrap()],
-        |a| fused::layer_norm(&a[0], &w, &b, 1e-5).unwrap(),
+        |a| norm::layer_norm(&a[0], &w, &b, 1e-5).unwrap(),
         |a| reference(&a[0]),
     );
 }
@@ -161,13 +149,13 @@ fn softmax_with_scale_and_mask_matches_composite() {
     check(
         "softmax(scale, bias)",
         &[randn(&[2, 3, 4, 6], 5)],
-        |a| fused::softmax_scaled(&a[0], Some(&bias), scale).unwrap(),
+        |a| softmax::softmax_scaled(&a[0], Some(&bias), scale).unwrap(),
         |a| softmax_ref(&(&a[0] * scale).unwrap().broadcast_add(&bias).unwrap()),
     );
     check(
         "softmax",
         &[randn(&[5, 9], 6)],
-        |a| fused::softmax_scaled(&a[0], None, 1.0).unwrap(),
+        |a| softmax::softmax_scaled(&a[0], None, 1.0).unwrap(),
         |a| softmax_ref(&a[0]),
     );
     // A per-head bias (T5's position bias plus mask), and a fully masked row (uniform).
@@ -177,7 +165,7 @@ fn softmax_with_scale_and_mask_matches_composite() {
         .broadcast_add(&pos)
         .unwrap(); // [2, 3, 4, 6]
     let x = randn(&[2, 3, 4, 6], 9);
-    let y = fused::softmax_scaled(&x, Some(&full), 1.0).unwrap();
+    let y = softmax::softmax_scaled(&x, Some(&full), 1.0).unwrap();
     assert_rel("fully masked", &y, &softmax_ref(&(&x + &full).unwrap()), FWD_REL);
     let mid = y.narrow(0, 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(mid.iter().all(|p| (p - 1.0 / 6.0).abs() < 1e-6), "{mid:?}");
@@ -213,7 +201,7 @@ fn rope_matches_composite_both_layouts() {
         check(
             &format!("rope interleaved={interleaved}"),
             &[randn(&[2, 3, 5, 8], 11)],
-            |a| fused::rope(&a[0], &cos, &sin, interleaved).unwrap(),
+            |a| rope::rope(&a[0], &cos, &sin, interleaved).unwrap(),
             |a| rope_ref(&a[0], &cos, &sin, interleaved),
         );
     }
@@ -221,7 +209,7 @@ fn rope_matches_composite_both_layouts() {
     let x = randn(&[2, 5, 3, 8], 12).transpose(1, 2).unwrap();
     assert_rel(
         "rope strided",
-        &fused::rope(&x, &cos, &sin, false).unwrap(),
+        &rope::rope(&x, &cos, &sin, false).unwrap(),
         &rope_ref(&x, &cos, &sin, false),
         FWD_REL,
     );
@@ -232,26 +220,26 @@ fn activations_match_composite() {
     check(
         "gelu_tanh",
         &[randn(&[4, 33], 13)],
-        |a| fused::act(&a[0], Act::GeluTanh).unwrap(),
+        |a| activation::act(&a[0], Act::GeluTanh).unwrap(),
         |a| a[0].gelu().unwrap(),
     );
     check(
         "silu(a) * b",
         &[randn(&[4, 33], 14), randn(&[4, 33], 15)],
-        |a| fused::act_mul(&a[0], &a[1], Act::Silu).unwrap(),
+        |a| activation::act_mul(&a[0], &a[1], Act::Silu).unwrap(),
         |a| (a[0].silu().unwrap() * &a[1]).unwrap(),
     );
     check(
         "gelu_tanh(a) * b",
         &[randn(&[3, 50], 16), randn(&[3, 50], 17)],
-        |a| fused::act_mul(&a[0], &a[1], Act::GeluTanh).unwrap(),
+        |a| activation::act_mul(&a[0], &a[1], Act::GeluTanh).unwrap(),
         |a| (a[0].gelu().unwrap() * &a[1]).unwrap(),
     );
     // Large enough for several parallel chunks, with a short last one.
     let (a, b) = (randn(&[9000], 18), randn(&[9000], 19));
     assert_rel(
         "silu_mul parallel",
-        &fused::act_mul(&a, &b, Act::Silu).unwrap(),
+        &activation::act_mul(&a, &b, Act::Silu).unwrap(),
         &(a.silu().unwrap() * &b).unwrap(),
         FWD_REL,
     );
@@ -270,11 +258,11 @@ fn token_nll_matches_composite() {
     check(
         "token_nll",
         &[randn(&[4, 11], 20)],
-        |a| fused::token_nll(&a[0], &targets).unwrap(),
+        |a| loss::token_nll(&a[0], &targets).unwrap(),
         |a| reference(&a[0]),
     );
     let bad = Tensor::new(&[3u32, 0, 11, 7], &Device::Cpu).unwrap();
-    let err = fused::token_nll(&randn(&[4, 11], 20), &bad).unwrap_err().to_string();
+    let err = loss::token_nll(&randn(&[4, 11], 20), &bad).unwrap_err().to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
 }
 
@@ -305,7 +293,7 @@ fn attention_matches_composite() {
     check(
         "attention",
         &[randn(&[2, 4, 5, 8], 21), randn(&[2, 2, 5, 8], 22), randn(&[2, 2, 5, 8], 23)],
-        |a| ops::attention(&a[0], &a[1], &a[2], &bias, scale).unwrap(),
+        |a| ops::attention(Kernels::fast(), &a[0], &a[1], &a[2], &bias, scale).unwrap(),
         reference,
     );
 }
@@ -315,7 +303,7 @@ fn attention_matches_composite() {
 fn trained_norm_weight_gets_a_gradient() {
     let w = Var::from_tensor(&randn(&[16], 30)).unwrap();
     let x = Var::from_tensor(&randn(&[3, 16], 31)).unwrap();
-    let y = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+    let y = ops::rms_norm(Kernels::fast(), x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
     let grads = probe(&y, 3).backward().unwrap();
     let gw = grads.get(w.as_tensor()).expect("the weight's gradient");
     let gw_ref = probe(&rms_norm_ref(x.as_tensor(), w.as_tensor(), 1e-6), 3)
