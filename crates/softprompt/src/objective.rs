@@ -1,8 +1,8 @@
 //! The prompt-tuning objective: -log P(Y | [P; X]) per target token.
 
 use crate::batch::Batch;
-use crate::model::{Backbone, LogitsAt};
 use crate::model::ops::token_nll_with;
+use crate::model::{Backbone, LogitsAt};
 use crate::prompt::prepend;
 use crate::Result;
 use candle_core::Tensor;

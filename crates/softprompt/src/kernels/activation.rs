@@ -1,9 +1,8 @@
 //! Element-wise activations, plain and gated, with their backward; the polynomial `exp`
 //! the softmax shares.
 
-use super::cpu::{check_len, data, f32_out, map_flat, Result};
+use super::cpu::{check_len, data, f32_out, map_flat, operands, Result};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-
 
 /// Element-wise activations with a fused backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,13 +141,8 @@ impl CustomOp2 for UnaryBwd {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (data(xs, xl, self.name())?, data(gs, gl, self.name())?);
-        check_len(self.name(), g.len(), x.len())?;
-        let out = map_flat(x.len(), |o, dx| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(&x[o..]).zip(&g[o..]) {
-                *dx = g * self.act.f_df(x).1;
-            }
-        })?;
+        let [x, g] = operands(self.name(), [(xs, xl), (gs, gl)])?;
+        let out = zip_map(self.name(), x, g, |x, g| g * self.act.f_df(x).1)?;
         Ok(f32_out(out, xl))
     }
 }
@@ -169,13 +163,8 @@ impl CustomOp2 for Gated {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (data(as_, al, self.name())?, data(bs, bl, self.name())?);
-        check_len(self.name(), b.len(), a.len())?;
-        let out = map_flat(a.len(), |o, y| {
-            for ((y, &a), &b) in y.iter_mut().zip(&a[o..]).zip(&b[o..]) {
-                *y = self.act.f(a) * b;
-            }
-        })?;
+        let [a, b] = operands(self.name(), [(as_, al), (bs, bl)])?;
+        let out = zip_map(self.name(), a, b, |a, b| self.act.f(a) * b)?;
         Ok(f32_out(out, al))
     }
 
@@ -187,23 +176,14 @@ impl CustomOp2 for Gated {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let da = a.apply_op3_no_bwd(
-            b,
-            &dy,
-            &GatedBwd {
+        let grad = |wrt_a| {
+            let op = GatedBwd {
                 act: self.act,
-                wrt_a: true,
-            },
-        )?;
-        let db = a.apply_op3_no_bwd(
-            b,
-            &dy,
-            &GatedBwd {
-                act: self.act,
-                wrt_a: false,
-            },
-        )?;
-        Ok((Some(da), Some(db)))
+                wrt_a,
+            };
+            a.apply_op3_no_bwd(b, &dy, &op)
+        };
+        Ok((Some(grad(true)?), Some(grad(false)?)))
     }
 }
 
@@ -228,11 +208,7 @@ impl CustomOp3 for GatedBwd {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (a, b, g) = (
-            data(as_, al, name)?,
-            data(bs, bl, name)?,
-            data(gs, gl, name)?,
-        );
+        let [a, b, g] = operands(name, [(as_, al), (bs, bl), (gs, gl)])?;
         check_len(name, b.len(), a.len())?;
         check_len(name, g.len(), a.len())?;
         let out = map_flat(a.len(), |o, dx| {
@@ -249,6 +225,16 @@ impl CustomOp3 for GatedBwd {
         })?;
         Ok(f32_out(out, al))
     }
+}
+
+/// `f(a[i], b[i])` for every `i`, in parallel chunks; `a` and `b` of one length.
+fn zip_map(op: &str, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Vec<f32>> {
+    check_len(op, b.len(), a.len())?;
+    map_flat(a.len(), |o, y| {
+        for ((y, &a), &b) in y.iter_mut().zip(&a[o..]).zip(&b[o..]) {
+            *y = f(a, b);
+        }
+    })
 }
 
 #[cfg(test)]

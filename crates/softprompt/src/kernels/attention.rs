@@ -16,7 +16,7 @@ use super::gemm::{
     ProjWeights, Threads,
 };
 use super::norm::{NormLock, NormWeights};
-use super::rope::{rotate_rows, to_heads};
+use super::rope::{rotate_rows, to_heads, RopeData};
 use super::softmax::{softmax_bwd_row, softmax_row};
 use super::Kernels;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -96,7 +96,9 @@ pub(crate) fn attention_block_kv(
         let lock = ReadLock::new(&x);
         op.forward(lock.f32()?)?
     };
-    let Dims { b, t, d, hkv, dh, .. } = op.dims;
+    let Dims {
+        b, t, d, hkv, dh, ..
+    } = op.dims;
     let device = x.device();
     let y = match &op.rows {
         Some(r) => Tensor::from_vec(y, (1, r.len(), d), device)?,
@@ -151,15 +153,22 @@ pub(super) struct Operands<'a> {
     pub k: ProjLock<'a>,
     pub v: ProjLock<'a>,
     pub o: ProjLock<'a>,
-    rope: Option<(ReadLock<'a>, ReadLock<'a>, bool)>,
+    rope: Option<RopeLock<'a>>,
     pub bias: ReadLock<'a>,
+}
+
+/// Read locks on the rotary tables.
+struct RopeLock<'a> {
+    cos: ReadLock<'a>,
+    sin: ReadLock<'a>,
+    interleaved: bool,
 }
 
 impl Operands<'_> {
     /// `cos`, `sin` `[T, Dh/2]` and the layout, when the block rotates.
-    pub fn rope(&self) -> Result<Option<(&[f32], &[f32], bool)>> {
+    pub fn rope(&self) -> Result<Option<RopeData<'_>>> {
         Ok(match &self.rope {
-            Some((c, s, i)) => Some((c.f32()?, s.f32()?, *i)),
+            Some(r) => Some((r.cos.f32()?, r.sin.f32()?, r.interleaved)),
             None => None,
         })
     }
@@ -283,10 +292,11 @@ impl AttentionOp {
             k: a.k.lock(),
             v: a.v.lock(),
             o: a.o.lock(),
-            rope: a
-                .rope
-                .as_ref()
-                .map(|r| (ReadLock::new(&r.cos), ReadLock::new(&r.sin), r.interleaved)),
+            rope: a.rope.as_ref().map(|r| RopeLock {
+                cos: ReadLock::new(&r.cos),
+                sin: ReadLock::new(&r.sin),
+                interleaved: r.interleaved,
+            }),
             bias: ReadLock::new(&a.bias),
         }
     }
@@ -303,9 +313,15 @@ impl AttentionOp {
 
     /// The keys and values `[B, H_kv, T, Dh]` of the normed input `n [B*T, D]`, keys rotated.
     pub(super) fn keys_values(&self, n: &[f32], ops: &Operands) -> Result<(Vec<f32>, Vec<f32>)> {
-        let Dims { b, t, d, hkv, dh, .. } = self.dims;
+        let Dims {
+            b, t, d, hkv, dh, ..
+        } = self.dims;
         let r = b * t;
-        let k = to_heads(&project(n, r, d, &ops.k.data()?)?, (b, t, hkv, dh), ops.rope()?);
+        let k = to_heads(
+            &project(n, r, d, &ops.k.data()?)?,
+            (b, t, hkv, dh),
+            ops.rope()?,
+        );
         let v = to_heads(&project(n, r, d, &ops.v.data()?)?, (b, t, hkv, dh), None);
         Ok((k, v))
     }
@@ -327,7 +343,9 @@ impl AttentionOp {
         dv: &[f32],
         ops: &Operands,
     ) -> Result<Vec<f32>> {
-        let Dims { b, t, d, hkv, dh, .. } = self.dims;
+        let Dims {
+            b, t, d, hkv, dh, ..
+        } = self.dims;
         let (r, nkv) = (b * t, hkv * dh);
         if let Some(rope) = ops.rope()? {
             rotate_rows(dk, (nkv, dh), rope, true, |i| i % t);
@@ -338,11 +356,27 @@ impl AttentionOp {
         Ok(dn)
     }
 
-    fn forward_all(&self, x: &[f32], n: Vec<f32>, ops: &Operands) -> Result<(Vec<f32>, Activations)> {
-        let Dims { b, t, d, h, hkv, dh } = self.dims;
+    fn forward_all(
+        &self,
+        x: &[f32],
+        n: Vec<f32>,
+        ops: &Operands,
+    ) -> Result<(Vec<f32>, Activations)> {
+        let Dims {
+            b,
+            t,
+            d,
+            h,
+            hkv,
+            dh,
+        } = self.dims;
         let (r, nq, group) = (b * t, h * dh, h / hkv);
         let bias = ops.bias.f32()?;
-        let q = to_heads(&project(&n, r, d, &ops.q.data()?)?, (b, t, h, dh), ops.rope()?); // [B,H,T,Dh]
+        let q = to_heads(
+            &project(&n, r, d, &ops.q.data()?)?,
+            (b, t, h, dh),
+            ops.rope()?,
+        ); // [B,H,T,Dh]
         let (k, v) = self.keys_values(&n, ops)?; // [B,Hkv,T,Dh]
         drop(n);
 
@@ -413,9 +447,22 @@ impl AttentionOp {
     }
 
     /// The backward of the whole-sequence forward: `x`, `dy` `[B*T, D]` -> `dx`.
-    fn backward_all(&self, xd: &[f32], dyd: &[f32], saved: &Activations, ops: &Operands) -> Result<Vec<f32>> {
+    fn backward_all(
+        &self,
+        xd: &[f32],
+        dyd: &[f32],
+        saved: &Activations,
+        ops: &Operands,
+    ) -> Result<Vec<f32>> {
         let Activations { q, k, v, p } = saved;
-        let Dims { b, t, d, h, hkv, dh } = self.dims;
+        let Dims {
+            b,
+            t,
+            d,
+            h,
+            hkv,
+            dh,
+        } = self.dims;
         let (r, nq, nkv, group) = (b * t, h * dh, hkv * dh, h / hkv);
 
         let mut dm = vec![0f32; r * nq]; // d merged = dy @ Wo   [R, H*Dh]
@@ -445,8 +492,8 @@ impl AttentionOp {
                         let (r1, keys) = ((r0 + ROW_BLOCK).min(t), self.keys(bsel, blk));
                         let rows = r1 - r0;
                         let da = MatLayout::rows((row0 + r0) * nq + hi * dh, nq); // [rows, Dh] in dm
-                        // SAFETY: `ds` is local; rows `bi*T..`, columns of head `hi` (dq) and
-                        // of kv head `kv` (dk, dv) belong to this task only.
+                                                                                  // SAFETY: `ds` is local; rows `bi*T..`, columns of head `hi` (dq) and
+                                                                                  // of kv head `kv` (dk, dv) belong to this task only.
                         unsafe {
                             // dP = dA @ V^T
                             gemm_shared(

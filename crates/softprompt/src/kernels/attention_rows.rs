@@ -18,7 +18,9 @@ impl AttentionOp {
         rows: &[usize],
         ops: &Operands,
     ) -> Result<(Vec<f32>, Activations)> {
-        let Dims { t, d, h, hkv, dh, .. } = self.dims;
+        let Dims {
+            t, d, h, hkv, dh, ..
+        } = self.dims;
         let (m, nq, group) = (rows.len(), h * dh, h / hkv);
         let bias = ops.bias.f32()?;
         let (k, v) = self.keys_values(&n, ops)?; // [B, Hkv, T, Dh]
@@ -66,7 +68,14 @@ impl AttentionOp {
         ops: &Operands,
     ) -> Result<Vec<f32>> {
         let Activations { q, k, v, p } = saved;
-        let Dims { b, t, d, h, hkv, dh } = self.dims;
+        let Dims {
+            b,
+            t,
+            d,
+            h,
+            hkv,
+            dh,
+        } = self.dims;
         let (r, m, nq, nkv, group) = (b * t, rows.len(), h * dh, hkv * dh, h / hkv);
         let mut dm = vec![0f32; m * nq]; // d merged = dy @ Wo   [M, H*Dh]
         input_grad(&mut dm, false, dyd, ops.o.data()?.w, (m, d, nq))?;

@@ -33,6 +33,18 @@ pub(crate) fn data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f
     }
 }
 
+/// The contiguous f32 data of `N` CPU operands of the op `op`.
+pub(crate) fn operands<'a, const N: usize>(
+    op: &str,
+    storages: [(&'a CpuStorage, &Layout); N],
+) -> Result<[&'a [f32]; N]> {
+    let mut out = [&[][..]; N];
+    for (o, (s, l)) in out.iter_mut().zip(storages) {
+        *o = data(s, l, op)?;
+    }
+    Ok(out)
+}
+
 /// A read lock on a tensor's storage, for kernels that read operands they did not receive
 /// through candle (weights held by an op, saved inputs in a backward).
 pub(crate) struct ReadLock<'a>(StorageRef<'a>, &'a Layout);

@@ -212,7 +212,13 @@ impl CustomOp1 for FeedForwardOp {
         let (x_lock, dy_lock) = (ReadLock::new(x), ReadLock::new(&dy));
         let (xd, dyd) = (x_lock.f32()?, dy_lock.f32()?);
         let mut ds = vec![0f32; r * f]; // ds = dy @ Wd   [R, F]
-        input_grad(&mut ds, false, dyd, self.args.down.lock().data()?.w, (r, d, f))?;
+        input_grad(
+            &mut ds,
+            false,
+            dyd,
+            self.args.down.lock().data()?.w,
+            (r, d, f),
+        )?;
         let mut dn = vec![0f32; r * d];
         match (&self.args.inner, saved) {
             (FfnInner::Gated { gate, up }, FfnSaved::Gated(g, u)) => {
@@ -228,7 +234,12 @@ impl CustomOp1 for FeedForwardOp {
             _ => candle_core::bail!("feed-forward block: saved activations of the wrong kind"),
         }
         drop(ds);
-        let dx = self.args.norm.lock().data()?.backward_rows_add(xd, &dn, dyd, d);
+        let dx = self
+            .args
+            .norm
+            .lock()
+            .data()?
+            .backward_rows_add(xd, &dn, dyd, d);
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

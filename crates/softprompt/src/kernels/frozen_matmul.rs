@@ -100,4 +100,3 @@ impl CustomOp2 for FrozenMatmulT {
         Ok((Some(dy.matmul(w)?), None))
     }
 }
-

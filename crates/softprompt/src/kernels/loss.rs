@@ -1,8 +1,7 @@
 //! Token negative log-likelihood over the vocabulary with its backward.
 
-use super::cpu::{check_len, data, fill, last_dim, rows, f32_out, Result};
+use super::cpu::{check_len, data, f32_out, fill, last_dim, operands, rows, Result};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-
 
 /// `-log_softmax(logits)[i, targets[i]]`: `logits [M, V]` (f32), `targets [M]` (u32) -> `[M]`.
 /// The backward is `g * (softmax(logits) - onehot(target))`.
@@ -92,7 +91,7 @@ impl CustomOp3 for TokenNllBwd {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (data(xs, xl, self.name())?, data(gs, gl, self.name())?);
+        let [x, g] = operands(self.name(), [(xs, xl), (gs, gl)])?;
         let (m, v) = last_dim(xl)?;
         let t = targets_of(ts, tl, v)?;
         check_len(self.name(), g.len(), m)?;
@@ -107,4 +106,3 @@ impl CustomOp3 for TokenNllBwd {
         Ok(f32_out(out, xl))
     }
 }
-

@@ -1,7 +1,7 @@
 //! RMSNorm and LayerNorm over the last dimension, differentiable with respect to the input
 //! only (the weights are frozen), and their row functions for the block kernels.
 
-use super::cpu::{check_len, data, f32_out, last_dim, rows, ReadLock, Result, MIN_ROWS};
+use super::cpu::{check_len, f32_out, last_dim, operands, rows, ReadLock, Result, MIN_ROWS};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -106,7 +106,7 @@ impl CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (data(xs, xl, self.name())?, data(ws, wl, self.name())?);
+        let [x, w] = operands(self.name(), [(xs, xl), (ws, wl)])?;
         let (n, d) = last_dim(xl)?;
         check_len("rms-norm weight", w.len(), d)?;
         let out = rows(n, d, |i, y| {
@@ -149,11 +149,7 @@ impl CustomOp3 for LayerNorm {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (x, w, b) = (
-            data(xs, xl, name)?,
-            data(ws, wl, name)?,
-            data(bs, bl, name)?,
-        );
+        let [x, w, b] = operands(name, [(xs, xl), (ws, wl), (bs, bl)])?;
         let (n, d) = last_dim(xl)?;
         check_len("layer-norm weight", w.len(), d)?;
         check_len("layer-norm bias", b.len(), d)?;
@@ -175,7 +171,11 @@ impl CustomOp3 for LayerNorm {
             kind: NormKind::Layer,
             eps: self.eps,
         };
-        Ok((Some(x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?), None, None))
+        Ok((
+            Some(x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?),
+            None,
+            None,
+        ))
     }
 }
 
@@ -200,11 +200,7 @@ impl CustomOp3 for NormBwd {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (x, w, g) = (
-            data(xs, xl, name)?,
-            data(ws, wl, name)?,
-            data(gs, gl, name)?,
-        );
+        let [x, w, g] = operands(name, [(xs, xl), (ws, wl), (gs, gl)])?;
         let (n, d) = last_dim(xl)?;
         check_len(name, g.len(), x.len())?;
         let out = rows(n, d, |i, dx| {

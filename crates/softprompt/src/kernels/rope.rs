@@ -1,7 +1,7 @@
 //! Rotary position embeddings with the inverse rotation as backward, and the row function
 //! the attention kernels share.
 
-use super::cpu::{check_len, data, f32_out, rows, Result, MIN_ROWS};
+use super::cpu::{check_len, f32_out, operands, rows, Result, MIN_ROWS};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -48,11 +48,7 @@ impl CustomOp3 for Rope {
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (x, cos, sin) = (
-            data(xs, xl, name)?,
-            data(cs, cl, name)?,
-            data(ss, sl, name)?,
-        );
+        let [x, cos, sin] = operands(name, [(xs, xl), (cs, cl), (ss, sl)])?;
         let dims = xl.dims();
         if dims.len() != 4 {
             candle_core::bail!("fused rope: expected [B, H, T, Dh], got {dims:?}");
@@ -110,11 +106,14 @@ pub(crate) fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: boo
         x[b] = x2 * cj + x1 * sj;
     }
 }
+/// Rotary tables `cos`, `sin` `[T, Dh/2]` as data, and whether pairs are interleaved.
+pub(crate) type RopeData<'a> = (&'a [f32], &'a [f32], bool);
+
 /// `[B*T, H*Dh]` -> `[B, H, T, Dh]`, rotated when `rope` is given.
 pub(crate) fn to_heads(
     x: &[f32],
     (b, t, h, dh): (usize, usize, usize, usize),
-    rope: Option<(&[f32], &[f32], bool)>,
+    rope: Option<RopeData>,
 ) -> Vec<f32> {
     let n = h * dh;
     let mut out = vec![0f32; b * h * t * dh];
@@ -145,7 +144,7 @@ pub(crate) fn to_heads(
 pub(crate) fn rotate_rows(
     x: &mut [f32],
     (n, dh): (usize, usize),
-    rope: (&[f32], &[f32], bool),
+    rope: RopeData,
     inverse: bool,
     pos: impl Fn(usize) -> usize + Sync,
 ) {

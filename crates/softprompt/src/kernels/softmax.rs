@@ -2,9 +2,8 @@
 //! functions the attention kernels share.
 
 use super::activation::exp;
-use super::cpu::{check_len, data, f32_out, last_dim, rows, Result};
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, DType};
-
+use super::cpu::{check_len, data, f32_out, last_dim, operands, rows, Result};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// `softmax(x * scale + bias)` over the last dimension. `bias` broadcasts to `x`'s shape (the
 /// attention mask `[B, 1, T, K]`, T5's position bias `[B, H, T, K]`) and gets no gradient.
@@ -144,7 +143,7 @@ impl CustomOp2 for SoftmaxBwd {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, g) = (data(ys, yl, self.name())?, data(gs, gl, self.name())?);
+        let [y, g] = operands(self.name(), [(ys, yl), (gs, gl)])?;
         let (n, k) = last_dim(yl)?;
         check_len(self.name(), g.len(), y.len())?;
         let out = rows(n, k, |i, dx| {
@@ -154,4 +153,3 @@ impl CustomOp2 for SoftmaxBwd {
         Ok(f32_out(out, yl))
     }
 }
-

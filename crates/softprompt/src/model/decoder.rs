@@ -42,7 +42,12 @@ pub struct Decoder {
 
 impl Decoder {
     /// Rotary tables `[T, Dh/2]` for positions `start .. start+t`, when the model rotates.
-    fn rotary(&self, start: usize, t: usize, device: &candle_core::Device) -> Result<Option<Rotary>> {
+    fn rotary(
+        &self,
+        start: usize,
+        t: usize,
+        device: &candle_core::Device,
+    ) -> Result<Option<Rotary>> {
         Ok(match &self.positions {
             Positions::Rotary {
                 head_dim,

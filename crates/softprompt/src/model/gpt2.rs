@@ -88,7 +88,9 @@ fn conv1d(w: &Weights, prefix: &str, d_in: usize, d_out: usize) -> Result<Linear
 pub struct Gpt2;
 
 impl Gpt2 {
-    /// The model of `cfg` with the weights `w` (fast kernels).
+    /// The model of `cfg` with the weights `w` (fast kernels). A family builds the one
+    /// decoder type, hence not `Self`.
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
         let d = cfg.n_embd;
         if cfg.n_head == 0 || !d.is_multiple_of(cfg.n_head) {

@@ -114,7 +114,9 @@ impl Config {
 pub struct Llama;
 
 impl Llama {
-    /// The model of `cfg` with the weights `w` (fast kernels).
+    /// The model of `cfg` with the weights `w` (fast kernels). A family builds the one
+    /// decoder type, hence not `Self`.
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
         let bad = |msg: String| Error::format(w.source(), msg);
         if let Some(kind) = cfg.unsupported_rope() {
@@ -153,7 +155,10 @@ impl Llama {
                 ))
             };
             let mlp = |n: &str, shape: [usize; 2]| -> Result<Linear> {
-                Ok(Linear::new(w.get(&format!("{p}.mlp.{n}.weight"), &shape)?, None))
+                Ok(Linear::new(
+                    w.get(&format!("{p}.mlp.{n}.weight"), &shape)?,
+                    None,
+                ))
             };
             let norm = |n: &str| -> Result<Norm> {
                 Ok(Norm::rms(w.get(&format!("{p}.{n}.weight"), &[d])?, eps))
@@ -164,7 +169,10 @@ impl Llama {
                     q: proj("q_proj", [heads * hd, d])?,
                     k: proj("k_proj", [kv_heads * hd, d])?,
                     v: proj("v_proj", [kv_heads * hd, d])?,
-                    o: Linear::new(w.get(&format!("{p}.self_attn.o_proj.weight"), &[d, heads * hd])?, None),
+                    o: Linear::new(
+                        w.get(&format!("{p}.self_attn.o_proj.weight"), &[d, heads * hd])?,
+                        None,
+                    ),
                     heads,
                     kv_heads,
                     head_dim: hd,

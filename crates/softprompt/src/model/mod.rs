@@ -79,7 +79,9 @@ impl ModelInfo {
     /// The id that fills padded positions: the pad token, else the first EOS, else 0. Padded
     /// positions are masked out, so any id works; these are the ones transformers would use.
     pub fn pad_id(&self) -> u32 {
-        self.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0)
+        self.pad_token_id
+            .or(self.eos_token_ids.first().copied())
+            .unwrap_or(0)
     }
 }
 
@@ -387,7 +389,10 @@ pub(crate) fn check_decoder_input(
     }
     let past = match cache {
         Some(c) if c.layers.len() != n_layers => {
-            crate::bail!("{arch}: KV cache has {} layers, the model has {n_layers}", c.layers.len())
+            crate::bail!(
+                "{arch}: KV cache has {} layers, the model has {n_layers}",
+                c.layers.len()
+            )
         }
         Some(c) => c.seq_len(),
         None => 0,

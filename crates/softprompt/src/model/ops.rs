@@ -61,8 +61,7 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// [`token_nll`] under the policy `kernels`.
 pub fn token_nll_with(kernels: Kernels, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
-    if kernels.ops_apply(&[&logits]) && targets.dtype() == DType::U32 && targets.device().is_cpu()
-    {
+    if kernels.ops_apply(&[&logits]) && targets.dtype() == DType::U32 && targets.device().is_cpu() {
         return Ok(loss::token_nll(&logits, targets)?);
     }
     let logp = log_softmax_last_dim(&logits)?;
@@ -82,7 +81,13 @@ pub fn rms_norm(kernels: Kernels, x: &Tensor, w: &Tensor, eps: f64) -> Result<Te
 }
 
 /// LayerNorm (GPT-2): `(x - mean) / sqrt(var + eps) * w + b`.
-pub fn layer_norm(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn layer_norm(
+    kernels: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     if kernels.ops_apply(&[x, w, b]) && !w.track_op() && !b.track_op() {
         return Ok(norm::layer_norm(x, w, b, eps)?);
     }

@@ -197,7 +197,10 @@ impl T5 {
             Ok(Linear::new(w.get(&name, &shape)?, None))
         };
         let norm = |p: &str| -> Result<Norm> {
-            Ok(Norm::rms(w.get(&format!("{p}.layer_norm.weight"), &[d])?, eps))
+            Ok(Norm::rms(
+                w.get(&format!("{p}.layer_norm.weight"), &[d])?,
+                eps,
+            ))
         };
         // Layer `p` (its norm) with the attention weights under `p.{kind}`; no score scaling.
         let attention = |p: &str, kind: &str| -> Result<Attention> {

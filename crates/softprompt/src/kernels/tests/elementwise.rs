@@ -50,12 +50,17 @@ fn check(
     let y_r = reference(inputs);
     assert_rel(&format!("{what} forward"), &y_f, &y_r, FWD_REL);
 
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let g_f = probe(&fused(&ts), 7).backward().unwrap();
     let g_r = probe(&reference(&ts), 7).backward().unwrap();
     for (i, t) in ts.iter().enumerate() {
-        let gf = g_f.get(t).unwrap_or_else(|| panic!("{what}: no fused gradient for input {i}"));
+        let gf = g_f
+            .get(t)
+            .unwrap_or_else(|| panic!("{what}: no fused gradient for input {i}"));
         let gr = g_r.get(t).expect("reference gradient");
         assert_rel(&format!("{what} grad of input {i}"), gf, gr, GRAD_REL);
 
@@ -89,7 +94,9 @@ fn check(
 
 fn rms_norm_ref(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    let y = x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap()).unwrap();
+    let y = x
+        .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+        .unwrap();
     y.broadcast_mul(w).unwrap()
 }
 
@@ -128,7 +135,9 @@ fn layer_norm_matches_composite() {
         let mean = x.mean_keepdim(D::Minus1).unwrap();
         let xc = x.broadcast_sub(&mean).unwrap();
         let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let y = xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+        let y = xc
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap();
         y.broadcast_mul(&w).unwrap().broadcast_add(&b).unwrap()
     };
     check(
@@ -142,8 +151,11 @@ fn layer_norm_matches_composite() {
 #[test]
 fn softmax_with_scale_and_mask_matches_composite() {
     // Batch 2, 3 heads, 4 queries, 6 keys; row 1 has two padded keys; causal.
-    let mask = Tensor::new(&[[1f32, 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1.]], &Device::Cpu)
-        .unwrap();
+    let mask = Tensor::new(
+        &[[1f32, 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1.]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let bias = attention_bias(&mask, 4, true).unwrap(); // [2, 1, 4, 6]
     let scale = 0.35;
     check(
@@ -160,14 +172,29 @@ fn softmax_with_scale_and_mask_matches_composite() {
     );
     // A per-head bias (T5's position bias plus mask), and a fully masked row (uniform).
     let pos = randn(&[1, 3, 4, 6], 8);
-    let full = attention_bias(&Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap(), 4, false)
-        .unwrap()
-        .broadcast_add(&pos)
-        .unwrap(); // [2, 3, 4, 6]
+    let full = attention_bias(
+        &Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap(),
+        4,
+        false,
+    )
+    .unwrap()
+    .broadcast_add(&pos)
+    .unwrap(); // [2, 3, 4, 6]
     let x = randn(&[2, 3, 4, 6], 9);
     let y = softmax::softmax_scaled(&x, Some(&full), 1.0).unwrap();
-    assert_rel("fully masked", &y, &softmax_ref(&(&x + &full).unwrap()), FWD_REL);
-    let mid = y.narrow(0, 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_rel(
+        "fully masked",
+        &y,
+        &softmax_ref(&(&x + &full).unwrap()),
+        FWD_REL,
+    );
+    let mid = y
+        .narrow(0, 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(mid.iter().all(|p| (p - 1.0 / 6.0).abs() < 1e-6), "{mid:?}");
 }
 
@@ -183,12 +210,18 @@ fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Tensor
             p.narrow(4, 1, 1).unwrap().squeeze(4).unwrap(),
         )
     } else {
-        (x.narrow(3, 0, half).unwrap(), x.narrow(3, half, half).unwrap())
+        (
+            x.narrow(3, 0, half).unwrap(),
+            x.narrow(3, half, half).unwrap(),
+        )
     };
     let r1 = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
     let r2 = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
     if interleaved {
-        Tensor::stack(&[&r1, &r2], 4).unwrap().reshape((b, h, t, d)).unwrap()
+        Tensor::stack(&[&r1, &r2], 4)
+            .unwrap()
+            .reshape((b, h, t, d))
+            .unwrap()
     } else {
         Tensor::cat(&[&r1, &r2], 3).unwrap()
     }
@@ -251,9 +284,20 @@ fn token_nll_matches_composite() {
     let reference = |x: &Tensor| {
         let max = x.max_keepdim(D::Minus1).unwrap().detach();
         let s = x.broadcast_sub(&max).unwrap();
-        let lse = s.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+        let lse = s
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .log()
+            .unwrap();
         let logp = s.broadcast_sub(&lse).unwrap();
-        logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap()
+        logp.gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap()
     };
     check(
         "token_nll",
@@ -262,7 +306,9 @@ fn token_nll_matches_composite() {
         |a| reference(&a[0]),
     );
     let bad = Tensor::new(&[3u32, 0, 11, 7], &Device::Cpu).unwrap();
-    let err = loss::token_nll(&randn(&[4, 11], 20), &bad).unwrap_err().to_string();
+    let err = loss::token_nll(&randn(&[4, 11], 20), &bad)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
 }
 
@@ -272,7 +318,11 @@ fn token_nll_matches_composite() {
 fn attention_matches_composite() {
     // No fully masked query row: there the output does not depend on q in f32 (the -1e30
     // bias swamps the scores) while the exact-arithmetic gradient is not zero.
-    let mask = Tensor::new(&[[1f32, 1., 1., 1., 0.], [1., 1., 1., 1., 1.]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(
+        &[[1f32, 1., 1., 1., 0.], [1., 1., 1., 1., 1.]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let bias = attention_bias(&mask, 5, true).unwrap(); // [2, 1, 5, 5]
     let scale = 0.5;
     let reference = |a: &[Tensor]| {
@@ -288,11 +338,17 @@ fn attention_matches_composite() {
         };
         let (k, v) = (rep(&a[1]), rep(&a[2]));
         let s = (a[0].matmul(&k.t().unwrap().contiguous().unwrap()).unwrap() * scale).unwrap();
-        softmax_ref(&s.broadcast_add(&bias).unwrap()).matmul(&v).unwrap()
+        softmax_ref(&s.broadcast_add(&bias).unwrap())
+            .matmul(&v)
+            .unwrap()
     };
     check(
         "attention",
-        &[randn(&[2, 4, 5, 8], 21), randn(&[2, 2, 5, 8], 22), randn(&[2, 2, 5, 8], 23)],
+        &[
+            randn(&[2, 4, 5, 8], 21),
+            randn(&[2, 2, 5, 8], 22),
+            randn(&[2, 2, 5, 8], 23),
+        ],
         |a| ops::attention(Kernels::fast(), &a[0], &a[1], &a[2], &bias, scale).unwrap(),
         reference,
     );
@@ -309,5 +365,10 @@ fn trained_norm_weight_gets_a_gradient() {
     let gw_ref = probe(&rms_norm_ref(x.as_tensor(), w.as_tensor(), 1e-6), 3)
         .backward()
         .unwrap();
-    assert_rel("weight grad", gw, gw_ref.get(w.as_tensor()).unwrap(), GRAD_REL);
+    assert_rel(
+        "weight grad",
+        gw,
+        gw_ref.get(w.as_tensor()).unwrap(),
+        GRAD_REL,
+    );
 }

@@ -207,4 +207,3 @@ fn inference_keeps_plain_matmul() {
     let y = ops::linear(&x, &w, None).unwrap();
     assert!(!y.track_op());
 }
-

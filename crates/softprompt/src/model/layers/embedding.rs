@@ -31,12 +31,15 @@ impl Embedding {
             ))
         })?;
         let (v, d) = self.table.dims2()?;
-        let rows = self.table.index_select(&ids.flatten_all()?, 0).map_err(|e| {
-            Error::invalid(format!(
-                "{}: token ids outside the vocabulary ({v}): {e}",
-                self.model
-            ))
-        })?; // [B*T, D]
+        let rows = self
+            .table
+            .index_select(&ids.flatten_all()?, 0)
+            .map_err(|e| {
+                Error::invalid(format!(
+                    "{}: token ids outside the vocabulary ({v}): {e}",
+                    self.model
+                ))
+            })?; // [B*T, D]
         Ok(rows.reshape((b, t, d))?)
     }
 }

@@ -45,16 +45,16 @@ impl FeedForward {
     /// has no fused kernel.
     fn kernel_args(&self) -> Option<FeedForwardArgs> {
         Some(FeedForwardArgs {
-                norm: self.norm.weights(),
-                inner: match &self.inner {
-                    FfnInner::Gated { gate, up } => KernelInner::Gated {
-                        gate: gate.weights(),
-                        up: up.weights(),
-                    },
-                    FfnInner::Plain(w) => KernelInner::Plain(w.weights()),
+            norm: self.norm.weights(),
+            inner: match &self.inner {
+                FfnInner::Gated { gate, up } => KernelInner::Gated {
+                    gate: gate.weights(),
+                    up: up.weights(),
                 },
-                down: self.down.weights(),
-                act: self.act.fused()?,
+                FfnInner::Plain(w) => KernelInner::Plain(w.weights()),
+            },
+            down: self.down.weights(),
+            act: self.act.fused()?,
         })
     }
 

@@ -29,15 +29,33 @@ use crate::kernels::tests::{assert_rel, max_abs};
 
 /// Runs `fused` and `composite` on the same input; compares outputs and input gradients
 /// of `sum(y * probe)`.
-fn check(what: &str, x: &Tensor, fused: impl Fn(&Tensor) -> Tensor, composite: impl Fn(&Tensor) -> Tensor) {
+fn check(
+    what: &str,
+    x: &Tensor,
+    fused: impl Fn(&Tensor) -> Tensor,
+    composite: impl Fn(&Tensor) -> Tensor,
+) {
     let xv = Var::from_tensor(x).unwrap();
     let y = fused(xv.as_tensor());
     let y_ref = composite(xv.as_tensor());
     assert_rel(&format!("{what}: forward"), &y, &y_ref, 1e-5);
     let probe = rand(y.dims(), 99, 1.0);
-    let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_ref = (&y_ref * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let (g, g_ref) = (g.get(xv.as_tensor()).unwrap(), g_ref.get(xv.as_tensor()).unwrap());
+    let g = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_ref = (&y_ref * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (g, g_ref) = (
+        g.get(xv.as_tensor()).unwrap(),
+        g_ref.get(xv.as_tensor()).unwrap(),
+    );
     assert_rel(&format!("{what}: grad x"), g, g_ref, 1e-4);
     // Without a gradient to compute: same output, nothing kept.
     let y_inf = fused(x);
@@ -47,7 +65,15 @@ fn check(what: &str, x: &Tensor, fused: impl Fn(&Tensor) -> Tensor, composite: i
 
 /// Random attention weights: `D`, heads, kv heads, head dim; q/k/v biases when `biased`,
 /// an o bias when `o_bias`.
-fn attention(d: usize, (h, hkv, dh): (usize, usize, usize), seed: u64, biased: bool, o_bias: bool, norm: &str, scale: f64) -> Attention {
+fn attention(
+    d: usize,
+    (h, hkv, dh): (usize, usize, usize),
+    seed: u64,
+    biased: bool,
+    o_bias: bool,
+    norm: &str,
+    scale: f64,
+) -> Attention {
     let lin = |n: usize, k: usize, s: u64, b: bool| {
         Linear::new(rand(&[n, k], s, 0.4), b.then(|| rand(&[n], s + 1, 0.2)))
     };
@@ -78,7 +104,11 @@ fn padded_mask(b: usize, t: usize) -> Tensor {
 
 fn rotary(dh: usize, t: usize, interleaved: bool) -> Rotary {
     let (cos, sin) = ops::rope_tables(dh, 10000.0, 0, t, &Device::Cpu).unwrap();
-    Rotary { cos, sin, interleaved }
+    Rotary {
+        cos,
+        sin,
+        interleaved,
+    }
 }
 
 /// [`check`] on the whole sequence and at some rows (a repeated one included).
@@ -98,13 +128,22 @@ fn check_attn(what: &str, x: &Tensor, attn: &Attention, ctx: &AttentionContext) 
         |x| attn.forward(x, ctx, Some(&rows), None).unwrap(),
         |x| {
             let y = attn.composite(x, ctx, None).unwrap();
-            y.reshape((b * t, d)).unwrap().index_select(&rows, 0).unwrap().unsqueeze(0).unwrap()
+            y.reshape((b * t, d))
+                .unwrap()
+                .index_select(&rows, 0)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
         },
     );
 }
 
 fn ctx<'a>(bias: &'a Tensor, rotary: Option<&'a Rotary>) -> AttentionContext<'a> {
-    AttentionContext { bias, rotary, kernels: Kernels::fast() }
+    AttentionContext {
+        bias,
+        rotary,
+        kernels: Kernels::fast(),
+    }
 }
 
 #[test]
@@ -112,8 +151,8 @@ fn attention_block_matches_composite() {
     let (b, t, d) = (3, 7, 24);
     let x = rand(&[b, t, d], 1, 1.0);
     let causal = attention_bias(&padded_mask(b, t), t, true).unwrap(); // [B, 1, T, T]
-    // Llama-style: RMSNorm, grouped-query attention, rotary (both layouts), q/k/v biases or
-    // none.
+                                                                       // Llama-style: RMSNorm, grouped-query attention, rotary (both layouts), q/k/v biases or
+                                                                       // none.
     for (interleaved, biased) in [(false, false), (true, true)] {
         let attn = attention(d, (6, 2, 4), 10, biased, false, "rms", 0.5);
         let r = rotary(4, t, interleaved);
@@ -137,7 +176,12 @@ fn attention_block_matches_composite() {
         .broadcast_add(&pos)
         .unwrap();
     for bias in [&full, &pos] {
-        check_attn(&format!("t5-style (bias {:?})", bias.dims()), &x, &attn, &ctx(bias, None));
+        check_attn(
+            &format!("t5-style (bias {:?})", bias.dims()),
+            &x,
+            &attn,
+            &ctx(bias, None),
+        );
     }
 }
 
@@ -171,22 +215,56 @@ fn feed_forward_block_matches_composite() {
     let (wd, bd) = (rand(&[d, f], 46, 0.5), rand(&[d], 47, 0.3));
     let lin = |w: &Tensor, b: Option<&Tensor>| Linear::new(w.clone(), b.cloned());
     let cases = [
-        ("swiglu", &rms, FfnInner::Gated { gate: lin(&wg, None), up: lin(&wu, None) }, Activation::Silu, None),
+        (
+            "swiglu",
+            &rms,
+            FfnInner::Gated {
+                gate: lin(&wg, None),
+                up: lin(&wu, None),
+            },
+            Activation::Silu,
+            None,
+        ),
         (
             "gated gelu",
             &rms,
-            FfnInner::Gated { gate: lin(&wg, Some(&bg)), up: lin(&wu, Some(&bu)) },
+            FfnInner::Gated {
+                gate: lin(&wg, Some(&bg)),
+                up: lin(&wu, Some(&bu)),
+            },
             Activation::GeluTanh,
             None,
         ),
-        ("relu", &rms, FfnInner::Plain(lin(&wg, None)), Activation::Relu, None),
-        ("gpt2 gelu", &layer, FfnInner::Plain(lin(&wg, Some(&bg))), Activation::GeluTanh, Some(&bd)),
+        (
+            "relu",
+            &rms,
+            FfnInner::Plain(lin(&wg, None)),
+            Activation::Relu,
+            None,
+        ),
+        (
+            "gpt2 gelu",
+            &layer,
+            FfnInner::Plain(lin(&wg, Some(&bg))),
+            Activation::GeluTanh,
+            Some(&bd),
+        ),
     ];
     let k = Kernels::fast();
     for (what, norm, inner, act, down_b) in cases {
-        let ffn = FeedForward { norm: norm.clone(), inner, act, down: lin(&wd, down_b) };
+        let ffn = FeedForward {
+            norm: norm.clone(),
+            inner,
+            act,
+            down: lin(&wd, down_b),
+        };
         assert!(ffn.fused_applies(k, &x), "{what}: fused path not taken");
-        check(what, &x, |x| ffn.forward(k, x).unwrap(), |x| ffn.composite(k, x).unwrap());
+        check(
+            what,
+            &x,
+            |x| ffn.forward(k, x).unwrap(),
+            |x| ffn.composite(k, x).unwrap(),
+        );
     }
     // Exact GELU has no fused kernel: the composite ops run instead.
     let ffn = FeedForward {
@@ -212,7 +290,10 @@ fn trained_weight_takes_the_composite_path() {
     assert!(!ffn.fused_applies(Kernels::fast(), x.as_tensor()));
     let y = ffn.forward(Kernels::fast(), x.as_tensor()).unwrap();
     let grads = y.sum_all().unwrap().backward().unwrap();
-    assert!(grads.get(wg.as_tensor()).is_some(), "the trained weight has a gradient");
+    assert!(
+        grads.get(wg.as_tensor()).is_some(),
+        "the trained weight has a gradient"
+    );
 }
 
 /// The forward-only op that fills an empty KV cache against the cache path of single ops:
@@ -235,8 +316,18 @@ fn prefill_with_kv_matches_cache_path() {
         let mut want = KvCache::new(1);
         let y_ref = attn.composite(&x, ctx, Some((&mut want, 0))).unwrap();
         let (k, v) = want.layers[0].clone().unwrap();
-        let rows = Tensor::new(&[(t - 1) as u32, (2 * t - 1) as u32, (3 * t - 1) as u32], &Device::Cpu).unwrap();
-        let y_rows = y_ref.reshape((b * t, d)).unwrap().index_select(&rows, 0).unwrap().unsqueeze(0).unwrap();
+        let rows = Tensor::new(
+            &[(t - 1) as u32, (2 * t - 1) as u32, (3 * t - 1) as u32],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y_rows = y_ref
+            .reshape((b * t, d))
+            .unwrap()
+            .index_select(&rows, 0)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let xv = Var::from_tensor(&x).unwrap();
         for (label, input, at, y_want) in [
             ("", &x, None, &y_ref),
@@ -255,7 +346,11 @@ fn prefill_with_kv_matches_cache_path() {
     for interleaved in [false, true] {
         let attn = attention(d, (6, 2, 4), 70, interleaved, false, "rms", 0.5);
         let r = rotary(4, t, interleaved);
-        check_kv(&format!("llama-style (interleaved {interleaved})"), &attn, &ctx(&causal, Some(&r)));
+        check_kv(
+            &format!("llama-style (interleaved {interleaved})"),
+            &attn,
+            &ctx(&causal, Some(&r)),
+        );
     }
     // GPT-2-style: LayerNorm, biases everywhere, no rotary.
     let attn = attention(d, (3, 3, 8), 80, true, true, "layer", 0.3);
