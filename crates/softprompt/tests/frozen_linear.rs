@@ -1,5 +1,6 @@
 //! The prompt gradient of the fixture models (PyTorch + PEFT) through the frozen-weight linear
-//! path, end to end (the kernel's own checks are unit tests in `kernels::tests`).
+//! path, end to end, under every kernel policy (the fast kernels, fused element-wise ops only,
+//! the composite reference); the kernels' own checks are unit tests in `kernels::tests`.
 
 mod common;
 
@@ -7,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use softprompt::batch::Batch;
 use softprompt::load::load_model;
+use softprompt::model::Kernels;
 use softprompt::objective::mean_loss;
 
 /// The fixture batch as a [`Batch`]: label rows as PEFT scores them (see
@@ -53,8 +55,22 @@ fn fixture_batch(ex: &std::collections::HashMap<String, Tensor>, n: usize, seq2s
     }
 }
 
+/// The loss and prompt gradient of fixture `name` against PyTorch + PEFT, under every kernel
+/// policy: the fast kernels and the composite reference path must both match.
 fn check_fixture(name: &str, seq2seq: bool) {
-    let model = load_model(&fixture_dir(name), &Device::Cpu).expect("load fixture model");
+    for kernels in [
+        Kernels::fast(),
+        Kernels::fused_ops_only(),
+        Kernels::reference(),
+    ] {
+        check_fixture_with(name, seq2seq, kernels);
+    }
+}
+
+fn check_fixture_with(name: &str, seq2seq: bool, kernels: Kernels) {
+    let mut model = load_model(&fixture_dir(name), &Device::Cpu).expect("load fixture model");
+    model.backbone.set_kernels(kernels);
+    assert_eq!(model.backbone.kernels(), kernels);
     assert_eq!(model.backbone.is_seq2seq(), seq2seq);
     let ex = expected_tensors(name);
     let prompt = Var::from_tensor(&ex["prompt"]).unwrap();
@@ -69,7 +85,7 @@ fn check_fixture(name: &str, seq2seq: bool) {
     let want_loss = ex["loss"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
     assert!(
         (got_loss - want_loss).abs() <= TOL_LOSS,
-        "{name}: loss {got_loss} vs {want_loss}"
+        "{name} ({kernels:?}): loss {got_loss} vs {want_loss}"
     );
     let grads = loss.backward().unwrap();
     let g = grads
@@ -77,7 +93,7 @@ fn check_fixture(name: &str, seq2seq: bool) {
         .expect("the prompt has a gradient");
     let want = &ex["grad_prompt"];
     assert_close(
-        &format!("{name}: grad_prompt"),
+        &format!("{name} ({kernels:?}): grad_prompt"),
         g,
         want,
         TOL_GRAD_REL * max_abs(want),

@@ -109,6 +109,7 @@ pub(crate) fn attention_block_kv(
     Ok((y, k, v))
 }
 
+/// Batch, positions, width, heads, kv heads, head dim.
 #[derive(Clone, Copy)]
 pub(super) struct Dims {
     pub b: usize,
@@ -117,6 +118,13 @@ pub(super) struct Dims {
     pub h: usize,
     pub hkv: usize,
     pub dh: usize,
+}
+
+impl Dims {
+    /// `(B, T, D, H, H_kv, Dh)`
+    pub fn all(self) -> (usize, usize, usize, usize, usize, usize) {
+        (self.b, self.t, self.d, self.h, self.hkv, self.dh)
+    }
 }
 
 /// What the forward computed and the backward reads: rotated queries `[B, H, T, Dh]`, rotated
@@ -144,6 +152,34 @@ pub(super) struct AttentionOp {
     /// computation).
     keep: bool,
     saved: Mutex<Option<Activations>>,
+}
+
+/// Gradients of the rotated queries `[M, H*Dh]` and of the keys and values
+/// `[B*T, H_kv*Dh]`, written by parallel tasks at disjoint elements.
+pub(super) struct QkvGrads {
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+}
+
+impl QkvGrads {
+    /// Zeros for `m` query rows and `r` key rows.
+    pub fn zeros(m: usize, r: usize, nq: usize, nkv: usize) -> Self {
+        QkvGrads {
+            dq: vec![0f32; m * nq],
+            dk: vec![0f32; r * nkv],
+            dv: vec![0f32; r * nkv],
+        }
+    }
+
+    /// The three buffers as shared outputs for the tasks.
+    pub fn shared(&mut self) -> [SharedOut; 3] {
+        [
+            SharedOut::new(&mut self.dq),
+            SharedOut::new(&mut self.dk),
+            SharedOut::new(&mut self.dv),
+        ]
+    }
 }
 
 /// Read locks on the operands of an [`AttentionOp`].
@@ -175,7 +211,7 @@ impl Operands<'_> {
 }
 
 /// Query rows per block of the whole-sequence attention.
-pub(super) const ROW_BLOCK: usize = 32;
+pub(crate) const ROW_BLOCK: usize = 32;
 
 /// For every bias matrix `[T, T]` in `bias [M, T, T]` and every block of [`ROW_BLOCK`] query
 /// rows: one past the last key that some row of the block does not mask (bias above
@@ -362,14 +398,7 @@ impl AttentionOp {
         n: Vec<f32>,
         ops: &Operands,
     ) -> Result<(Vec<f32>, Activations)> {
-        let Dims {
-            b,
-            t,
-            d,
-            h,
-            hkv,
-            dh,
-        } = self.dims;
+        let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, nq, group) = (b * t, h * dh, h / hkv);
         let bias = ops.bias.f32()?;
         let q = to_heads(
@@ -455,26 +484,13 @@ impl AttentionOp {
         ops: &Operands,
     ) -> Result<Vec<f32>> {
         let Activations { q, k, v, p } = saved;
-        let Dims {
-            b,
-            t,
-            d,
-            h,
-            hkv,
-            dh,
-        } = self.dims;
+        let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, nq, nkv, group) = (b * t, h * dh, hkv * dh, h / hkv);
 
         let mut dm = vec![0f32; r * nq]; // d merged = dy @ Wo   [R, H*Dh]
         input_grad(&mut dm, false, dyd, ops.o.data()?.w, (r, d, nq))?;
-        let mut dq = vec![0f32; r * nq];
-        let mut dk = vec![0f32; r * nkv];
-        let mut dv = vec![0f32; r * nkv];
-        let (oq, ok, ov) = (
-            SharedOut::new(&mut dq),
-            SharedOut::new(&mut dk),
-            SharedOut::new(&mut dv),
-        );
+        let mut grads = QkvGrads::zeros(r, r, nq, nkv);
+        let [oq, ok, ov] = grads.shared();
         (0..b * hkv)
             .into_par_iter()
             .try_for_each(|task| -> Result<()> {
@@ -544,6 +560,7 @@ impl AttentionOp {
                 Ok(())
             })?;
         drop(dm);
+        let QkvGrads { mut dq, mut dk, dv } = grads;
         if let Some(rope) = ops.rope()? {
             rotate_rows(&mut dq, (nq, dh), rope, true, |i| i % t);
         }

@@ -1,8 +1,8 @@
 //! The attention op at chosen rows only (see [`super::attention::attention_block`]): keys and
 //! values from every position, queries, attention and the output projection at `M` rows.
 
-use super::attention::{Activations, AttentionOp, Dims, Operands};
-use super::cpu::{Result, SharedOut};
+use super::attention::{Activations, AttentionOp, Dims, Operands, QkvGrads};
+use super::cpu::Result;
 use super::gemm::{axpy, dot, gather, input_grad, project};
 use super::rope::rotate_rows;
 use super::softmax::{softmax_bwd_row, softmax_row};
@@ -68,14 +68,7 @@ impl AttentionOp {
         ops: &Operands,
     ) -> Result<Vec<f32>> {
         let Activations { q, k, v, p } = saved;
-        let Dims {
-            b,
-            t,
-            d,
-            h,
-            hkv,
-            dh,
-        } = self.dims;
+        let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, m, nq, nkv, group) = (b * t, rows.len(), h * dh, hkv * dh, h / hkv);
         let mut dm = vec![0f32; m * nq]; // d merged = dy @ Wo   [M, H*Dh]
         input_grad(&mut dm, false, dyd, ops.o.data()?.w, (m, d, nq))?;
@@ -83,14 +76,8 @@ impl AttentionOp {
         for (i, &row) in rows.iter().enumerate() {
             by_batch[row / t].push(i);
         }
-        let mut dq = vec![0f32; m * nq];
-        let mut dk = vec![0f32; r * nkv];
-        let mut dv = vec![0f32; r * nkv];
-        let (out_q, out_k, out_v) = (
-            SharedOut::new(&mut dq),
-            SharedOut::new(&mut dk),
-            SharedOut::new(&mut dv),
-        );
+        let mut grads = QkvGrads::zeros(m, r, nq, nkv);
+        let [out_q, out_k, out_v] = grads.shared();
         (0..b * hkv)
             .into_par_iter()
             .try_for_each(|task| -> Result<()> {
@@ -121,6 +108,7 @@ impl AttentionOp {
                 Ok(())
             })?;
         drop(dm);
+        let QkvGrads { mut dq, mut dk, dv } = grads;
         if let Some(rope) = ops.rope()? {
             rotate_rows(&mut dq, (nq, dh), rope, true, |i| rows[i] % t);
         }

@@ -53,40 +53,32 @@ fn fwd<S: BackendStorage>(
     Ok((y, Shape::from((m, n))))
 }
 
+/// `CustomOp2`'s forward methods for the listed backends, each calling [`fwd`].
+macro_rules! forward_on_every_backend {
+    ($($method:ident: $storage:ty),*) => {$(
+        fn $method(
+            &self,
+            x: &$storage,
+            x_l: &Layout,
+            w: &$storage,
+            w_l: &Layout,
+        ) -> candle_core::Result<($storage, Shape)> {
+            fwd(x, x_l, w, w_l)
+        }
+    )*};
+}
+
 impl CustomOp2 for FrozenMatmulT {
     fn name(&self) -> &'static str {
         "frozen-matmul-t"
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_l: &Layout,
-        w: &CpuStorage,
-        w_l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fwd(x, x_l, w, w_l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_l: &Layout,
-        w: &CudaStorage,
-        w_l: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        fwd(x, x_l, w, w_l)
-    }
-
-    fn metal_fwd(
-        &self,
-        x: &MetalStorage,
-        x_l: &Layout,
-        w: &MetalStorage,
-        w_l: &Layout,
-    ) -> candle_core::Result<(MetalStorage, Shape)> {
-        fwd(x, x_l, w, w_l)
-    }
+    // The same storage-level matmul on every backend.
+    forward_on_every_backend!(
+        cpu_fwd: CpuStorage,
+        cuda_fwd: CudaStorage,
+        metal_fwd: MetalStorage
+    );
 
     /// `dx = dy @ w` (`[M, N] @ [N, K]`), the same product candle's matmul backward forms
     /// for the left operand; no gradient for `w`.

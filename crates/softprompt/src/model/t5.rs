@@ -8,7 +8,9 @@
 //!
 //! Computation runs in the dtype of the weights (f32 as loaded; the tests also run f64).
 
-use super::layers::{Attention, AttentionContext, FeedForward, FfnInner, Linear, LmHead, Norm};
+use super::layers::{
+    Attention, AttentionContext, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm,
+};
 use super::ops;
 use super::{attention_bias, Arch, KvCache, LogitsAt, ModelInfo, Seq2SeqLm};
 use crate::kernels::Kernels;
@@ -163,8 +165,8 @@ struct Stack {
 
 pub struct T5 {
     info: ModelInfo,
-    /// `[V, D]`, input embeddings of both stacks (and the head when tied).
-    shared: Tensor,
+    /// `shared` `[V, D]`, input embeddings of both stacks (and the head when tied).
+    embedding: Embedding,
     encoder: Stack,
     decoder: Stack,
     /// The untied `lm_head`, or `shared` scaled by `d_model^-0.5` (v1.0).
@@ -298,7 +300,7 @@ impl T5 {
         };
         Ok(T5 {
             info,
-            shared,
+            embedding: Embedding::new(shared, "t5"),
             encoder,
             decoder,
             head,
@@ -507,17 +509,10 @@ impl Seq2SeqLm for T5 {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         check_ids(ids, self.info.vocab_size)?;
-        let (b, s) = ids.dims2().map_err(|_| {
-            crate::Error::invalid(format!(
-                "t5 embed: expected ids [B, S], got {:?}",
-                ids.dims()
-            ))
-        })?;
-        let flat = ids.flatten_all()?;
-        Ok(self
-            .shared
-            .index_select(&flat, 0)?
-            .reshape((b, s, self.info.d_model))?)
+        if ids.rank() != 2 {
+            crate::bail!("t5 embed: expected ids [B, S], got {:?}", ids.dims());
+        }
+        self.embedding.forward(ids)
     }
 
     fn encode(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -3,12 +3,11 @@
 //! output, and the keys and values a prefill hands to the KV cache.
 
 use super::*;
+use crate::kernels::attention::ROW_BLOCK;
 use crate::kernels::Kernels;
 use crate::model::ops::{self, Activation};
 use crate::model::{attention_bias, KvCache};
 use candle_core::{DType, Device, Tensor, Var};
-
-const ROW_BLOCK: usize = 32;
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
