@@ -3,7 +3,7 @@
 //! its config and weights: the layers, the position scheme and the facts in [`ModelInfo`].
 
 use super::layers::{Attention, AttentionContext, Embedding, FeedForward, LmHead, Norm, Rotary};
-use super::{attention_bias, check_decoder_input, ops, CausalLm, KvCache, LogitsAt, ModelInfo};
+use super::{attention_bias, ops, CausalLm, KvCache, LogitsAt, ModelInfo};
 use crate::kernels::Kernels;
 use crate::Result;
 use candle_core::Tensor;
@@ -185,4 +185,42 @@ impl CausalLm for Decoder {
     fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
     }
+}
+
+/// Checks a decoder-only model's inputs and returns `(B, T, P)`: `embeds [B, T, D]` with
+/// `T > 0` and the model's width, a cache with one entry per layer (`P` cached positions),
+/// and a mask `[B, P + T]`. `arch` names the model in the errors.
+fn check_decoder_input(
+    arch: &str,
+    embeds: &Tensor,
+    mask: &Tensor,
+    cache: Option<&KvCache>,
+    d_model: usize,
+    n_layers: usize,
+) -> Result<(usize, usize, usize)> {
+    let (b, t, d) = embeds.dims3()?;
+    if d != d_model {
+        crate::bail!("{arch}: embeddings have width {d}, the model expects {d_model}");
+    }
+    if t == 0 {
+        crate::bail!("{arch}: empty input (no positions)");
+    }
+    let past = match cache {
+        Some(c) if c.layers.len() != n_layers => {
+            crate::bail!(
+                "{arch}: KV cache has {} layers, the model has {n_layers}",
+                c.layers.len()
+            )
+        }
+        Some(c) => c.seq_len(),
+        None => 0,
+    };
+    if mask.dims() != [b, past + t] {
+        crate::bail!(
+            "{arch}: attention mask has shape {:?}, expected [{b}, {}] ({past} cached + {t} new positions)",
+            mask.dims(),
+            past + t
+        );
+    }
+    Ok((b, t, past))
 }
