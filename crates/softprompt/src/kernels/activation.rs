@@ -1,8 +1,8 @@
 //! Element-wise activations, plain and gated, with their backward; the polynomial `exp`
 //! the softmax shares.
 
-use super::cpu::{check_len, data, f32_out, map_flat, operands, Result};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use super::cpu::{backward, check_len, data, f32_out, map_flat, operands, Result};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
 /// Element-wise activations with a fused backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,31 +119,11 @@ impl CustomOp1 for Unary {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dx = x.apply_op2_no_bwd(&dy.contiguous()?, &UnaryBwd { act: self.act })?;
+        // dx = g * act'(x)
+        let dx = backward("act backward", [x, dy], |[x, g]| {
+            zip_map("act backward", x, g, |x, g| g * self.act.f_df(x).1)
+        })?;
         Ok(Some(dx))
-    }
-}
-
-/// `dx = g * act'(x)`.
-struct UnaryBwd {
-    act: Act,
-}
-
-impl CustomOp2 for UnaryBwd {
-    fn name(&self) -> &'static str {
-        "fused-act-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let [x, g] = operands(self.name(), [(xs, xl), (gs, gl)])?;
-        let out = zip_map(self.name(), x, g, |x, g| g * self.act.f_df(x).1)?;
-        Ok(f32_out(out, xl))
     }
 }
 
@@ -175,55 +155,19 @@ impl CustomOp2 for Gated {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let grad = |wrt_a| {
-            let op = GatedBwd {
-                act: self.act,
-                wrt_a,
-            };
-            a.apply_op3_no_bwd(b, &dy, &op)
-        };
-        Ok((Some(grad(true)?), Some(grad(false)?)))
-    }
-}
-
-/// `da = g * b * act'(a)` or `db = g * act(a)`.
-struct GatedBwd {
-    act: Act,
-    wrt_a: bool,
-}
-
-impl CustomOp3 for GatedBwd {
-    fn name(&self) -> &'static str {
-        "fused-act-mul-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        as_: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let [a, b, g] = operands(name, [(as_, al), (bs, bl), (gs, gl)])?;
-        check_len(name, b.len(), a.len())?;
-        check_len(name, g.len(), a.len())?;
-        let out = map_flat(a.len(), |o, dx| {
-            let it = dx.iter_mut().zip(&a[o..]).zip(&b[o..]).zip(&g[o..]);
-            if self.wrt_a {
-                for (((dx, &a), &b), &g) in it {
-                    *dx = g * b * self.act.f_df(a).1;
-                }
-            } else {
-                for (((dx, &a), _), &g) in it {
-                    *dx = g * self.act.f(a);
-                }
-            }
+        // da = g * b * act'(a), db = g * act(a)
+        let act = self.act;
+        let da = backward("act-mul backward", [a, b, dy], |[a, b, g]| {
+            check_len("act-mul backward", g.len(), a.len())?;
+            zip_map("act-mul backward", a, b, |a, b| b * act.f_df(a).1).map(|mut da| {
+                da.iter_mut().zip(g).for_each(|(d, g)| *d *= g);
+                da
+            })
         })?;
-        Ok(f32_out(out, al))
+        let db = backward("act-mul backward", [a, dy], |[a, g]| {
+            zip_map("act-mul backward", a, g, |a, g| g * act.f(a))
+        })?;
+        Ok((Some(da), Some(db)))
     }
 }
 

@@ -64,6 +64,29 @@ impl<'a> ReadLock<'a> {
     }
 }
 
+/// A backward pass computed directly on the CPU data of `inputs` (f32 tensors; made
+/// contiguous): `f` gets their data and returns the gradient, shaped like `inputs[0]`.
+/// Nothing is recorded for autograd.
+pub(crate) fn backward<const N: usize>(
+    op: &str,
+    inputs: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
+    let owned = inputs
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let locks: Vec<ReadLock> = owned.iter().map(ReadLock::new).collect();
+    let mut data = [&[][..]; N];
+    for (d, lock) in data.iter_mut().zip(&locks) {
+        *d = lock.f32()?;
+    }
+    let like = &owned[0];
+    let out = f(data)?;
+    check_len(op, out.len(), like.elem_count())?;
+    Tensor::from_vec(out, like.shape(), like.device())
+}
+
 /// An output buffer that several tasks write at disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedOut {

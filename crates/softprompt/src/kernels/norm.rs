@@ -1,7 +1,9 @@
 //! RMSNorm and LayerNorm over the last dimension, differentiable with respect to the input
 //! only (the weights are frozen), and their row functions for the block kernels.
 
-use super::cpu::{check_len, f32_out, last_dim, operands, rows, ReadLock, Result, MIN_ROWS};
+use super::cpu::{
+    backward, check_len, f32_out, last_dim, operands, rows, ReadLock, Result, MIN_ROWS,
+};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -122,11 +124,10 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = NormBwd {
-            kind: NormKind::Rms,
-            eps: self.eps,
-        };
-        Ok((Some(x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?), None))
+        Ok((
+            Some(norm_backward(NormKind::Rms, self.eps, x, w, dy)?),
+            None,
+        ))
     }
 }
 
@@ -167,51 +168,24 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = NormBwd {
-            kind: NormKind::Layer,
-            eps: self.eps,
-        };
-        Ok((
-            Some(x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?),
-            None,
-            None,
-        ))
+        let dx = norm_backward(NormKind::Layer, self.eps, x, w, dy)?;
+        Ok((Some(dx), None, None))
     }
 }
 
-/// The input gradient of either norm: `(x, w, dy) -> dx`.
-struct NormBwd {
-    kind: NormKind,
-    eps: f32,
-}
-
-impl CustomOp3 for NormBwd {
-    fn name(&self) -> &'static str {
-        "fused-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let [x, w, g] = operands(name, [(xs, xl), (ws, wl), (gs, gl)])?;
-        let (n, d) = last_dim(xl)?;
-        check_len(name, g.len(), x.len())?;
-        let out = rows(n, d, |i, dx| {
+/// The input gradient of either norm, `(x, w, dy) -> dx`, row by row.
+fn norm_backward(kind: NormKind, eps: f32, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    backward("norm backward", [x, w, dy], |[x, w, g]| {
+        let d = w.len().max(1);
+        check_len("norm backward", g.len(), x.len())?;
+        rows(x.len() / d, d, |i, dx| {
             let (x, g) = (&x[i * d..(i + 1) * d], &g[i * d..(i + 1) * d]);
-            match self.kind {
-                NormKind::Rms => rms_norm_bwd_row(x, w, g, self.eps, dx),
-                NormKind::Layer => layer_norm_bwd_row(x, w, g, self.eps, dx),
+            match kind {
+                NormKind::Rms => rms_norm_bwd_row(x, w, g, eps, dx),
+                NormKind::Layer => layer_norm_bwd_row(x, w, g, eps, dx),
             }
-        })?;
-        Ok(f32_out(out, xl))
-    }
+        })
+    })
 }
 
 /// `rsqrt(mean(x^2) + eps)` of one row (sum in f64).

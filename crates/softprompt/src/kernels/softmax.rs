@@ -2,7 +2,7 @@
 //! functions the attention kernels share.
 
 use super::activation::exp;
-use super::cpu::{check_len, data, f32_out, last_dim, operands, rows, Result};
+use super::cpu::{backward, check_len, data, f32_out, last_dim, rows, Result};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// `softmax(x * scale + bias)` over the last dimension. `bias` broadcasts to `x`'s shape (the
@@ -97,7 +97,15 @@ impl CustomOp2 for Softmax {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        // dx = scale * y * (g - sum(g * y))
+        let k = y.dims().last().copied().unwrap_or(1).max(1);
+        let dx = backward("softmax backward", [y, dy], |[y, g]| {
+            check_len("softmax backward", g.len(), y.len())?;
+            rows(y.len() / k, k, |i, dx| {
+                dx.copy_from_slice(&g[i * k..(i + 1) * k]);
+                softmax_bwd_row(&y[i * k..(i + 1) * k], dx, self.scale);
+            })
+        })?;
         Ok((Some(dx), None))
     }
 }
@@ -123,33 +131,5 @@ pub(crate) fn softmax_bwd_row(y: &[f32], g: &mut [f32], scale: f32) {
         .sum::<f64>() as f32;
     for (g, &y) in g.iter_mut().zip(y) {
         *g = scale * y * (*g - dot);
-    }
-}
-
-/// `dx = scale * y * (g - sum(g * y))`.
-struct SoftmaxBwd {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "fused-softmax-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ys: &CpuStorage,
-        yl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let [y, g] = operands(self.name(), [(ys, yl), (gs, gl)])?;
-        let (n, k) = last_dim(yl)?;
-        check_len(self.name(), g.len(), y.len())?;
-        let out = rows(n, k, |i, dx| {
-            dx.copy_from_slice(&g[i * k..(i + 1) * k]);
-            softmax_bwd_row(&y[i * k..(i + 1) * k], dx, self.scale);
-        })?;
-        Ok(f32_out(out, yl))
     }
 }
