@@ -137,6 +137,7 @@ impl Gpt2 {
                     q: part(0)?,
                     k: part(1)?,
                     v: part(2)?,
+                    qkv: Some(qkv.clone()),
                     o: conv1d(w, &format!("{p}.attn.c_proj"), d, d)?,
                     heads: cfg.n_head,
                     kv_heads: cfg.n_head,

@@ -169,6 +169,7 @@ impl Llama {
                     q: proj("q_proj", [heads * hd, d])?,
                     k: proj("k_proj", [kv_heads * hd, d])?,
                     v: proj("v_proj", [kv_heads * hd, d])?,
+                    qkv: None,
                     o: Linear::new(
                         w.get(&format!("{p}.self_attn.o_proj.weight"), &[d, heads * hd])?,
                         None,

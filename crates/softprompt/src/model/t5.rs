@@ -212,6 +212,7 @@ impl T5 {
                 q: q("q")?,
                 k: q("k")?,
                 v: q("v")?,
+                qkv: None,
                 o: lin(format!("{p}.{kind}.o.weight"), [d, inner])?,
                 heads: cfg.num_heads,
                 kv_heads: cfg.num_heads,

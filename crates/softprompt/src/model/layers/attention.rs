@@ -42,6 +42,10 @@ pub struct Attention {
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
+    /// The same q, k, v stacked, `[(H + 2 H_kv) Dh, D]`, when the checkpoint stores them so
+    /// (GPT-2's `c_attn`; `q`, `k`, `v` are then views of it): the composite path runs one
+    /// product instead of three.
+    pub qkv: Option<Linear>,
     pub o: Linear,
     pub heads: usize,
     pub kv_heads: usize,
@@ -102,9 +106,25 @@ impl Attention {
     ) -> Result<Tensor> {
         let kernels = ctx.kernels;
         let h = self.norm.forward(kernels, x)?;
-        let q = split_heads(&self.q.forward(&h)?, self.heads)?; // [B, H, T, Dh]
-        let k = split_heads(&self.k.forward(&h)?, self.kv_heads)?; // [B, Hkv, T, Dh]
-        let v = split_heads(&self.v.forward(&h)?, self.kv_heads)?;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let y = qkv.forward(&h)?; // [B, T, (H + 2 H_kv) Dh]
+                let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                (
+                    y.narrow(2, 0, nq)?,
+                    y.narrow(2, nq, nkv)?,
+                    y.narrow(2, nq + nkv, nkv)?,
+                )
+            }
+            None => (
+                self.q.forward(&h)?,
+                self.k.forward(&h)?,
+                self.v.forward(&h)?,
+            ),
+        };
+        let q = split_heads(&q, self.heads)?; // [B, H, T, Dh]
+        let k = split_heads(&k, self.kv_heads)?; // [B, Hkv, T, Dh]
+        let v = split_heads(&v, self.kv_heads)?;
         let (q, k) = match ctx.rotary {
             Some(r) => (r.apply(kernels, &q)?, r.apply(kernels, &k)?),
             None => (q, k),

@@ -85,12 +85,34 @@ fn attention(
         q: lin(h * dh, d, seed + 2, biased),
         k: lin(hkv * dh, d, seed + 4, biased),
         v: lin(hkv * dh, d, seed + 6, biased),
+        qkv: None,
         o: lin(d, h * dh, seed + 8, o_bias),
         heads: h,
         kv_heads: hkv,
         head_dim: dh,
         scale,
     }
+}
+
+/// `attn` with its q, k, v stacked into `qkv` and replaced by views of it.
+fn stacked(mut attn: Attention) -> Attention {
+    let parts = [&attn.q, &attn.k, &attn.v];
+    let w = Tensor::cat(&parts.map(|p| &p.w), 0).unwrap();
+    let b = Tensor::cat(&parts.map(|p| p.b.as_ref().unwrap()), 0).unwrap();
+    let sizes = parts.map(|p| p.w.dim(0).unwrap());
+    let mut start = 0;
+    for (p, n) in [&mut attn.q, &mut attn.k, &mut attn.v]
+        .into_iter()
+        .zip(sizes)
+    {
+        *p = Linear::new(
+            w.narrow(0, start, n).unwrap(),
+            Some(b.narrow(0, start, n).unwrap()),
+        );
+        start += n;
+    }
+    attn.qkv = Some(Linear::new(w, Some(b)));
+    attn
 }
 
 /// A padded batch mask `[B, T]`: row `i` has its last `i` positions padded.
@@ -162,9 +184,16 @@ fn attention_block_matches_composite() {
             &ctx(&causal, Some(&r)),
         );
     }
-    // GPT-2-style: LayerNorm, biases everywhere, no rotary.
+    // GPT-2-style: LayerNorm, biases everywhere, no rotary; q, k, v also stacked in one
+    // projection (the composite path's single product) with q, k, v as views of it.
     let attn = attention(d, (3, 3, 8), 20, true, true, "layer", 0.3);
     check_attn("gpt2-style", &x, &attn, &ctx(&causal, None));
+    check_attn(
+        "gpt2-style, stacked qkv",
+        &x,
+        &stacked(attn),
+        &ctx(&causal, None),
+    );
     // T5-style: a bias per head and row `[B, H, T, T]` (position bias plus padding), and one
     // shared by the batch `[1, H, T, T]`; no scaling, inner width != D.
     let (h, dh) = (4, 5);
