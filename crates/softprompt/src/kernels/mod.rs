@@ -19,6 +19,7 @@
 
 pub(crate) mod activation;
 pub(crate) mod attention;
+mod attention_backward;
 mod attention_rows;
 pub(crate) mod cpu;
 pub(crate) mod feed_forward;
