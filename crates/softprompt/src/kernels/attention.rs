@@ -340,7 +340,7 @@ impl AttentionOp {
     /// The output (`[B*T, D]`, or `[M, D]` at rows) and the activations of `x [B*T, D]`.
     pub(super) fn forward(&self, x: &[f32]) -> Result<(Vec<f32>, Activations)> {
         let ops = self.lock();
-        let n = ops.norm.data()?.forward_rows(x, self.dims.d)?; // [R, D]
+        let n = ops.norm.forward_rows(x, self.dims.d)?; // [R, D]
         match &self.rows {
             Some(rows) => self.forward_rows(x, n, rows, &ops),
             None => self.forward_all(x, n, &ops),
@@ -353,21 +353,16 @@ impl AttentionOp {
             b, t, d, hkv, dh, ..
         } = self.dims;
         let r = b * t;
-        let k = to_heads(
-            &project(n, r, d, &ops.k.data()?)?,
-            (b, t, hkv, dh),
-            ops.rope()?,
-        );
-        let v = to_heads(&project(n, r, d, &ops.v.data()?)?, (b, t, hkv, dh), None);
+        let k = to_heads(&project(n, r, d, &ops.k)?, (b, t, hkv, dh), ops.rope()?);
+        let v = to_heads(&project(n, r, d, &ops.v)?, (b, t, hkv, dh), None);
         Ok((k, v))
     }
 
     /// `y = x (+ b_o) + merged @ Wo^T` for `x`, `y [M, D]`, `merged [M, H*Dh]`.
     pub(super) fn output(&self, x: &[f32], merged: &[f32], ops: &Operands) -> Result<Vec<f32>> {
         let Dims { d, h, dh, .. } = self.dims;
-        let o = ops.o.data()?;
-        let mut y = residual(x, d, o.b);
-        add_product_t(&mut y, merged, o.w, true, (x.len() / d, d, h * dh))?;
+        let mut y = residual(x, d, ops.o.b()?);
+        add_product_t(&mut y, merged, ops.o.w()?, true, (x.len() / d, d, h * dh))?;
         Ok(y)
     }
 
@@ -387,8 +382,8 @@ impl AttentionOp {
             rotate_rows(dk, (nkv, dh), rope, true, |i| i % t);
         }
         let mut dn = vec![0f32; r * d];
-        input_grad(&mut dn, false, dk, ops.k.data()?.w, (r, nkv, d))?;
-        input_grad(&mut dn, true, dv, ops.v.data()?.w, (r, nkv, d))?;
+        input_grad(&mut dn, false, dk, ops.k.w()?, (r, nkv, d))?;
+        input_grad(&mut dn, true, dv, ops.v.w()?, (r, nkv, d))?;
         Ok(dn)
     }
 
@@ -401,11 +396,7 @@ impl AttentionOp {
         let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, nq, group) = (b * t, h * dh, h / hkv);
         let bias = ops.bias.f32()?;
-        let q = to_heads(
-            &project(&n, r, d, &ops.q.data()?)?,
-            (b, t, h, dh),
-            ops.rope()?,
-        ); // [B,H,T,Dh]
+        let q = to_heads(&project(&n, r, d, &ops.q)?, (b, t, h, dh), ops.rope()?); // [B,H,T,Dh]
         let (k, v) = self.keys_values(&n, ops)?; // [B,Hkv,T,Dh]
         drop(n);
 

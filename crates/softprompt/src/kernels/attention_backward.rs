@@ -23,7 +23,7 @@ impl AttentionOp {
         let (r, nq, nkv, group) = (b * t, h * dh, hkv * dh, h / hkv);
 
         let mut dm = vec![0f32; r * nq]; // d merged = dy @ Wo   [R, H*Dh]
-        input_grad(&mut dm, false, dyd, ops.o.data()?.w, (r, d, nq))?;
+        input_grad(&mut dm, false, dyd, ops.o.w()?, (r, d, nq))?;
         let mut grads = QkvGrads::zeros(r, r, nq, nkv);
         let [oq, ok, ov] = grads.shared();
         (0..b * hkv)
@@ -101,7 +101,7 @@ impl AttentionOp {
         }
         // d norm = dk @ Wk + dv @ Wv + dq @ Wq   [R, D]
         let mut dn = self.kv_input_grad(&mut dk, &dv, ops)?;
-        input_grad(&mut dn, true, &dq, ops.q.data()?.w, (r, nq, d))?;
-        Ok(ops.norm.data()?.backward_rows_add(xd, &dn, dyd, d))
+        input_grad(&mut dn, true, &dq, ops.q.w()?, (r, nq, d))?;
+        ops.norm.backward_rows_add(xd, &dn, dyd, d)
     }
 }

@@ -24,7 +24,7 @@ impl AttentionOp {
         let (m, nq, group) = (rows.len(), h * dh, h / hkv);
         let bias = ops.bias.f32()?;
         let (k, v) = self.keys_values(&n, ops)?; // [B, Hkv, T, Dh]
-        let mut q = project(&gather(&n, rows, d), m, d, &ops.q.data()?)?; // [M, H*Dh]
+        let mut q = project(&gather(&n, rows, d), m, d, &ops.q)?; // [M, H*Dh]
         drop(n);
         if let Some(rope) = ops.rope()? {
             rotate_rows(&mut q, (nq, dh), rope, false, |i| rows[i] % t);
@@ -71,7 +71,7 @@ impl AttentionOp {
         let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, m, nq, nkv, group) = (b * t, rows.len(), h * dh, hkv * dh, h / hkv);
         let mut dm = vec![0f32; m * nq]; // d merged = dy @ Wo   [M, H*Dh]
-        input_grad(&mut dm, false, dyd, ops.o.data()?.w, (m, d, nq))?;
+        input_grad(&mut dm, false, dyd, ops.o.w()?, (m, d, nq))?;
         let mut by_batch = vec![Vec::new(); b];
         for (i, &row) in rows.iter().enumerate() {
             by_batch[row / t].push(i);
@@ -115,7 +115,7 @@ impl AttentionOp {
         // d norm = dk @ Wk + dv @ Wv at every position, + dq @ Wq at the rows   [B*T, D]
         let mut dn = self.kv_input_grad(&mut dk, &dv, ops)?;
         let mut dnq = vec![0f32; m * d];
-        input_grad(&mut dnq, false, &dq, ops.q.data()?.w, (m, nq, d))?;
+        input_grad(&mut dnq, false, &dq, ops.q.w()?, (m, nq, d))?;
         let mut dy_all = vec![0f32; r * d];
         for (i, &row) in rows.iter().enumerate() {
             let (src, dst) = (i * d..(i + 1) * d, row * d..(row + 1) * d);
@@ -128,6 +128,6 @@ impl AttentionOp {
                 .zip(&dyd[src])
                 .for_each(|(a, b)| *a += b);
         }
-        Ok(ops.norm.data()?.backward_rows_add(xd, &dn, &dy_all, d))
+        ops.norm.backward_rows_add(xd, &dn, &dy_all, d)
     }
 }

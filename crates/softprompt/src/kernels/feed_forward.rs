@@ -177,25 +177,24 @@ impl CustomOp1 for FeedForwardOp {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = data(xs, xl, "feed-forward block")?;
         let (r, d, f, act) = (self.rows, self.d, self.f, self.args.act);
-        let n = self.args.norm.lock().data()?.forward_rows(x, d)?; // [R, D]
+        let n = self.args.norm.lock().forward_rows(x, d)?; // [R, D]
         let (s, saved) = match &self.args.inner {
             FfnInner::Gated { gate, up } => {
-                let g = project(&n, r, d, &gate.lock().data()?)?; // [R, F]
-                let u = project(&n, r, d, &up.lock().data()?)?;
+                let g = project(&n, r, d, &gate.lock())?; // [R, F]
+                let u = project(&n, r, d, &up.lock())?;
                 let s = with_act!(act, act_fwd(&g, Some(&u)));
                 (s, FfnSaved::Gated(g, u))
             }
             FfnInner::Plain(w) => {
-                let a = project(&n, r, d, &w.lock().data()?)?; // [R, F]
+                let a = project(&n, r, d, &w.lock())?; // [R, F]
                 let s = with_act!(act, act_fwd(&a, None));
                 (s, FfnSaved::Plain(a))
             }
         };
         drop(n);
-        let down_lock = self.args.down.lock();
-        let down = down_lock.data()?;
-        let mut y = residual(x, d, down.b);
-        add_product_t(&mut y, &s, down.w, true, (r, d, f))?;
+        let down = self.args.down.lock();
+        let mut y = residual(x, d, down.b()?);
+        add_product_t(&mut y, &s, down.w()?, true, (r, d, f))?;
         if self.keep {
             *self.saved.lock().map_err(|_| poisoned())? = Some(saved);
         }
@@ -212,34 +211,23 @@ impl CustomOp1 for FeedForwardOp {
         let (x_lock, dy_lock) = (ReadLock::new(x), ReadLock::new(&dy));
         let (xd, dyd) = (x_lock.f32()?, dy_lock.f32()?);
         let mut ds = vec![0f32; r * f]; // ds = dy @ Wd   [R, F]
-        input_grad(
-            &mut ds,
-            false,
-            dyd,
-            self.args.down.lock().data()?.w,
-            (r, d, f),
-        )?;
+        input_grad(&mut ds, false, dyd, self.args.down.lock().w()?, (r, d, f))?;
         let mut dn = vec![0f32; r * d];
         match (&self.args.inner, saved) {
             (FfnInner::Gated { gate, up }, FfnSaved::Gated(g, u)) => {
                 let du = with_act!(act, act_bwd(&mut ds, g, Some(u)))
                     .ok_or_else(|| candle_core::Error::Msg("gated backward without du".into()))?;
-                input_grad(&mut dn, false, &ds, gate.lock().data()?.w, (r, f, d))?;
-                input_grad(&mut dn, true, &du, up.lock().data()?.w, (r, f, d))?;
+                input_grad(&mut dn, false, &ds, gate.lock().w()?, (r, f, d))?;
+                input_grad(&mut dn, true, &du, up.lock().w()?, (r, f, d))?;
             }
             (FfnInner::Plain(w), FfnSaved::Plain(a)) => {
                 with_act!(act, act_bwd(&mut ds, a, None));
-                input_grad(&mut dn, false, &ds, w.lock().data()?.w, (r, f, d))?;
+                input_grad(&mut dn, false, &ds, w.lock().w()?, (r, f, d))?;
             }
             _ => candle_core::bail!("feed-forward block: saved activations of the wrong kind"),
         }
         drop(ds);
-        let dx = self
-            .args
-            .norm
-            .lock()
-            .data()?
-            .backward_rows_add(xd, &dn, dyd, d);
+        let dx = self.args.norm.lock().backward_rows_add(xd, &dn, dyd, d)?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

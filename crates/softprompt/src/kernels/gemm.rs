@@ -173,28 +173,26 @@ pub(crate) struct ProjLock<'a> {
 }
 
 impl ProjLock<'_> {
-    pub(crate) fn data(&self) -> Result<ProjData<'_>> {
-        Ok(ProjData {
-            w: self.w.f32()?,
-            b: self.b.as_ref().map(|b| b.f32()).transpose()?,
-        })
+    /// The weight's data `[N, K]`.
+    pub(crate) fn w(&self) -> Result<&[f32]> {
+        self.w.f32()
+    }
+
+    /// The bias's data `[N]`, when there is one.
+    pub(crate) fn b(&self) -> Result<Option<&[f32]>> {
+        self.b.as_ref().map(|b| b.f32()).transpose()
     }
 }
 
-/// Weight `[N, K]` and bias `[N]` data of a projection.
-pub(crate) struct ProjData<'a> {
-    pub w: &'a [f32],
-    pub b: Option<&'a [f32]>,
-}
-
 /// `x [R, K] @ w^T (+ b)` -> `[R, N]` for `w [N, K]`.
-pub(crate) fn project(x: &[f32], r: usize, k: usize, p: &ProjData) -> Result<Vec<f32>> {
-    let n = p.w.len() / k;
-    let mut y = match p.b {
+pub(crate) fn project(x: &[f32], r: usize, k: usize, p: &ProjLock) -> Result<Vec<f32>> {
+    let (w, b) = (p.w()?, p.b()?);
+    let n = w.len() / k;
+    let mut y = match b {
         Some(b) => b.repeat(r),
         None => vec![0f32; r * n],
     };
-    add_product_t(&mut y, x, p.w, p.b.is_some(), (r, n, k))?;
+    add_product_t(&mut y, x, w, b.is_some(), (r, n, k))?;
     Ok(y)
 }
 

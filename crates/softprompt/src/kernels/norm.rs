@@ -58,25 +58,6 @@ pub(crate) struct NormLock<'a> {
     b: Option<ReadLock<'a>>,
 }
 
-impl NormLock<'_> {
-    pub(crate) fn data(&self) -> Result<NormData<'_>> {
-        Ok(NormData {
-            kind: self.norm.kind,
-            w: self.w.f32()?,
-            b: self.b.as_ref().map(|b| b.f32()).transpose()?,
-            eps: self.norm.eps,
-        })
-    }
-}
-
-/// A norm's data as the block kernels read it: weight `[D]`, bias `[D]` (LayerNorm only).
-pub(crate) struct NormData<'a> {
-    pub kind: NormKind,
-    pub w: &'a [f32],
-    pub b: Option<&'a [f32]>,
-    pub eps: f32,
-}
-
 /// `x * rsqrt(mean(x^2) + eps) * w`; `x [.., D]`, `w [D]`.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?
@@ -255,17 +236,17 @@ fn layer_norm_bwd_row(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut [f32])
     }
 }
 
-impl NormData<'_> {
+impl NormLock<'_> {
     /// The norm of every row of `x [R, D]`.
     pub(crate) fn forward_rows(&self, x: &[f32], d: usize) -> Result<Vec<f32>> {
-        let b = self.bias()?;
+        let (kind, w, b, eps) = self.data()?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .with_min_len(MIN_ROWS)
-            .for_each(|(y, x)| match self.kind {
-                NormKind::Layer => layer_norm_row(x, self.w, b, self.eps, y),
-                NormKind::Rms => rms_norm_row(x, self.w, self.eps, y),
+            .for_each(|(y, x)| match kind {
+                NormKind::Layer => layer_norm_row(x, w, b, eps, y),
+                NormKind::Rms => rms_norm_row(x, w, eps, y),
             });
         Ok(y)
     }
@@ -278,26 +259,29 @@ impl NormData<'_> {
         dn: &[f32],
         dy: &[f32],
         d: usize,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>> {
+        let (kind, w, _, eps) = self.data()?;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(d)
             .zip(x.par_chunks(d).zip(dn.par_chunks(d)).zip(dy.par_chunks(d)))
             .with_min_len(MIN_ROWS)
             .for_each(|(dx, ((x, g), dy))| {
-                match self.kind {
-                    NormKind::Layer => layer_norm_bwd_row(x, self.w, g, self.eps, dx),
-                    NormKind::Rms => rms_norm_bwd_row(x, self.w, g, self.eps, dx),
+                match kind {
+                    NormKind::Layer => layer_norm_bwd_row(x, w, g, eps, dx),
+                    NormKind::Rms => rms_norm_bwd_row(x, w, g, eps, dx),
                 }
                 dx.iter_mut().zip(dy).for_each(|(dx, dy)| *dx += dy);
             });
-        dx
+        Ok(dx)
     }
 
-    fn bias(&self) -> Result<&[f32]> {
-        match (self.kind, self.b) {
-            (NormKind::Rms, _) => Ok(&[]),
-            (NormKind::Layer, Some(b)) => Ok(b),
+    /// Kind, weight `[D]`, bias `[D]` (empty for RMSNorm) and epsilon.
+    fn data(&self) -> Result<(NormKind, &[f32], &[f32], f32)> {
+        let b = match (self.norm.kind, &self.b) {
+            (NormKind::Rms, _) => &[][..],
+            (NormKind::Layer, Some(b)) => b.f32()?,
             (NormKind::Layer, None) => candle_core::bail!("layer norm without a bias"),
-        }
+        };
+        Ok((self.norm.kind, self.w.f32()?, b, self.norm.eps))
     }
 }
