@@ -44,10 +44,8 @@ fn sources(m: &Model) -> Vec<Vec<u32>> {
         vec![64, 65, 66, 67, 68, 69],
         vec![11],
     ];
-    if info.decoder_start_token_id.is_some() {
-        for r in &mut rows {
-            r.extend(info.eos_token_ids.first());
-        }
+    for r in &mut rows {
+        info.end_source(r);
     }
     rows
 }
@@ -183,9 +181,8 @@ fn ensemble_scores_equal_each_prompt_alone() {
         let prompts = Tensor::stack(&[&p0, &p1, &p2], 0).unwrap(); // [3, 5, 32]
         let srcs = sources(&m);
         let eos = info.eos_token_ids[0];
-        let seq2seq = info.decoder_start_token_id.is_some();
         let with_eos = |mut v: Vec<u32>| {
-            if seq2seq {
+            if info.is_encoder_decoder() {
                 v.push(eos);
             }
             v
