@@ -47,10 +47,8 @@ fn scores_in_order(
     if labels.is_empty() {
         crate::bail!("rank classification needs at least one label");
     }
-    if labels.iter().all(|l| l.len() == 1) {
-        if let Backbone::Causal(_) = backbone {
-            return single_token_scores(backbone, prompt, sources, labels, batch_size, device);
-        }
+    if labels.iter().all(|l| l.len() == 1) && !backbone.info().is_encoder_decoder() {
+        return single_token_scores(backbone, prompt, sources, labels, batch_size, device);
     }
     let n_prompt = match prompt {
         Some(p) => p.dim(p.rank() - 2)?,
