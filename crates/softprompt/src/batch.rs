@@ -235,3 +235,38 @@ pub fn per_example_sums(values: &Tensor, batch: &Batch) -> Result<Vec<f32>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_pad_left_or_right_with_their_masks() {
+        let rows = [vec![5u32, 6, 7], vec![8]];
+        let left = pad_ids(&rows, Side::Left, 0, 0, &Device::Cpu).unwrap();
+        assert_eq!(left.width, 3);
+        assert_eq!(left.ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![0, 0, 8]]);
+        assert_eq!(left.mask.to_vec2::<f32>().unwrap(), vec![vec![1., 1., 1.], vec![0., 0., 1.]]);
+        let right = pad_ids(&rows, Side::Right, 9, 4, &Device::Cpu).unwrap();
+        assert_eq!(right.ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7, 9], vec![8, 9, 9, 9]]);
+        assert_eq!(right.mask.to_vec2::<f32>().unwrap(), vec![vec![1., 1., 1., 0.], vec![1., 0., 0., 0.]]);
+    }
+
+    #[test]
+    fn embeddings_pad_with_zero_vectors() {
+        let a = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::full(2f32, (1, 3), &Device::Cpu).unwrap();
+        let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let rows = vec![vec![a.clone(), b.clone()], vec![b, empty]];
+        for side in [Side::Left, Side::Right] {
+            let p = pad_embeds(&rows, side, DType::F32).unwrap();
+            assert_eq!(p.lens, vec![3, 1]);
+            assert_eq!(p.embeds.dims(), &[2, 3, 3]);
+            let second: Vec<f32> = p.embeds.get(1).unwrap().sum(1).unwrap().to_vec1().unwrap(); // [L]
+            let mask = p.mask.to_vec2::<f32>().unwrap();
+            let expected = if side == Side::Left { [0., 0., 6.] } else { [6., 0., 0.] };
+            assert_eq!(second, expected);
+            assert_eq!(mask[1], expected.map(|x| if x > 0. { 1. } else { 0. }));
+        }
+    }
+}

@@ -252,3 +252,108 @@ impl Picker {
         pick
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(max_new_tokens: usize) -> DecodeParams {
+        DecodeParams::greedy(max_new_tokens)
+    }
+
+    /// A row of logits `[V = 8]` peaked at `tok`.
+    fn peak(tok: usize, height: f32) -> Vec<f32> {
+        (0..8).map(|i| if i == tok { height } else { 0.0 }).collect()
+    }
+
+    fn never(_: usize) -> bool {
+        false
+    }
+
+    #[test]
+    fn greedy_stops_at_a_stop_id_or_the_length() {
+        let mut d = Decoder::new([params(3), params(2)], vec![7], None).unwrap();
+        let chosen = d.step(&[peak(7, 5.0), peak(3, 5.0)], &[0, 1], &never).unwrap();
+        assert_eq!(chosen, vec![Some(7), Some(3)]);
+        assert_eq!(d.sequences[0].finish, Some(Finish::Eos));
+        assert_eq!(d.sequences[1].finish, None);
+        // A finished sequence gets no token, even when its row is still in the batch.
+        let chosen = d.step(&[peak(1, 5.0), peak(4, 5.0)], &[0, 1], &never).unwrap();
+        assert_eq!(chosen, vec![None, Some(4)]);
+        assert_eq!(d.sequences[1].finish, Some(Finish::Length));
+        assert!(d.all_finished());
+        assert_eq!(d.sequences[0].tokens, vec![7]);
+        assert_eq!(d.sequences[1].tokens, vec![3, 4]);
+        // Log-probability of the chosen token under `softmax(row)`.
+        let row = peak(3, 5.0);
+        let lse = (5f64.exp() + 7.0).ln();
+        assert!((d.sequences[1].logprobs[0] as f64 - (row[3] as f64 - lse)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn no_tokens_asked_is_finished_at_once() {
+        let d = Decoder::new([params(0)], vec![], None).unwrap();
+        assert!(d.all_finished());
+        assert_eq!(d.sequences[0].finish, Some(Finish::Length));
+    }
+
+    #[test]
+    fn an_ensemble_votes_by_mean_log_probability() {
+        // Row 0 prefers 1 a little, row 1 prefers 2 strongly: the mean picks 2.
+        let mut a = peak(1, 1.0);
+        a[2] = 0.9;
+        let b = peak(2, 6.0);
+        let mut d = Decoder::new([params(4)], vec![], None).unwrap();
+        let chosen = d.step(&[a.clone(), b.clone()], &[0, 0], &never).unwrap();
+        assert_eq!(chosen, vec![Some(2)]);
+        let mean = (log_softmax(&a)[2] + log_softmax(&b)[2]) / 2.0;
+        assert!((d.sequences[0].logprobs[0] - mean).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cancellation_comes_after_the_other_rules() {
+        let mut d = Decoder::new([params(1), params(5)], vec![], None).unwrap();
+        d.step(&[peak(1, 1.0), peak(1, 1.0)], &[0, 1], &|_| true).unwrap();
+        assert_eq!(d.sequences[0].finish, Some(Finish::Length));
+        assert_eq!(d.sequences[1].finish, Some(Finish::Cancelled));
+    }
+
+    #[test]
+    fn a_stop_string_cuts_the_text_before_it() {
+        let json = crate::tokenizer::word_level_json(&[(0, "<eos>")], 8);
+        let inner: tokenizers::Tokenizer = json.parse().unwrap();
+        let tok = Tokenizer::new(inner, false, None, Some(0));
+        let p = DecodeParams { stop: vec![String::new(), "w4".into()], ..params(10) };
+        assert!(Decoder::new([p.clone()], vec![0], None).is_err(), "stop strings need a tokenizer");
+        let mut d = Decoder::new([p], vec![0], Some(&tok)).unwrap();
+        for t in [3, 5, 4, 6] {
+            if d.all_finished() {
+                break;
+            }
+            d.step(&[peak(t, 9.0)], &[0], &never).unwrap();
+        }
+        let seq = &d.sequences[0];
+        assert_eq!(seq.finish, Some(Finish::Stop));
+        assert_eq!(seq.tokens, vec![3, 5, 4]);
+        let full = tok.decode(&seq.tokens).unwrap();
+        let text = seq.text(&tok).unwrap();
+        assert_eq!(text, full[..full.find("w4").unwrap()]);
+    }
+
+    #[test]
+    fn sampling_is_reproducible_with_a_seed_and_follows_the_temperature() {
+        let row: Vec<f32> = (0..8).map(|i| i as f32 * 0.3).collect();
+        let draw = |seed: u64, temperature: f32| {
+            let p = DecodeParams { temperature, seed: Some(seed), ..params(64) };
+            let mut d = Decoder::new([p], vec![], None).unwrap();
+            for _ in 0..64 {
+                d.step(std::slice::from_ref(&row), &[0], &never).unwrap();
+            }
+            d.sequences.remove(0).tokens
+        };
+        assert_eq!(draw(11, 1.0), draw(11, 1.0));
+        assert!(draw(11, 1.0).iter().collect::<std::collections::HashSet<_>>().len() > 1);
+        // A very low temperature is argmax.
+        assert!(draw(12, 1e-4).iter().all(|&t| t == 7));
+    }
+}
