@@ -224,7 +224,7 @@ fn ensemble_scores_equal_each_prompt_alone() {
             // Small batches (whole groups of one input's rows) give the same numbers for T5
             // (right padding moves no position); decoder-only rows depend on their left
             // padding, which depends on the batch.
-            if seq2seq {
+            if info.is_encoder_decoder() {
                 let small = ensemble_label_log_likelihoods(
                     &m.backbone,
                     &prompts,
