@@ -57,7 +57,8 @@ impl Finish {
 pub struct Sequence {
     /// New tokens, the stop id included when one ended it.
     pub tokens: Vec<u32>,
-    /// Log-probability of each chosen token (mean over the sequence's rows).
+    /// Log-probability of each chosen token (mean over the sequence's rows); empty with
+    /// [`Decoder::without_logprobs`].
     pub logprobs: Vec<f32>,
     /// `None` while it runs.
     pub finish: Option<Finish>,
@@ -100,6 +101,8 @@ pub struct Decoder<'t> {
     stop_ids: Vec<u32>,
     /// Decodes the tokens for stop strings.
     tokenizer: Option<&'t Tokenizer>,
+    /// Whether [`Sequence::logprobs`] is filled (a pass over the vocabulary per row and step).
+    logprobs: bool,
 }
 
 impl<'t> Decoder<'t> {
@@ -114,7 +117,13 @@ impl<'t> Decoder<'t> {
         if tokenizer.is_none() && sequences.iter().any(|s| !s.params.stop.is_empty()) {
             crate::bail!("stop strings need a tokenizer to decode the generated tokens");
         }
-        Ok(Decoder { sequences, stop_ids, tokenizer })
+        Ok(Decoder { sequences, stop_ids, tokenizer, logprobs: true })
+    }
+
+    /// Leaves [`Sequence::logprobs`] empty, for callers that only want the tokens.
+    pub fn without_logprobs(mut self) -> Self {
+        self.logprobs = false;
+        self
     }
 
     pub fn all_finished(&self) -> bool {
@@ -144,10 +153,10 @@ impl<'t> Decoder<'t> {
             };
             if seq.finish.is_none() {
                 let rows: Vec<&[f32]> = logits[r..end].iter().map(Vec::as_slice).collect();
-                let (tok, lp) = choose(&rows, &mut seq.picker);
+                let (tok, lp) = choose(&rows, &mut seq.picker, self.logprobs);
                 chosen[i] = Some(tok);
                 seq.tokens.push(tok);
-                seq.logprobs.push(lp);
+                seq.logprobs.extend(lp);
                 seq.finish = stop_rule(seq, &self.stop_ids, self.tokenizer)?;
                 if seq.finish.is_none() && cancelled(i) {
                     seq.finish = Some(Finish::Cancelled);
@@ -192,15 +201,16 @@ fn log_softmax(row: &[f32]) -> Vec<f32> {
 }
 
 /// Picks the next token from a sequence's rows of logits `[V]` (one per prompt; several vote
-/// by their mean log-probability) and returns it with its (mean) log-probability.
-fn choose(rows: &[&[f32]], picker: &mut Picker) -> (u32, f32) {
+/// by their mean log-probability) and returns it with its (mean) log-probability when
+/// `logprob`.
+fn choose(rows: &[&[f32]], picker: &mut Picker, logprob: bool) -> (u32, Option<f32>) {
     let Some(first) = rows.first() else {
-        return (0, f32::NEG_INFINITY);
+        return (0, None);
     };
     if rows.len() == 1 {
-        // One row: only the chosen token's log-probability is needed.
+        // One row: the logits choose; only the chosen token's log-probability is needed.
         let tok = picker.pick(first);
-        let lp = first.get(tok).map_or(f32::NEG_INFINITY, |&x| (x as f64 - log_sum_exp(first)) as f32);
+        let lp = first.get(tok).filter(|_| logprob).map(|&x| (x as f64 - log_sum_exp(first)) as f32);
         return (tok as u32, lp);
     }
     let mut mean = vec![0f32; first.len()];
@@ -210,7 +220,7 @@ fn choose(rows: &[&[f32]], picker: &mut Picker) -> (u32, f32) {
         }
     }
     let tok = picker.pick(&mean);
-    (tok as u32, mean.get(tok).copied().unwrap_or(f32::NEG_INFINITY))
+    (tok as u32, mean.get(tok).copied())
 }
 
 /// How a sequence picks its next token from scores `[V]`.
@@ -283,11 +293,19 @@ mod tests {
         assert_eq!(d.sequences[1].finish, Some(Finish::Length));
         assert!(d.all_finished());
         assert_eq!(d.sequences[0].tokens, vec![7]);
+        assert_eq!(d.sequences[0].logprobs.len(), 1);
         assert_eq!(d.sequences[1].tokens, vec![3, 4]);
         // Log-probability of the chosen token under `softmax(row)`.
         let row = peak(3, 5.0);
         let lse = (5f64.exp() + 7.0).ln();
         assert!((d.sequences[1].logprobs[0] as f64 - (row[3] as f64 - lse)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn log_probabilities_can_be_left_out() {
+        let mut d = Decoder::new([params(1)], vec![], None).unwrap().without_logprobs();
+        assert_eq!(d.step(&[peak(5, 1.0)], &[0], &never).unwrap(), vec![Some(5)]);
+        assert!(d.sequences[0].logprobs.is_empty());
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn greedy(
     }
     let stop_ids = if opts.stop_at_eos { info.eos_token_ids.clone() } else { Vec::new() };
     let params = std::iter::repeat_n(DecodeParams::greedy(opts.max_new_tokens), b);
-    let mut decoder = Decoder::new(params, stop_ids, None)?;
+    let mut decoder = Decoder::new(params, stop_ids, None)?.without_logprobs();
     let mut step_logits = Vec::new();
     if !decoder.all_finished() {
         let (mut state, logits) = DecodeState::start(backbone, &embeds, mask)?;
