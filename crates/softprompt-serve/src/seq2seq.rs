@@ -16,7 +16,7 @@
 //! The inputs are the library's: encoder inputs end with EOS (the HTTP layer appends it) and
 //! label targets end with EOS (`ClassificationTask::label_targets`).
 
-use crate::engine::{ClsItem, ClsOutput, GenItem, GenOutput, Generation};
+use crate::engine::{ClsItem, ClsOutput, GenItem, GenOutput, GenerationBatch};
 use candle_core::{Device, Tensor};
 use softprompt::batch::{collate, pad_embeds, pad_ids, per_example_sums, Example, PaddedEmbeds, Side};
 use softprompt::decode::DecodeState;
@@ -55,13 +55,9 @@ fn encoder_input(m: &dyn Seq2SeqLm, rows: &[(&Tensor, &[u32])], device: &Device)
 /// requests leave the batch at once.
 pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> bool) -> Result<Vec<GenOutput>> {
     let m = seq2seq(model)?;
-    let generation = Generation::new(model, items)?;
-    let rows: Vec<(&Tensor, &[u32])> = generation
-        .owners
-        .iter()
-        .zip(&generation.prompts)
-        .map(|(&i, &j)| (&items[i].prompts[j], items[i].source.as_slice()))
-        .collect();
+    let generation = GenerationBatch::new(model, items)?;
+    let rows: Vec<(&Tensor, &[u32])> =
+        generation.rows().map(|(i, j)| (&items[i].prompts[j], items[i].source.as_slice())).collect();
     let state = if rows.is_empty() {
         None
     } else {

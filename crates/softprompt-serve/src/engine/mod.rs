@@ -138,16 +138,16 @@ pub fn causal(model: &Model) -> Result<&dyn CausalLm> {
 
 /// A batch of generation requests: their decoding state and rows, one row per (running
 /// request, prompt), a request's rows adjacent.
-pub(crate) struct Generation<'a> {
-    pub decoder: Decoder<'a>,
-    pub tokenizer: &'a Tokenizer,
+pub(crate) struct GenerationBatch<'a> {
+    decoder: Decoder<'a>,
+    tokenizer: &'a Tokenizer,
     /// Per row: the request.
-    pub owners: Vec<usize>,
+    owners: Vec<usize>,
     /// Per row: the request's prompt.
-    pub prompts: Vec<usize>,
+    prompts: Vec<usize>,
 }
 
-impl<'a> Generation<'a> {
+impl<'a> GenerationBatch<'a> {
     pub(crate) fn new(model: &'a Model, items: &[GenItem]) -> Result<Self> {
         let tokenizer = model.tokenizer()?;
         let eos = model.backbone.info().eos_token_ids.clone();
@@ -160,7 +160,12 @@ impl<'a> Generation<'a> {
             owners.extend(std::iter::repeat_n(i, it.prompts.len()));
             prompts.extend(0..it.prompts.len());
         }
-        Ok(Generation { decoder, tokenizer, owners, prompts })
+        Ok(GenerationBatch { decoder, tokenizer, owners, prompts })
+    }
+
+    /// Per row: (request, prompt of the request).
+    pub(crate) fn rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.owners.iter().copied().zip(self.prompts.iter().copied())
     }
 
     /// Decodes from the first logits `[R, V]` of the rows until every request is finished
@@ -185,12 +190,10 @@ pub fn generate(
     cancelled: &dyn Fn(usize) -> bool,
 ) -> Result<Vec<GenOutput>> {
     let m = causal(model)?;
-    let generation = Generation::new(model, items)?;
+    let generation = GenerationBatch::new(model, items)?;
     let rows: Vec<RowSpec> = generation
-        .owners
-        .iter()
-        .zip(&generation.prompts)
-        .map(|(&i, &j)| RowSpec { prompt: &items[i].prompts[j], kv: items[i].prompt_kv.get(j).map(Arc::as_ref), tokens: &items[i].source })
+        .rows()
+        .map(|(i, j)| RowSpec { prompt: &items[i].prompts[j], kv: items[i].prompt_kv.get(j).map(Arc::as_ref), tokens: &items[i].source })
         .collect();
     let state = if rows.is_empty() {
         None
