@@ -140,6 +140,9 @@ impl<'t> Decoder<'t> {
         owners: &[usize],
         cancelled: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<Option<u32>>> {
+        if logits.len() != owners.len() {
+            crate::bail!("decoding step: {} rows of logits for {} rows", logits.len(), owners.len());
+        }
         let mut chosen = vec![None; self.sequences.len()];
         let mut r = 0;
         while r < owners.len() {

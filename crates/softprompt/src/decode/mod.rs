@@ -127,6 +127,7 @@ pub fn run(
             return Ok(());
         }
         let running = |i: usize| decoder.sequences.get(i).is_some_and(|s| !s.is_finished());
+        let token = |i: usize| chosen.get(i).copied().flatten();
         let next: Vec<u32> = match finished {
             Finished::Leave => {
                 if owners.iter().any(|&i| !running(i)) {
@@ -134,10 +135,10 @@ pub fn run(
                     state.select_rows(&keep)?;
                     owners = keep.iter().map(|&r| owners[r as usize]).collect();
                 }
-                owners.iter().map(|&i| chosen[i].unwrap_or_default()).collect()
+                owners.iter().map(|&i| token(i).unwrap_or_default()).collect()
             }
             // A row finished at this step is fed its last token, then the pad id.
-            Finished::FeedPad(pad) => owners.iter().map(|&i| chosen[i].unwrap_or(pad)).collect(),
+            Finished::FeedPad(pad) => owners.iter().map(|&i| token(i).unwrap_or(pad)).collect(),
         };
         logits = state.next(&next)?;
     }
