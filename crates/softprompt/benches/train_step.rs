@@ -1,10 +1,11 @@
 //! Prompt-tuning step and greedy generation on CPU, random weights, four model shapes:
 //! t5-small, flan-t5-small, gpt2 (124M) and a SmolLM2-135M-shaped Llama. Each model runs in
 //! the chosen variants, alternating step by step so that drifting machine load hits all:
-//! `fused` (the default path: fused sub-blocks `model::frozen::attention_block` /
-//! `feed_forward_block`, fused kernels, frozen matmuls), `ops` (sub-blocks composed of single
-//! ops, with the fused kernels of `model::fused` and the frozen matmul) and `composite`
-//! (candle primitives only, frozen matmul included).
+//! `fused` (the default path, `Kernels::fast()`: fused sub-blocks, fused element-wise kernels,
+//! frozen matmuls), `ops` (`Kernels::fused_ops_only()`: sub-blocks composed of single ops,
+//! with the fused element-wise kernels and the frozen matmul) and `composite`
+//! (`Kernels::reference()`: candle primitives only, frozen matmul included). The variant is
+//! the model's kernel policy, set with `Backbone::set_kernels`.
 //!
 //! ```text
 //! cargo bench -p softprompt --bench train_step --profile dev
@@ -29,7 +30,7 @@
 //! weights and batches are built on the CPU and moved; a step's clock stops after
 //! `Device::synchronize`. bf16 runs the T5 models only: GPT-2 and Llama build their attention
 //! bias and rotary tables in f32, which candle will not add to bf16 activations. The fused
-//! kernels of `model::fused`/`model::frozen` are CPU f32 only, so on CUDA `ops` and `fused`
+//! kernels (`Kernels`) are CPU f32 only, so on CUDA `ops` and `fused`
 //! both run the single ops with the frozen matmul and `composite` the plain matmul. The memory
 //! column is then the high-water mark of the CUDA memory pool that candle allocates from
 //! (reset before each step) instead of the peak RSS, and the JSON lines gain `device` and
@@ -39,7 +40,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use softprompt::batch::{collate, Batch, Example};
 use softprompt::eval::generate::{greedy, GenerateOptions};
 use softprompt::load::Weights;
-use softprompt::model::{frozen, fused, gpt2, llama, t5, Backbone};
+use softprompt::model::{gpt2, llama, t5, Backbone, Kernels};
 use softprompt::objective::mean_loss;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -492,9 +493,13 @@ enum Variant {
 }
 
 impl Variant {
-    fn select(self) {
-        fused::set_enabled(!matches!(self, Variant::Composite));
-        frozen::set_blocks_enabled(matches!(self, Variant::Fused));
+    /// The model's kernel policy for this variant.
+    fn kernels(self) -> Kernels {
+        match self {
+            Variant::Composite => Kernels::reference(),
+            Variant::Ops => Kernels::fused_ops_only(),
+            Variant::Fused => Kernels::fast(),
+        }
     }
 
     fn name(self) -> &'static str {
@@ -709,7 +714,7 @@ fn main() -> softprompt::Result<()> {
     println!("|---|---|---:|---:|---:|---:|---:|");
     for name in names.split(',').map(str::trim) {
         let t0 = Instant::now();
-        let m = match name {
+        let mut m = match name {
             "smollm2" => smollm2(&target)?,
             "gpt2" => gpt2(&target)?,
             "t5-small" => t5(false, &target)?,
@@ -730,22 +735,21 @@ fn main() -> softprompt::Result<()> {
 
         let mut stats: Vec<Stats> = variants.iter().map(|_| Stats::default()).collect();
         for (v, st) in variants.iter().zip(stats.iter_mut()).filter(|_| with_train) {
-            v.select();
+            m.backbone.set_kernels(v.kernels());
             step(&m, &prompt, &batch, st, false, &target, &mem)?;
         }
         for _ in 0..if with_train { iters } else { 0 } {
             for (v, st) in variants.iter().zip(stats.iter_mut()) {
-                v.select();
+                m.backbone.set_kernels(v.kernels());
                 step(&m, &prompt, &batch, st, true, &target, &mem)?;
             }
         }
         if with_gen {
             for (v, st) in variants.iter().zip(stats.iter_mut()) {
-                v.select();
+                m.backbone.set_kernels(v.kernels());
                 st.gen_s = Some(generate(&m, &prompt, &ex, &target)?);
             }
         }
-        Variant::Fused.select();
         for (v, st) in variants.iter().zip(&stats) {
             let step_s = st.step_s / st.steps as f64;
             let tok_s = (BATCH * INPUT) as f64 / step_s;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod fsutil;
+pub(crate) mod kernels;
 pub mod load;
 pub mod model;
 pub mod objective;

@@ -1,8 +1,8 @@
 //! The prompt-tuning objective: -log P(Y | [P; X]) per target token.
 
 use crate::batch::Batch;
+use crate::model::ops::token_nll_with;
 use crate::model::{Backbone, LogitsAt};
-use crate::model::ops::token_nll;
 use crate::prompt::prepend;
 use crate::Result;
 use candle_core::Tensor;
@@ -29,7 +29,7 @@ pub fn target_nll(backbone: &Backbone, prompt: Option<&Tensor>, batch: &Batch) -
             m.decode(dec, &enc, &mask, None, at)?
         }
     }; // [M, V]
-    token_nll(&logits, &batch.label_ids)
+    token_nll_with(backbone.kernels(), &logits, &batch.label_ids)
 }
 
 /// Mean token cross-entropy over the whole batch (PEFT's loss).

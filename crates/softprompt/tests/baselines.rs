@@ -4,41 +4,15 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{fixture_dir, mean_nll};
+use common::{eos, fixture_dir, fixture_model as model, mean_nll, toy_data};
 use softprompt::batch::{collate, Example};
 use softprompt::load::{load_model, Model};
 use softprompt::objective::target_nll;
-use softprompt::prompt::init::Rng;
 use softprompt::prompt::{EncoderKind, PeftAdapter, PromptEncoder, PromptInit};
 use softprompt::train::optim::{AdamWConfig, OptimizerConfig};
 use softprompt::train::schedule::Schedule;
 use softprompt::train::{model_tuning, p_tuning, TrainConfig};
 use std::path::Path;
-
-fn model(name: &str) -> Model {
-    load_model(&fixture_dir(name), &Device::Cpu).unwrap_or_else(|e| panic!("load {name}: {e}"))
-}
-
-/// Source = filler + a class token, target = the class's answer token + EOS.
-fn toy_data(n: usize, seed: u64, eos: u32) -> Vec<Example> {
-    let mut rng = Rng::new(seed, 42);
-    (0..n)
-        .map(|_| {
-            let len = 1 + rng.below(4) as usize;
-            let mut source: Vec<u32> = (0..len).map(|_| 10 + rng.below(30) as u32).collect();
-            let class = rng.below(2) as usize;
-            source.push([60, 70][class]);
-            Example {
-                source,
-                target: vec![[100, 200][class], eos],
-            }
-        })
-        .collect()
-}
-
-fn eos(m: &Model) -> u32 {
-    m.backbone.info().eos_token_ids[0]
-}
 
 fn config(out: &Path, lr: f64, steps: usize) -> TrainConfig {
     let mut cfg = TrainConfig::paper(out);

@@ -1,13 +1,18 @@
 //! Llama-family decoder (Llama 2/3 without rope scaling, SmolLM, Mistral-style configs):
 //! RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP.
 //!
+//! A description only: it reads the config and the weights into a [`Decoder`].
+//!
 //! Weights use the Hugging Face names (`model.layers.{i}.self_attn.q_proj.weight`, ...);
 //! the GGUF loader renames GGUF tensors to these.
 
-use super::{attention_bias, ops, CausalLm, KvCache, LogitsAt, ModelInfo};
+use super::decoder::{Block, Decoder, Positions};
+use super::layers::{Attention, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm};
+use super::ops::Activation;
+use super::{Arch, ModelInfo};
+use crate::kernels::Kernels;
 use crate::load::Weights;
 use crate::{Error, Result};
-use candle_core::Tensor;
 use serde::Deserialize;
 
 /// The fields of a Hugging Face `config.json` that the forward pass needs.
@@ -105,39 +110,14 @@ impl Config {
     }
 }
 
-struct Layer {
-    input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    /// Qwen2-style q/k/v biases when the weights have them.
-    q_bias: Option<Tensor>,
-    k_bias: Option<Tensor>,
-    v_bias: Option<Tensor>,
-    o: Tensor,
-    post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-}
-
-pub struct Llama {
-    info: ModelInfo,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    /// `[V, D]`; the embedding table when tied.
-    lm_head: Tensor,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    eps: f64,
-    theta: f64,
-    interleaved: bool,
-}
+/// The Llama family description: builds a [`Decoder`].
+pub struct Llama;
 
 impl Llama {
-    pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Self> {
+    /// The model of `cfg` with the weights `w` (fast kernels). A family builds the one
+    /// decoder type, hence not `Self`.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
         let bad = |msg: String| Error::format(w.source(), msg);
         if let Some(kind) = cfg.unsupported_rope() {
             return Err(bad(format!(
@@ -161,29 +141,55 @@ impl Llama {
                 "bad attention shape: {heads} heads, {kv_heads} kv heads, head_dim {hd}"
             )));
         }
-        let (ff, v) = (cfg.intermediate_size, cfg.vocab_size);
+        let (ff, v, eps) = (cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps);
         let embed = w.get("model.embed_tokens.weight", &[v, d])?;
-        let mut layers = Vec::new(); // not with_capacity: the count comes from the file
+        let mut blocks = Vec::new(); // not with_capacity: the count comes from the file
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let attn = |n: &str, shape: &[usize]| w.get(&format!("{p}.self_attn.{n}"), shape);
-            let bias = |n: &str, len: usize| w.get_opt(&format!("{p}.self_attn.{n}.bias"), &[len]);
-            layers.push(Layer {
-                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[d])?,
-                q: attn("q_proj.weight", &[heads * hd, d])?,
-                k: attn("k_proj.weight", &[kv_heads * hd, d])?,
-                v: attn("v_proj.weight", &[kv_heads * hd, d])?,
-                q_bias: bias("q_proj", heads * hd)?,
-                k_bias: bias("k_proj", kv_heads * hd)?,
-                v_bias: bias("v_proj", kv_heads * hd)?,
-                o: attn("o_proj.weight", &[d, heads * hd])?,
-                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                gate: w.get(&format!("{p}.mlp.gate_proj.weight"), &[ff, d])?,
-                up: w.get(&format!("{p}.mlp.up_proj.weight"), &[ff, d])?,
-                down: w.get(&format!("{p}.mlp.down_proj.weight"), &[d, ff])?,
+            // Qwen2-style q/k/v biases when the weights have them.
+            let proj = |n: &str, shape: [usize; 2]| -> Result<Linear> {
+                let name = format!("{p}.self_attn.{n}");
+                Ok(Linear::new(
+                    w.get(&format!("{name}.weight"), &shape)?,
+                    w.get_opt(&format!("{name}.bias"), &shape[..1])?,
+                ))
+            };
+            let mlp = |n: &str, shape: [usize; 2]| -> Result<Linear> {
+                Ok(Linear::new(
+                    w.get(&format!("{p}.mlp.{n}.weight"), &shape)?,
+                    None,
+                ))
+            };
+            let norm = |n: &str| -> Result<Norm> {
+                Ok(Norm::rms(w.get(&format!("{p}.{n}.weight"), &[d])?, eps))
+            };
+            blocks.push(Block {
+                attention: Attention {
+                    norm: norm("input_layernorm")?,
+                    q: proj("q_proj", [heads * hd, d])?,
+                    k: proj("k_proj", [kv_heads * hd, d])?,
+                    v: proj("v_proj", [kv_heads * hd, d])?,
+                    qkv: None,
+                    o: Linear::new(
+                        w.get(&format!("{p}.self_attn.o_proj.weight"), &[d, heads * hd])?,
+                        None,
+                    ),
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                    scale: 1.0 / (hd as f64).sqrt(),
+                },
+                feed_forward: FeedForward {
+                    norm: norm("post_attention_layernorm")?,
+                    inner: FfnInner::Gated {
+                        gate: mlp("gate_proj", [ff, d])?,
+                        up: mlp("up_proj", [ff, d])?,
+                    },
+                    act: Activation::Silu,
+                    down: mlp("down_proj", [d, ff])?,
+                },
             });
         }
-        let norm = w.get("model.norm.weight", &[d])?;
         let lm_head = match cfg.tie_word_embeddings {
             Some(true) => embed.clone(),
             _ => w
@@ -191,7 +197,7 @@ impl Llama {
                 .unwrap_or_else(|| embed.clone()),
         };
         let info = ModelInfo {
-            arch: super::Arch::Llama,
+            arch: Arch::Llama,
             name,
             d_model: d,
             vocab_size: v,
@@ -207,216 +213,18 @@ impl Llama {
             pad_token_id: cfg.pad_token_id,
             decoder_start_token_id: None,
         };
-        Ok(Llama {
+        Ok(Decoder {
             info,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            heads,
-            kv_heads,
-            head_dim: hd,
-            eps: cfg.rms_norm_eps,
-            theta: cfg.rope_theta(),
-            interleaved: cfg.rope_interleaved,
+            embedding: Embedding::new(embed, "llama"),
+            positions: Positions::Rotary {
+                head_dim: hd,
+                theta: cfg.rope_theta(),
+                interleaved: cfg.rope_interleaved,
+            },
+            blocks,
+            final_norm: Norm::rms(w.get("model.norm.weight", &[d])?, eps),
+            head: LmHead::new(lm_head, None),
+            kernels: Kernels::fast(),
         })
-    }
-
-    /// One layer as [`ops::attention_block`] and [`ops::feed_forward_block`]: `x [B, T, D]`,
-    /// `bias [B, 1, T, T]`, rotary tables `[T, Dh/2]`. With `rows` (flattened positions
-    /// `[M]`), only those: `[1, M, D]` out. With `fill` (an empty KV cache and this layer's
-    /// index), also appends the layer's keys and values to the cache, through the fused
-    /// forward-only op ([`ops::attention_block_kv`]); `None` when that op does not apply (the
-    /// caller then runs the cache path of single ops). Without `fill`, always `Some`.
-    #[allow(clippy::too_many_arguments)]
-    fn block(
-        &self,
-        x: &Tensor,
-        layer: &Layer,
-        bias: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        scale: f64,
-        rows: Option<&Tensor>,
-        fill: Option<(&mut KvCache, usize)>,
-    ) -> Result<Option<Tensor>> {
-        fn lin<'a>(w: &'a Tensor, b: &'a Option<Tensor>) -> ops::Linear<'a> {
-            ops::Linear { w, b: b.as_ref() }
-        }
-        let norm = |w| ops::Norm::Rms { w, eps: self.eps };
-        let attn = ops::SelfAttention {
-            norm: norm(&layer.input_norm),
-            q: lin(&layer.q, &layer.q_bias),
-            k: lin(&layer.k, &layer.k_bias),
-            v: lin(&layer.v, &layer.v_bias),
-            o: lin(&layer.o, &None),
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            rope: Some(ops::Rotary {
-                cos,
-                sin,
-                interleaved: self.interleaved,
-            }),
-            bias,
-            scale,
-        };
-        let x = match (fill, rows) {
-            (Some((cache, i)), rows) => match ops::attention_block_kv(x, &attn, rows)? {
-                Some((y, k, v)) => {
-                    cache.append(i, k, v)?;
-                    y
-                }
-                None => return Ok(None),
-            },
-            (None, Some(rows)) => ops::attention_block_at(x, &attn, rows)?,
-            (None, None) => ops::attention_block(x, &attn)?,
-        };
-        let ffn = ops::FeedForward {
-            norm: norm(&layer.post_norm),
-            inner: ops::FfnIn::Gated {
-                gate: lin(&layer.gate, &None),
-                up: lin(&layer.up, &None),
-                act: ops::FfnAct::Silu,
-            },
-            down: lin(&layer.down, &None),
-        };
-        Ok(Some(ops::feed_forward_block(&x, &ffn)?))
-    }
-
-    /// Runs every block; returns the final-normed hidden states at the positions `at` picks
-    /// (see [`ops::select_positions`]). When `states` is given, pushes the `L + 1` hidden
-    /// states into it (pass `LogitsAt::All` then).
-    fn run(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
-        mut states: Option<&mut Vec<Tensor>>,
-        at: LogitsAt,
-    ) -> Result<Tensor> {
-        let (b, t, past) = super::check_decoder_input(
-            "llama",
-            embeds,
-            mask,
-            cache.as_deref(),
-            self.info.d_model,
-            self.layers.len(),
-        )?;
-        let device = embeds.device();
-        let bias = attention_bias(mask, t, true)?; // [B, 1, T, P+T]
-        let (cos, sin) = ops::rope_tables(self.head_dim, self.theta, past, t, device)?; // [T, Dh/2]
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-
-        let mut x = embeds.contiguous()?;
-        if let Some(s) = states.as_mut() {
-            s.push(x.clone());
-        }
-        let mut picked = false;
-        // An empty cache (a prefill) is filled by the fused sub-blocks where they apply.
-        let fresh = past == 0;
-        for (i, layer) in self.layers.iter().enumerate() {
-            if cache.is_none() || fresh {
-                // Each residual sub-block as one op, the last layer only at the positions `at`
-                // picks.
-                let rows = match i + 1 == self.layers.len() {
-                    true => ops::logit_rows(at, b, t, device)?,
-                    false => None,
-                };
-                let fill = cache.as_deref_mut().map(|c| (c, i));
-                let y = self.block(&x, layer, &bias, &cos, &sin, scale, rows.as_ref(), fill)?;
-                if let Some(y) = y {
-                    picked = rows.is_some();
-                    x = y;
-                    if let Some(s) = states.as_mut() {
-                        if i + 1 < self.layers.len() {
-                            s.push(x.clone());
-                        }
-                    }
-                    continue;
-                }
-            }
-            let h = ops::rms_norm(&x, &layer.input_norm, self.eps)?;
-            let q = ops::linear(&h, &layer.q, layer.q_bias.as_ref())?; // [B, T, H*Dh]
-            let k = ops::linear(&h, &layer.k, layer.k_bias.as_ref())?; // [B, T, Hkv*Dh]
-            let v = ops::linear(&h, &layer.v, layer.v_bias.as_ref())?;
-            let q = ops::split_heads(&q, self.heads)?; // [B, H, T, Dh]
-            let k = ops::split_heads(&k, self.kv_heads)?; // [B, Hkv, T, Dh]
-            let v = ops::split_heads(&v, self.kv_heads)?;
-            let q = ops::rope(&q, &cos, &sin, self.interleaved)?;
-            let k = ops::rope(&k, &cos, &sin, self.interleaved)?;
-            let (k, v) = match cache.as_mut() {
-                Some(c) => c.append(i, k, v)?, // [B, Hkv, P+T, Dh]
-                None => (k, v),
-            };
-            let a = ops::attention(&q, &k, &v, &bias, scale)?; // [B, H, T, Dh]
-            let a = ops::merge_heads(&a)?; // [B, T, H*Dh]
-            x = (x + ops::linear(&a, &layer.o, None)?)?;
-
-            let h = ops::rms_norm(&x, &layer.post_norm, self.eps)?;
-            let g = ops::linear(&h, &layer.gate, None)?; // [B, T, F]
-            let u = ops::linear(&h, &layer.up, None)?;
-            x = (x + ops::linear(&ops::silu_mul(&g, &u)?, &layer.down, None)?)?;
-            if let Some(s) = states.as_mut() {
-                if i + 1 < self.layers.len() {
-                    s.push(x.clone());
-                }
-            }
-        }
-        let out = ops::rms_norm(&x, &self.norm, self.eps)?;
-        if let Some(s) = states.as_mut() {
-            s.push(out.clone());
-        }
-        match picked {
-            true => Ok(out.squeeze(0)?), // [1, M, D] -> [M, D]
-            false => ops::select_positions(&out, at),
-        }
-    }
-}
-
-impl CausalLm for Llama {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let flat = ids.flatten_all()?;
-        let rows = self.embed.index_select(&flat, 0)?; // [B*T, D]
-        Ok(rows.reshape((b, t, self.info.d_model))?)
-    }
-
-    fn forward(
-        &self,
-        embeds: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut KvCache>,
-        at: LogitsAt,
-    ) -> Result<Tensor> {
-        let picked = self.run(embeds, mask, cache, None, at)?;
-        ops::linear(&picked, &self.lm_head, None)
-    }
-
-    fn hidden_states(&self, embeds: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
-        let mut states = Vec::with_capacity(self.layers.len() + 1);
-        self.run(embeds, mask, None, Some(&mut states), LogitsAt::All)?;
-        Ok(states)
-    }
-
-    fn shift_cache(&self, cache: &mut KvCache, by: usize) -> Result<bool> {
-        let p = cache.seq_len();
-        let device = match cache.layers.iter().flatten().next() {
-            Some((k, _)) if by > 0 && p > 0 => k.device().clone(),
-            _ => return Ok(true),
-        };
-        // One rotation by `by` at every cached position, in the model's pair layout.
-        let (cos, sin) = ops::rope_tables(self.head_dim, self.theta, by, 1, &device)?; // [1, Dh/2]
-        let half = self.head_dim / 2;
-        let cos = cos.broadcast_as((p, half))?.contiguous()?; // [P, Dh/2]
-        let sin = sin.broadcast_as((p, half))?.contiguous()?;
-        for (k, _) in cache.layers.iter_mut().flatten() {
-            *k = ops::rope(k, &cos, &sin, self.interleaved)?; // [B, Hkv, P, Dh]
-        }
-        Ok(true)
     }
 }

@@ -1,18 +1,24 @@
 //! Frozen backbones: token ids or embeddings in, logits out.
 //!
-//! Every architecture lives in one file and implements one of two small traits:
-//! [`CausalLm`] (decoder-only: Llama family, GPT-2) or [`Seq2SeqLm`] (T5). Both expose the
-//! input embedding table so a soft prompt can be prepended to `embed(ids)`.
+//! Two small traits: [`CausalLm`] (decoder-only) and [`Seq2SeqLm`] (T5). Both expose the input
+//! embedding table so a soft prompt can be prepended to `embed(ids)`. Decoder-only models are
+//! one [`decoder::Decoder`] (embeddings, blocks, final norm, LM head) built by a small
+//! per-family description ([`llama`], [`gpt2`]); T5 has its own file. All of them are made of
+//! the owned [`layers`] and run with the [`Kernels`] policy they own.
 //!
 //! Shapes: `B` batch, `T` new positions, `P` cached (past) positions, `D` d_model, `V` vocab,
 //! `H` heads, `Dh` head dim.
 
-pub mod frozen;
-pub mod fused;
+pub mod decoder;
 pub mod gpt2;
+mod kv_cache;
+pub mod layers;
 pub mod llama;
 pub mod ops;
 pub mod t5;
+
+pub use crate::kernels::Kernels;
+pub use kv_cache::KvCache;
 
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -24,6 +30,17 @@ pub enum Arch {
     Llama,
     Gpt2,
     T5,
+}
+
+impl Arch {
+    /// The lowercase name (`llama`, `gpt2`, `t5`), as in errors and serialised facts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gpt2 => "gpt2",
+            Arch::T5 => "t5",
+        }
+    }
 }
 
 /// Facts about a loaded model that the rest of the library needs.
@@ -64,7 +81,9 @@ impl ModelInfo {
     /// The id that fills padded positions: the pad token, else the first EOS, else 0. Padded
     /// positions are masked out, so any id works; these are the ones transformers would use.
     pub fn pad_id(&self) -> u32 {
-        self.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0)
+        self.pad_token_id
+            .or(self.eos_token_ids.first().copied())
+            .unwrap_or(0)
     }
 }
 
@@ -77,131 +96,6 @@ pub enum LogitsAt<'a> {
     Last,
     /// `[M, V]`: rows of the flattened `[B*T]` positions, given as a u32 tensor `[M]`.
     Rows(&'a Tensor),
-}
-
-/// Keys and values of past positions, one entry per layer, each `[B, H_kv, P, Dh]`.
-/// `cross` is used by encoder-decoder models for the (fixed) encoder keys/values.
-#[derive(Debug, Default)]
-pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
-    pub cross: Vec<Option<(Tensor, Tensor)>>,
-    /// Per layer, buffers `[B, H_kv, C, Dh]` with room for `C >= P` positions that the
-    /// entries of `layers` are views of, and how many positions were written into them (see
-    /// [`KvCache::append`]). Owned by this cache alone: a clone starts without them.
-    room: Vec<Option<(Tensor, Tensor, usize)>>,
-}
-
-impl Clone for KvCache {
-    fn clone(&self) -> Self {
-        KvCache {
-            layers: self.layers.clone(),
-            cross: self.cross.clone(),
-            room: Vec::new(),
-        }
-    }
-}
-
-/// Whether `view` is the first `P` positions (dim 2) of the buffer `buf`, sharing its storage.
-fn is_prefix_of(view: &Tensor, buf: &Tensor) -> bool {
-    let storage = |t: &Tensor| &*t.storage_and_layout().0 as *const candle_core::Storage;
-    let (vd, bd) = (view.dims(), buf.dims());
-    vd.len() == 4
-        && bd.len() == 4
-        && vd[..2] == bd[..2]
-        && vd[3] == bd[3]
-        && vd[2] <= bd[2]
-        && view.stride() == buf.stride()
-        && view.layout().start_offset() == buf.layout().start_offset()
-        && std::ptr::eq(storage(view), storage(buf))
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; n_layers],
-            cross: vec![None; n_layers],
-            room: Vec::new(),
-        }
-    }
-
-    /// Number of cached positions `P`.
-    pub fn seq_len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
-            _ => 0,
-        }
-    }
-
-    /// Appends `k`, `v` (`[B, H, T, Dh]`) to layer `i` and returns the full keys/values.
-    ///
-    /// Without gradients, the cache keeps each layer in buffers with room for more positions
-    /// and stores (and returns) views of their first `P + T` positions, so that a decoding
-    /// step writes its own position only instead of copying the whole cache into a fresh,
-    /// larger tensor (that copy and its page faults were most of GPT-2's generation time). A
-    /// buffer is only written past every position written before (so never under a view
-    /// handed out before), and a clone of the cache does not share it.
-    pub fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        if self.room.len() < self.layers.len() {
-            self.room.resize(self.layers.len(), None);
-        }
-        let tracked = k.track_op() || v.track_op();
-        let (k, v) = match (self.layers[i].take(), self.room[i].take()) {
-            (Some((pk, pv)), Some((bk, bv, written)))
-                if !tracked
-                    && is_prefix_of(&pk, &bk)
-                    && is_prefix_of(&pv, &bv)
-                    && pk.dim(2)? == written
-                    && pv.dim(2)? == written
-                    && written + k.dim(2)? <= bk.dim(2)? =>
-            {
-                bk.slice_set(&k.contiguous()?, 2, written)?;
-                bv.slice_set(&v.contiguous()?, 2, written)?;
-                let n = written + k.dim(2)?;
-                let out = (bk.narrow(2, 0, n)?, bv.narrow(2, 0, n)?);
-                self.room[i] = Some((bk, bv, n));
-                out
-            }
-            (prev, _) => {
-                let (k, v) = match prev {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                if tracked {
-                    // Gradients flow through the concatenation, not through a buffer write.
-                    self.layers[i] = Some((k.clone(), v.clone()));
-                    return Ok((k, v));
-                }
-                // Room for half as many positions again (at least 32); untouched room is never
-                // paged in.
-                let n = k.dim(2)?;
-                let cap = n + (n / 2).max(32);
-                let grow = |x: &Tensor| -> Result<Tensor> {
-                    let (b, h, _, d) = x.dims4()?;
-                    let buf = Tensor::zeros((b, h, cap, d), x.dtype(), x.device())?;
-                    buf.slice_set(&x.contiguous()?, 2, 0)?;
-                    Ok(buf)
-                };
-                let (bk, bv) = (grow(&k)?, grow(&v)?);
-                let out = (bk.narrow(2, 0, n)?, bv.narrow(2, 0, n)?);
-                self.room[i] = Some((bk, bv, n));
-                out
-            }
-        };
-        self.layers[i] = Some((k.clone(), v.clone()));
-        Ok((k, v))
-    }
-
-    /// Keeps only the given batch rows (used when generation drops finished rows or beams).
-    pub fn index_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for entry in self.layers.iter_mut().chain(self.cross.iter_mut()) {
-            if let Some((k, v)) = entry.take() {
-                // Views into `room` are strided; index_select wants contiguous input.
-                let (k, v) = (k.contiguous()?, v.contiguous()?);
-                *entry = Some((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Decoder-only language model (Llama family, GPT-2).
@@ -234,6 +128,17 @@ pub trait CausalLm: Send + Sync {
         let _ = (cache, by);
         Ok(false)
     }
+
+    /// The kernel policy the model runs with (the fast kernels unless it says otherwise).
+    fn kernels(&self) -> Kernels {
+        Kernels::fast()
+    }
+
+    /// Changes the kernel policy (benchmarks, tests against the reference path). Models with
+    /// a single path ignore it.
+    fn set_kernels(&mut self, kernels: Kernels) {
+        let _ = kernels;
+    }
 }
 
 /// Encoder-decoder language model (T5, flan-T5). The soft prompt goes before the encoder input.
@@ -264,6 +169,17 @@ pub trait Seq2SeqLm: Send + Sync {
         mask: &Tensor,
         decoder_ids: &Tensor,
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)>;
+
+    /// The kernel policy the model runs with (the fast kernels unless it says otherwise).
+    fn kernels(&self) -> Kernels {
+        Kernels::fast()
+    }
+
+    /// Changes the kernel policy (benchmarks, tests against the reference path). Models with
+    /// a single path ignore it.
+    fn set_kernels(&mut self, kernels: Kernels) {
+        let _ = kernels;
+    }
 }
 
 /// A frozen backbone of either kind.
@@ -284,6 +200,22 @@ impl Backbone {
         match self {
             Backbone::Causal(m) => m.embed(ids),
             Backbone::Seq2Seq(m) => m.embed(ids),
+        }
+    }
+
+    /// The kernel policy the model runs with.
+    pub fn kernels(&self) -> Kernels {
+        match self {
+            Backbone::Causal(m) => m.kernels(),
+            Backbone::Seq2Seq(m) => m.kernels(),
+        }
+    }
+
+    /// Changes the kernel policy (benchmarks, tests against the reference path).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        match self {
+            Backbone::Causal(m) => m.set_kernels(kernels),
+            Backbone::Seq2Seq(m) => m.set_kernels(kernels),
         }
     }
 
@@ -312,41 +244,6 @@ pub fn attention_bias(mask: &Tensor, t: usize, causal: bool) -> Result<Tensor> {
     };
     // (allowed - 1) * BIG: 0 where allowed, -BIG where not.
     Ok(((allowed - 1.0)? * MASK_VALUE)?)
-}
-
-/// Checks a decoder-only model's inputs and returns `(B, T, P)`: `embeds [B, T, D]` with
-/// `T > 0` and the model's width, a cache with one entry per layer (`P` cached positions),
-/// and a mask `[B, P + T]`. `arch` names the model in the errors.
-pub(crate) fn check_decoder_input(
-    arch: &str,
-    embeds: &Tensor,
-    mask: &Tensor,
-    cache: Option<&KvCache>,
-    d_model: usize,
-    n_layers: usize,
-) -> Result<(usize, usize, usize)> {
-    let (b, t, d) = embeds.dims3()?;
-    if d != d_model {
-        crate::bail!("{arch}: embeddings have width {d}, the model expects {d_model}");
-    }
-    if t == 0 {
-        crate::bail!("{arch}: empty input (no positions)");
-    }
-    let past = match cache {
-        Some(c) if c.layers.len() != n_layers => {
-            crate::bail!("{arch}: KV cache has {} layers, the model has {n_layers}", c.layers.len())
-        }
-        Some(c) => c.seq_len(),
-        None => 0,
-    };
-    if mask.dims() != [b, past + t] {
-        crate::bail!(
-            "{arch}: attention mask has shape {:?}, expected [{b}, {}] ({past} cached + {t} new positions)",
-            mask.dims(),
-            past + t
-        );
-    }
-    Ok((b, t, past))
 }
 
 /// Magnitude of the additive mask; finite so fully masked rows do not give NaN.

@@ -8,8 +8,12 @@
 //!
 //! Computation runs in the dtype of the weights (f32 as loaded; the tests also run f64).
 
-use super::ops::{self, linear, merge_heads, rms_norm, split_heads};
+use super::layers::{
+    Attention, AttentionContext, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm,
+};
+use super::ops;
 use super::{attention_bias, Arch, KvCache, LogitsAt, ModelInfo, Seq2SeqLm};
+use crate::kernels::Kernels;
 use crate::load::Weights;
 use crate::Result;
 use candle_core::{DType, Tensor};
@@ -133,52 +137,44 @@ impl TryFrom<String> for FeedForwardProj {
     }
 }
 
-/// One attention layer: projections `[H*Dh, D]` (q, k, v) and `[D, H*Dh]` (o).
-struct Attention {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-}
-
-/// Feed-forward: `wo(act(wi(x)))`, or gated `wo(act(wi_0(x)) * wi_1(x))`.
-struct FeedForward {
-    wi: Tensor,
-    wi_gate: Option<Tensor>,
-    wo: Tensor,
-    act: Activation,
+impl Activation {
+    fn layer(self) -> ops::Activation {
+        match self {
+            Activation::Relu => ops::Activation::Relu,
+            Activation::Gelu => ops::Activation::GeluErf,
+            Activation::GeluNew => ops::Activation::GeluTanh,
+            Activation::Silu => ops::Activation::Silu,
+        }
+    }
 }
 
 struct Block {
-    self_norm: Tensor,
+    /// Self-attention with its pre-norm.
     self_attn: Attention,
-    /// Decoder only: cross-attention over the encoder output.
-    cross: Option<(Tensor, Attention)>,
-    ff_norm: Tensor,
+    /// Decoder only: cross-attention over the encoder output, with its pre-norm.
+    cross: Option<Attention>,
     ff: FeedForward,
 }
 
 struct Stack {
     blocks: Vec<Block>,
-    final_norm: Tensor,
+    final_norm: Norm,
     /// `[num_buckets, H]`, from block 0.
     relative_bias: Tensor,
 }
 
 pub struct T5 {
     info: ModelInfo,
-    /// `[V, D]`, input embeddings of both stacks (and the head when tied).
-    shared: Tensor,
+    /// `shared` `[V, D]`, input embeddings of both stacks (and the head when tied).
+    embedding: Embedding,
     encoder: Stack,
     decoder: Stack,
-    /// `[V, D]` when untied.
-    lm_head: Option<Tensor>,
-    /// `d_model^-0.5` before a tied head.
-    head_scale: Option<f64>,
+    /// The untied `lm_head`, or `shared` scaled by `d_model^-0.5` (v1.0).
+    head: LmHead,
     heads: usize,
     num_buckets: usize,
     max_distance: usize,
-    eps: f64,
+    kernels: Kernels,
 }
 
 impl T5 {
@@ -197,34 +193,50 @@ impl T5 {
         if cfg.num_layers == 0 || n_dec == 0 {
             crate::bail!("t5 config: num_layers and num_decoder_layers must be positive");
         }
+        let eps = cfg.layer_norm_epsilon;
         let shared = w.get("shared.weight", &[cfg.vocab_size, d])?;
-        let attention = |p: &str| -> Result<Attention> {
+        let lin = |name: String, shape: [usize; 2]| -> Result<Linear> {
+            Ok(Linear::new(w.get(&name, &shape)?, None))
+        };
+        let norm = |p: &str| -> Result<Norm> {
+            Ok(Norm::rms(
+                w.get(&format!("{p}.layer_norm.weight"), &[d])?,
+                eps,
+            ))
+        };
+        // Layer `p` (its norm) with the attention weights under `p.{kind}`; no score scaling.
+        let attention = |p: &str, kind: &str| -> Result<Attention> {
+            let q = |n: &str| lin(format!("{p}.{kind}.{n}.weight"), [inner, d]);
             Ok(Attention {
-                q: w.get(&format!("{p}.q.weight"), &[inner, d])?,
-                k: w.get(&format!("{p}.k.weight"), &[inner, d])?,
-                v: w.get(&format!("{p}.v.weight"), &[inner, d])?,
-                o: w.get(&format!("{p}.o.weight"), &[d, inner])?,
+                norm: norm(p)?,
+                q: q("q")?,
+                k: q("k")?,
+                v: q("v")?,
+                qkv: None,
+                o: lin(format!("{p}.{kind}.o.weight"), [d, inner])?,
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_heads,
+                head_dim: cfg.d_kv,
+                scale: 1.0,
             })
         };
         let ff = cfg.feed_forward_proj;
         let feed_forward = |p: &str| -> Result<FeedForward> {
-            let p = format!("{p}.DenseReluDense");
-            let (wi, wi_gate) = if ff.gated {
-                (
-                    w.get(&format!("{p}.wi_0.weight"), &[cfg.d_ff, d])?,
-                    Some(w.get(&format!("{p}.wi_1.weight"), &[cfg.d_ff, d])?),
-                )
-            } else {
-                (w.get(&format!("{p}.wi.weight"), &[cfg.d_ff, d])?, None)
-            };
+            let dense = format!("{p}.DenseReluDense");
+            let wi = |n: &str| lin(format!("{dense}.{n}.weight"), [cfg.d_ff, d]);
             Ok(FeedForward {
-                wi,
-                wi_gate,
-                wo: w.get(&format!("{p}.wo.weight"), &[d, cfg.d_ff])?,
-                act: ff.act,
+                norm: norm(p)?,
+                inner: match ff.gated {
+                    true => FfnInner::Gated {
+                        gate: wi("wi_0")?,
+                        up: wi("wi_1")?,
+                    },
+                    false => FfnInner::Plain(wi("wi")?),
+                },
+                act: ff.act.layer(),
+                down: lin(format!("{dense}.wo.weight"), [d, cfg.d_ff])?,
             })
         };
-        let norm = |p: &str| w.get(&format!("{p}.layer_norm.weight"), &[d]);
         let relative = |stack: &str| {
             w.get(
                 &format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
@@ -236,10 +248,8 @@ impl T5 {
         for i in 0..cfg.num_layers {
             let p = format!("encoder.block.{i}.layer");
             enc_blocks.push(Block {
-                self_norm: norm(&format!("{p}.0"))?,
-                self_attn: attention(&format!("{p}.0.SelfAttention"))?,
+                self_attn: attention(&format!("{p}.0"), "SelfAttention")?,
                 cross: None,
-                ff_norm: norm(&format!("{p}.1"))?,
                 ff: feed_forward(&format!("{p}.1"))?,
             });
         }
@@ -247,32 +257,29 @@ impl T5 {
         for i in 0..n_dec {
             let p = format!("decoder.block.{i}.layer");
             dec_blocks.push(Block {
-                self_norm: norm(&format!("{p}.0"))?,
-                self_attn: attention(&format!("{p}.0.SelfAttention"))?,
-                cross: Some((
-                    norm(&format!("{p}.1"))?,
-                    attention(&format!("{p}.1.EncDecAttention"))?,
-                )),
-                ff_norm: norm(&format!("{p}.2"))?,
+                self_attn: attention(&format!("{p}.0"), "SelfAttention")?,
+                cross: Some(attention(&format!("{p}.1"), "EncDecAttention")?),
                 ff: feed_forward(&format!("{p}.2"))?,
             });
         }
         let encoder = Stack {
             blocks: enc_blocks,
-            final_norm: w.get("encoder.final_layer_norm.weight", &[d])?,
+            final_norm: Norm::rms(w.get("encoder.final_layer_norm.weight", &[d])?, eps),
             relative_bias: relative("encoder")?,
         };
         let decoder = Stack {
             blocks: dec_blocks,
-            final_norm: w.get("decoder.final_layer_norm.weight", &[d])?,
+            final_norm: Norm::rms(w.get("decoder.final_layer_norm.weight", &[d])?, eps),
             relative_bias: relative("decoder")?,
         };
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(w.get("lm_head.weight", &[cfg.vocab_size, d])?)
-        };
         let scale = cfg.scale_decoder_outputs.unwrap_or(cfg.tie_word_embeddings);
+        let head = LmHead::new(
+            match cfg.tie_word_embeddings {
+                true => shared.clone(),
+                false => w.get("lm_head.weight", &[cfg.vocab_size, d])?,
+            },
+            scale.then(|| (d as f64).powf(-0.5)),
+        );
         let pad = cfg.pad_token_id.unwrap_or(0);
         let info = ModelInfo {
             arch: Arch::T5,
@@ -294,15 +301,14 @@ impl T5 {
         };
         Ok(T5 {
             info,
-            shared,
+            embedding: Embedding::new(shared, "t5"),
             encoder,
             decoder,
-            lm_head,
-            head_scale: scale.then(|| (d as f64).powf(-0.5)),
+            head,
             heads: cfg.num_heads,
             num_buckets: cfg.relative_attention_num_buckets,
             max_distance: cfg.relative_attention_max_distance,
-            eps: cfg.layer_norm_epsilon,
+            kernels: Kernels::fast(),
         })
     }
 
@@ -395,34 +401,20 @@ impl T5 {
         let bias = attention_bias(mask, s, false)?
             .to_dtype(embeds.dtype())?
             .broadcast_add(&pos)?; // [B,H,S,S]
+        let ctx = AttentionContext {
+            bias: &bias,
+            rotary: None,
+            kernels: self.kernels,
+        };
         let mut x = embeds.clone();
         for block in &self.encoder.blocks {
             if let Some(st) = states.as_deref_mut() {
                 st.push(x.clone());
             }
-            // Each residual sub-block as one op (ops::attention_block).
-            let att = &block.self_attn;
-            let lin = |w| ops::Linear { w, b: None };
-            let spec = ops::SelfAttention {
-                norm: ops::Norm::Rms {
-                    w: &block.self_norm,
-                    eps: self.eps,
-                },
-                q: lin(&att.q),
-                k: lin(&att.k),
-                v: lin(&att.v),
-                o: lin(&att.o),
-                heads: self.heads,
-                kv_heads: self.heads,
-                head_dim: att.q.dim(0)? / self.heads,
-                rope: None,
-                bias: &bias,
-                scale: 1.0,
-            };
-            x = ops::attention_block(&x, &spec)?;
-            x = self.feed_forward_block(&x, block)?;
+            x = block.self_attn.forward(&x, &ctx, None, None)?;
+            x = block.ff.forward(self.kernels, &x)?;
         }
-        let out = rms_norm(&x, &self.encoder.final_norm, self.eps)?;
+        let out = self.encoder.final_norm.forward(self.kernels, &x)?;
         if let Some(st) = states {
             st.push(out.clone());
         }
@@ -471,89 +463,29 @@ impl T5 {
             .broadcast_add(&pos)?; // [B,H,T,P+T]
         let cross_bias = attention_bias(encoder_mask, t, false)?.to_dtype(dtype)?; // [B,1,T,S]
 
+        let ctx = AttentionContext {
+            bias: &self_bias,
+            rotary: None,
+            kernels: self.kernels,
+        };
         let mut x = self.embed(decoder_ids)?; // [B,T,D]
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             if let Some(st) = states.as_deref_mut() {
                 st.push(x.clone());
             }
-            let att = &block.self_attn;
-            let h = rms_norm(&x, &block.self_norm, self.eps)?;
-            let q = split_heads(&linear(&h, &att.q, None)?, self.heads)?;
-            let k = split_heads(&linear(&h, &att.k, None)?, self.heads)?;
-            let v = split_heads(&linear(&h, &att.v, None)?, self.heads)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v)?,
-                None => (k, v),
-            };
-            let a = merge_heads(&ops::attention(&q, &k, &v, &self_bias, 1.0)?)?;
-            x = (x + linear(&a, &att.o, None)?)?;
-
-            if let Some((norm, att)) = &block.cross {
-                let h = rms_norm(&x, norm, self.eps)?;
-                let q = split_heads(&linear(&h, &att.q, None)?, self.heads)?;
-                let cached = cache.as_deref().and_then(|c| c.cross[i].clone());
-                let (k, v) = match cached {
-                    Some(kv) => kv,
-                    None => {
-                        let k = split_heads(&linear(encoder_out, &att.k, None)?, self.heads)?; // [B,H,S,Dh]
-                        let v = split_heads(&linear(encoder_out, &att.v, None)?, self.heads)?;
-                        if let Some(c) = cache.as_deref_mut() {
-                            c.cross[i] = Some((k.clone(), v.clone()));
-                        }
-                        (k, v)
-                    }
-                };
-                let a = merge_heads(&ops::attention(&q, &k, &v, &cross_bias, 1.0)?)?;
-                x = (x + linear(&a, &att.o, None)?)?;
+            let fill = cache.as_deref_mut().map(|c| (c, i));
+            x = block.self_attn.forward(&x, &ctx, None, fill)?;
+            if let Some(cross) = &block.cross {
+                let slot = cache.as_deref_mut().map(|c| &mut c.cross[i]);
+                x = cross.cross(self.kernels, &x, encoder_out, &cross_bias, slot)?;
             }
-            x = self.feed_forward_block(&x, block)?;
+            x = block.ff.forward(self.kernels, &x)?;
         }
-        let out = rms_norm(&x, &self.decoder.final_norm, self.eps)?;
+        let out = self.decoder.final_norm.forward(self.kernels, &x)?;
         if let Some(st) = states {
             st.push(out.clone());
         }
         Ok(out)
-    }
-
-    /// `x + feed_forward(x)` as [`ops::feed_forward_block`].
-    fn feed_forward_block(&self, x: &Tensor, block: &Block) -> Result<Tensor> {
-        let ff = &block.ff;
-        let lin = |w| ops::Linear { w, b: None };
-        let act = match ff.act {
-            Activation::Relu => ops::FfnAct::Relu,
-            Activation::Gelu => ops::FfnAct::GeluErf,
-            Activation::GeluNew => ops::FfnAct::GeluTanh,
-            Activation::Silu => ops::FfnAct::Silu,
-        };
-        let inner = match &ff.wi_gate {
-            Some(up) => ops::FfnIn::Gated {
-                gate: lin(&ff.wi),
-                up: lin(up),
-                act,
-            },
-            None => ops::FfnIn::Plain {
-                w: lin(&ff.wi),
-                act,
-            },
-        };
-        let spec = ops::FeedForward {
-            norm: ops::Norm::Rms {
-                w: &block.ff_norm,
-                eps: self.eps,
-            },
-            inner,
-            down: lin(&ff.wo),
-        };
-        ops::feed_forward_block(x, &spec)
-    }
-
-    /// LM head on `[.., D]` rows -> `[.., V]`.
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let h = match self.head_scale {
-            Some(s) => (h * s)?,
-            None => h.clone(),
-        };
-        linear(&h, self.lm_head.as_ref().unwrap_or(&self.shared), None)
     }
 }
 
@@ -578,17 +510,10 @@ impl Seq2SeqLm for T5 {
 
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         check_ids(ids, self.info.vocab_size)?;
-        let (b, s) = ids.dims2().map_err(|_| {
-            crate::Error::invalid(format!(
-                "t5 embed: expected ids [B, S], got {:?}",
-                ids.dims()
-            ))
-        })?;
-        let flat = ids.flatten_all()?;
-        Ok(self
-            .shared
-            .index_select(&flat, 0)?
-            .reshape((b, s, self.info.d_model))?)
+        if ids.rank() != 2 {
+            crate::bail!("t5 embed: expected ids [B, S], got {:?}", ids.dims());
+        }
+        self.embedding.forward(ids)
     }
 
     fn encode(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -604,7 +529,7 @@ impl Seq2SeqLm for T5 {
         at: LogitsAt,
     ) -> Result<Tensor> {
         let h = self.run_decoder(decoder_ids, encoder_out, encoder_mask, cache, None)?;
-        self.head(&ops::select_positions(&h, at)?)
+        self.head.forward(&ops::select_positions(&h, at)?)
     }
 
     fn hidden_states(
@@ -618,5 +543,13 @@ impl Seq2SeqLm for T5 {
         let mut dec_states = Vec::with_capacity(self.decoder.blocks.len() + 1);
         self.run_decoder(decoder_ids, &enc, mask, None, Some(&mut dec_states))?;
         Ok((enc_states, dec_states))
+    }
+
+    fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 }

@@ -166,12 +166,9 @@ impl Checkpoint {
     /// Reads the checkpoint of `output`, or `None` when there is none.
     pub fn load(output: &Path, device: &Device) -> Result<Option<Self>> {
         let p = path(output);
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&p, e)),
-        };
-        Self::from_bytes(&bytes, &p, device).map(Some)
+        read_if_present(&p)?
+            .map(|bytes| Self::from_bytes(&bytes, &p, device))
+            .transpose()
     }
 }
 
@@ -262,12 +259,18 @@ impl ParamsCheckpoint {
     /// Reads the checkpoint of `output`, or `None` when there is none.
     pub fn load(output: &Path, device: &Device) -> Result<Option<Self>> {
         let p = path(output);
-        let bytes = match std::fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&p, e)),
-        };
-        Self::from_bytes(&bytes, &p, device).map(Some)
+        read_if_present(&p)?
+            .map(|bytes| Self::from_bytes(&bytes, &p, device))
+            .transpose()
+    }
+}
+
+/// The bytes of the file `path`, or `None` when there is none.
+fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
     }
 }
 

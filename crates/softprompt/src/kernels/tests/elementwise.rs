@@ -1,10 +1,12 @@
-//! The fused CPU kernels (`model::fused`) against the same maths written with candle
+//! The element-wise and row-wise kernels against the same maths written with candle
 //! primitives: forward values (1e-5 relative), gradients by candle's backward through the
 //! primitive version, and gradients by central finite differences.
 
+use super::assert_rel;
+use crate::kernels::activation::{self, Act};
+use crate::kernels::{loss, norm, rope, softmax, Kernels};
+use crate::model::{attention_bias, ops};
 use candle_core::{DType, Device, Tensor, Var, D};
-use softprompt::model::fused::{self, Act};
-use softprompt::model::{attention_bias, ops};
 
 const FWD_REL: f32 = 1e-5;
 const GRAD_REL: f32 = 1e-4;
@@ -28,20 +30,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-fn assert_rel(what: &str, got: &Tensor, want: &Tensor, rel: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-    let diff = max_abs(&(got - want).unwrap());
-    let scale = max_abs(want).max(1e-6);
-    assert!(
-        diff <= rel * scale,
-        "{what}: max abs diff {diff:e} > {rel:e} * max |ref| {scale:e}"
-    );
-}
-
 /// `sum(y * r)` for a fixed random `r`: a scalar loss whose gradient wrt `y` is `r`.
 fn probe(y: &Tensor, seed: u64) -> Tensor {
     let r = randn(y.dims(), seed);
@@ -57,17 +45,22 @@ fn check(
     fused: impl Fn(&[Tensor]) -> Tensor,
     reference: impl Fn(&[Tensor]) -> Tensor,
 ) {
-    assert!(fused::usable(&inputs.iter().collect::<Vec<_>>()));
+    assert!(Kernels::fast().ops_apply(&inputs.iter().collect::<Vec<_>>()));
     let y_f = fused(inputs);
     let y_r = reference(inputs);
     assert_rel(&format!("{what} forward"), &y_f, &y_r, FWD_REL);
 
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let g_f = probe(&fused(&ts), 7).backward().unwrap();
     let g_r = probe(&reference(&ts), 7).backward().unwrap();
     for (i, t) in ts.iter().enumerate() {
-        let gf = g_f.get(t).unwrap_or_else(|| panic!("{what}: no fused gradient for input {i}"));
+        let gf = g_f
+            .get(t)
+            .unwrap_or_else(|| panic!("{what}: no fused gradient for input {i}"));
         let gr = g_r.get(t).expect("reference gradient");
         assert_rel(&format!("{what} grad of input {i}"), gf, gr, GRAD_REL);
 
@@ -101,7 +94,9 @@ fn check(
 
 fn rms_norm_ref(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    let y = x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap()).unwrap();
+    let y = x
+        .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+        .unwrap();
     y.broadcast_mul(w).unwrap()
 }
 
@@ -118,7 +113,7 @@ fn rms_norm_matches_composite() {
     check(
         "rms_norm",
         &[x],
-        |a| fused::rms_norm(&a[0], &w, 1e-6).unwrap(),
+        |a| norm::rms_norm(&a[0], &w, 1e-6).unwrap(),
         |a| rms_norm_ref(&a[0], &w, 1e-6),
     );
     // Large enough to run on the thread pool.
@@ -126,7 +121,7 @@ fn rms_norm_matches_composite() {
     let w = randn(&[512], 4);
     assert_rel(
         "rms_norm parallel",
-        &fused::rms_norm(&x, &w, 1e-5).unwrap(),
+        &norm::rms_norm(&x, &w, 1e-5).unwrap(),
         &rms_norm_ref(&x, &w, 1e-5),
         FWD_REL,
     );
@@ -140,13 +135,15 @@ fn layer_norm_matches_composite() {
         let mean = x.mean_keepdim(D::Minus1).unwrap();
         let xc = x.broadcast_sub(&mean).unwrap();
         let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let y = xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap();
+        let y = xc
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap();
         y.broadcast_mul(&w).unwrap().broadcast_add(&b).unwrap()
     };
     check(
         "layer_norm",
         &[(randn(&[2, 7, 40], 1) + 0.3).unwrap()],
-        |a| fused::layer_norm(&a[0], &w, &b, 1e-5).unwrap(),
+        |a| norm::layer_norm(&a[0], &w, &b, 1e-5).unwrap(),
         |a| reference(&a[0]),
     );
 }
@@ -154,32 +151,50 @@ fn layer_norm_matches_composite() {
 #[test]
 fn softmax_with_scale_and_mask_matches_composite() {
     // Batch 2, 3 heads, 4 queries, 6 keys; row 1 has two padded keys; causal.
-    let mask = Tensor::new(&[[1f32, 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1.]], &Device::Cpu)
-        .unwrap();
+    let mask = Tensor::new(
+        &[[1f32, 1., 1., 1., 1., 1.], [0., 0., 1., 1., 1., 1.]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let bias = attention_bias(&mask, 4, true).unwrap(); // [2, 1, 4, 6]
     let scale = 0.35;
     check(
         "softmax(scale, bias)",
         &[randn(&[2, 3, 4, 6], 5)],
-        |a| fused::softmax_scaled(&a[0], Some(&bias), scale).unwrap(),
+        |a| softmax::softmax_scaled(&a[0], Some(&bias), scale).unwrap(),
         |a| softmax_ref(&(&a[0] * scale).unwrap().broadcast_add(&bias).unwrap()),
     );
     check(
         "softmax",
         &[randn(&[5, 9], 6)],
-        |a| fused::softmax_scaled(&a[0], None, 1.0).unwrap(),
+        |a| softmax::softmax_scaled(&a[0], None, 1.0).unwrap(),
         |a| softmax_ref(&a[0]),
     );
     // A per-head bias (T5's position bias plus mask), and a fully masked row (uniform).
     let pos = randn(&[1, 3, 4, 6], 8);
-    let full = attention_bias(&Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap(), 4, false)
-        .unwrap()
-        .broadcast_add(&pos)
-        .unwrap(); // [2, 3, 4, 6]
+    let full = attention_bias(
+        &Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap(),
+        4,
+        false,
+    )
+    .unwrap()
+    .broadcast_add(&pos)
+    .unwrap(); // [2, 3, 4, 6]
     let x = randn(&[2, 3, 4, 6], 9);
-    let y = fused::softmax_scaled(&x, Some(&full), 1.0).unwrap();
-    assert_rel("fully masked", &y, &softmax_ref(&(&x + &full).unwrap()), FWD_REL);
-    let mid = y.narrow(0, 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let y = softmax::softmax_scaled(&x, Some(&full), 1.0).unwrap();
+    assert_rel(
+        "fully masked",
+        &y,
+        &softmax_ref(&(&x + &full).unwrap()),
+        FWD_REL,
+    );
+    let mid = y
+        .narrow(0, 1, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(mid.iter().all(|p| (p - 1.0 / 6.0).abs() < 1e-6), "{mid:?}");
 }
 
@@ -195,12 +210,18 @@ fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Tensor
             p.narrow(4, 1, 1).unwrap().squeeze(4).unwrap(),
         )
     } else {
-        (x.narrow(3, 0, half).unwrap(), x.narrow(3, half, half).unwrap())
+        (
+            x.narrow(3, 0, half).unwrap(),
+            x.narrow(3, half, half).unwrap(),
+        )
     };
     let r1 = (x1.broadcast_mul(&cos).unwrap() - x2.broadcast_mul(&sin).unwrap()).unwrap();
     let r2 = (x2.broadcast_mul(&cos).unwrap() + x1.broadcast_mul(&sin).unwrap()).unwrap();
     if interleaved {
-        Tensor::stack(&[&r1, &r2], 4).unwrap().reshape((b, h, t, d)).unwrap()
+        Tensor::stack(&[&r1, &r2], 4)
+            .unwrap()
+            .reshape((b, h, t, d))
+            .unwrap()
     } else {
         Tensor::cat(&[&r1, &r2], 3).unwrap()
     }
@@ -213,7 +234,7 @@ fn rope_matches_composite_both_layouts() {
         check(
             &format!("rope interleaved={interleaved}"),
             &[randn(&[2, 3, 5, 8], 11)],
-            |a| fused::rope(&a[0], &cos, &sin, interleaved).unwrap(),
+            |a| rope::rope(&a[0], &cos, &sin, interleaved).unwrap(),
             |a| rope_ref(&a[0], &cos, &sin, interleaved),
         );
     }
@@ -221,7 +242,7 @@ fn rope_matches_composite_both_layouts() {
     let x = randn(&[2, 5, 3, 8], 12).transpose(1, 2).unwrap();
     assert_rel(
         "rope strided",
-        &fused::rope(&x, &cos, &sin, false).unwrap(),
+        &rope::rope(&x, &cos, &sin, false).unwrap(),
         &rope_ref(&x, &cos, &sin, false),
         FWD_REL,
     );
@@ -232,26 +253,26 @@ fn activations_match_composite() {
     check(
         "gelu_tanh",
         &[randn(&[4, 33], 13)],
-        |a| fused::act(&a[0], Act::GeluTanh).unwrap(),
+        |a| activation::act(&a[0], Act::GeluTanh).unwrap(),
         |a| a[0].gelu().unwrap(),
     );
     check(
         "silu(a) * b",
         &[randn(&[4, 33], 14), randn(&[4, 33], 15)],
-        |a| fused::act_mul(&a[0], &a[1], Act::Silu).unwrap(),
+        |a| activation::act_mul(&a[0], &a[1], Act::Silu).unwrap(),
         |a| (a[0].silu().unwrap() * &a[1]).unwrap(),
     );
     check(
         "gelu_tanh(a) * b",
         &[randn(&[3, 50], 16), randn(&[3, 50], 17)],
-        |a| fused::act_mul(&a[0], &a[1], Act::GeluTanh).unwrap(),
+        |a| activation::act_mul(&a[0], &a[1], Act::GeluTanh).unwrap(),
         |a| (a[0].gelu().unwrap() * &a[1]).unwrap(),
     );
     // Large enough for several parallel chunks, with a short last one.
     let (a, b) = (randn(&[9000], 18), randn(&[9000], 19));
     assert_rel(
         "silu_mul parallel",
-        &fused::act_mul(&a, &b, Act::Silu).unwrap(),
+        &activation::act_mul(&a, &b, Act::Silu).unwrap(),
         &(a.silu().unwrap() * &b).unwrap(),
         FWD_REL,
     );
@@ -263,18 +284,31 @@ fn token_nll_matches_composite() {
     let reference = |x: &Tensor| {
         let max = x.max_keepdim(D::Minus1).unwrap().detach();
         let s = x.broadcast_sub(&max).unwrap();
-        let lse = s.exp().unwrap().sum_keepdim(D::Minus1).unwrap().log().unwrap();
+        let lse = s
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .log()
+            .unwrap();
         let logp = s.broadcast_sub(&lse).unwrap();
-        logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap().neg().unwrap()
+        logp.gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap()
     };
     check(
         "token_nll",
         &[randn(&[4, 11], 20)],
-        |a| fused::token_nll(&a[0], &targets).unwrap(),
+        |a| loss::token_nll(&a[0], &targets).unwrap(),
         |a| reference(&a[0]),
     );
     let bad = Tensor::new(&[3u32, 0, 11, 7], &Device::Cpu).unwrap();
-    let err = fused::token_nll(&randn(&[4, 11], 20), &bad).unwrap_err().to_string();
+    let err = loss::token_nll(&randn(&[4, 11], 20), &bad)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
 }
 
@@ -284,7 +318,11 @@ fn token_nll_matches_composite() {
 fn attention_matches_composite() {
     // No fully masked query row: there the output does not depend on q in f32 (the -1e30
     // bias swamps the scores) while the exact-arithmetic gradient is not zero.
-    let mask = Tensor::new(&[[1f32, 1., 1., 1., 0.], [1., 1., 1., 1., 1.]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(
+        &[[1f32, 1., 1., 1., 0.], [1., 1., 1., 1., 1.]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let bias = attention_bias(&mask, 5, true).unwrap(); // [2, 1, 5, 5]
     let scale = 0.5;
     let reference = |a: &[Tensor]| {
@@ -300,12 +338,18 @@ fn attention_matches_composite() {
         };
         let (k, v) = (rep(&a[1]), rep(&a[2]));
         let s = (a[0].matmul(&k.t().unwrap().contiguous().unwrap()).unwrap() * scale).unwrap();
-        softmax_ref(&s.broadcast_add(&bias).unwrap()).matmul(&v).unwrap()
+        softmax_ref(&s.broadcast_add(&bias).unwrap())
+            .matmul(&v)
+            .unwrap()
     };
     check(
         "attention",
-        &[randn(&[2, 4, 5, 8], 21), randn(&[2, 2, 5, 8], 22), randn(&[2, 2, 5, 8], 23)],
-        |a| ops::attention(&a[0], &a[1], &a[2], &bias, scale).unwrap(),
+        &[
+            randn(&[2, 4, 5, 8], 21),
+            randn(&[2, 2, 5, 8], 22),
+            randn(&[2, 2, 5, 8], 23),
+        ],
+        |a| ops::attention(Kernels::fast(), &a[0], &a[1], &a[2], &bias, scale).unwrap(),
         reference,
     );
 }
@@ -315,11 +359,16 @@ fn attention_matches_composite() {
 fn trained_norm_weight_gets_a_gradient() {
     let w = Var::from_tensor(&randn(&[16], 30)).unwrap();
     let x = Var::from_tensor(&randn(&[3, 16], 31)).unwrap();
-    let y = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+    let y = ops::rms_norm(Kernels::fast(), x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
     let grads = probe(&y, 3).backward().unwrap();
     let gw = grads.get(w.as_tensor()).expect("the weight's gradient");
     let gw_ref = probe(&rms_norm_ref(x.as_tensor(), w.as_tensor(), 1e-6), 3)
         .backward()
         .unwrap();
-    assert_rel("weight grad", gw, gw_ref.get(w.as_tensor()).unwrap(), GRAD_REL);
+    assert_rel(
+        "weight grad",
+        gw,
+        gw_ref.get(w.as_tensor()).unwrap(),
+        GRAD_REL,
+    );
 }

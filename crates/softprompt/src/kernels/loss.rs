@@ -1,0 +1,108 @@
+//! Token negative log-likelihood over the vocabulary with its backward.
+
+use super::cpu::{check_len, data, f32_out, fill, last_dim, operands, rows, Result};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+/// `-log_softmax(logits)[i, targets[i]]`: `logits [M, V]` (f32), `targets [M]` (u32) -> `[M]`.
+/// The backward is `g * (softmax(logits) - onehot(target))`.
+pub(crate) fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (m, _) = logits.dims2()?;
+    if targets.dims() != [m] || targets.dtype() != DType::U32 {
+        candle_core::bail!(
+            "fused token_nll: targets must be u32 [{m}], got {:?} {:?}",
+            targets.dtype(),
+            targets.dims()
+        );
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, TokenNll)
+}
+
+struct TokenNll;
+
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> Result<&'a [u32]> {
+    let all = s.as_slice::<u32>()?;
+    let t = match l.contiguous_offsets() {
+        Some((a, b)) => &all[a..b],
+        None => candle_core::bail!("fused token_nll: non-contiguous targets"),
+    };
+    if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("token_nll: target id {bad} is outside the vocabulary ({v})");
+    }
+    Ok(t)
+}
+
+/// Max and log-sum-exp of one row.
+fn lse(x: &[f32]) -> (f32, f32) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = x.iter().map(|v| (v - max).exp() as f64).sum();
+    (max, sum.ln() as f32)
+}
+
+impl CustomOp2 for TokenNll {
+    fn name(&self) -> &'static str {
+        "fused-token-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = data(xs, xl, self.name())?;
+        let (m, v) = last_dim(xl)?;
+        let t = targets_of(ts, tl, v)?;
+        let out = fill(m, 1, m * v, |i, y| {
+            let x = &x[i * v..(i + 1) * v];
+            let (max, lse) = lse(x);
+            y[0] = -((x[t[i] as usize] - max) - lse);
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from(m)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(t, &dy.contiguous()?, &TokenNllBwd)?;
+        Ok((Some(dx), None))
+    }
+}
+
+struct TokenNllBwd;
+
+impl CustomOp3 for TokenNllBwd {
+    fn name(&self) -> &'static str {
+        "fused-token-nll-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, g] = operands(self.name(), [(xs, xl), (gs, gl)])?;
+        let (m, v) = last_dim(xl)?;
+        let t = targets_of(ts, tl, v)?;
+        check_len(self.name(), g.len(), m)?;
+        let out = rows(m, v, |i, dx| {
+            let x = &x[i * v..(i + 1) * v];
+            let (max, lse) = lse(x);
+            for (dx, &x) in dx.iter_mut().zip(x) {
+                *dx = g[i] * (x - max - lse).exp();
+            }
+            dx[t[i] as usize] -= g[i];
+        })?;
+        Ok(f32_out(out, xl))
+    }
+}

@@ -1,0 +1,195 @@
+//! The attention sub-block of a pre-norm layer, `x + o(attention(q(n), k(n), v(n)))` with
+//! `n = norm(x)`: grouped-query heads, optional q/k/v/o biases, rotary positions or none, an
+//! additive bias (causal mask, padding, T5's position bias), and the KV cache.
+
+use super::{Linear, Norm};
+use crate::kernels::attention::{attention_block, attention_block_kv, AttentionArgs, RopeTables};
+use crate::kernels::Kernels;
+use crate::model::ops::{self, merge_heads, split_heads};
+use crate::model::KvCache;
+use crate::Result;
+use candle_core::Tensor;
+
+/// Rotary tables `cos`, `sin` `[T, Dh/2]` for the positions of a forward pass, and the pair
+/// layout (see [`ops::rope`]).
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub interleaved: bool,
+}
+
+impl Rotary {
+    /// `x [B, H, T, Dh]` rotated.
+    pub fn apply(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        ops::rope(kernels, x, &self.cos, &self.sin, self.interleaved)
+    }
+}
+
+/// What one forward pass gives every attention layer: the additive bias
+/// `[B or 1, H or 1, T, P+T]`, the rotary tables of its positions, the kernel policy.
+#[derive(Clone, Copy)]
+pub struct AttentionContext<'a> {
+    pub bias: &'a Tensor,
+    pub rotary: Option<&'a Rotary>,
+    pub kernels: Kernels,
+}
+
+/// `q [H*Dh, D]`, `k`, `v [H_kv*Dh, D]`, `o [D, H*Dh]`; `scale` multiplies the scores.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub norm: Norm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    /// The same q, k, v stacked, `[(H + 2 H_kv) Dh, D]`, when the checkpoint stores them so
+    /// (GPT-2's `c_attn`; `q`, `k`, `v` are then views of it): the composite path runs one
+    /// product instead of three.
+    pub qkv: Option<Linear>,
+    pub o: Linear,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+}
+
+impl Attention {
+    /// `x [B, T, D]` -> `[B, T, D]`, or `[1, M, D]` at `rows` (u32 `[M]`, flattened `B*T`
+    /// positions; keys and values still come from every position). With `cache` (the cache
+    /// and this layer's index) the layer's keys and values are appended to it and attention
+    /// runs over every cached position.
+    ///
+    /// The one place that picks how attention runs: the fused op (differentiable) without a
+    /// cache, the fused forward-only op that also returns the keys and values when it starts
+    /// an empty cache without gradients, otherwise [`Self::composite`].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        rows: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let fresh = match &cache {
+            None => true,
+            Some((c, i)) => !x.track_op() && c.layers.get(*i).is_none_or(Option::is_none),
+        };
+        if fresh {
+            let args = self.kernel_args(ctx);
+            if args.applies(x, ctx.kernels) {
+                return match cache {
+                    None => Ok(attention_block(x, args, rows)?),
+                    Some((c, i)) => {
+                        let (y, k, v) = attention_block_kv(x, args, rows)?;
+                        c.append(i, k, v)?;
+                        Ok(y)
+                    }
+                };
+            }
+        }
+        let y = self.composite(x, ctx, cache)?;
+        match rows {
+            Some(rows) => {
+                let (b, t, d) = y.dims3()?;
+                Ok(y.reshape((b * t, d))?.index_select(rows, 0)?.unsqueeze(0)?)
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// The sub-block composed of single ops (fused element-wise kernels where the policy
+    /// allows), appending to `cache` when given: the reference the fused op is tested against.
+    pub fn composite(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let kernels = ctx.kernels;
+        let h = self.norm.forward(kernels, x)?;
+        let (q, k, v) = match &self.qkv {
+            Some(qkv) => {
+                let y = qkv.forward(&h)?; // [B, T, (H + 2 H_kv) Dh]
+                let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                (
+                    y.narrow(2, 0, nq)?,
+                    y.narrow(2, nq, nkv)?,
+                    y.narrow(2, nq + nkv, nkv)?,
+                )
+            }
+            None => (
+                self.q.forward(&h)?,
+                self.k.forward(&h)?,
+                self.v.forward(&h)?,
+            ),
+        };
+        let q = split_heads(&q, self.heads)?; // [B, H, T, Dh]
+        let k = split_heads(&k, self.kv_heads)?; // [B, Hkv, T, Dh]
+        let v = split_heads(&v, self.kv_heads)?;
+        let (q, k) = match ctx.rotary {
+            Some(r) => (r.apply(kernels, &q)?, r.apply(kernels, &k)?),
+            None => (q, k),
+        };
+        let (k, v) = match cache {
+            Some((c, i)) => c.append(i, k, v)?, // [B, Hkv, P+T, Dh]
+            None => (k, v),
+        };
+        let a = ops::attention(kernels, &q, &k, &v, ctx.bias, self.scale)?; // [B, H, T, Dh]
+        Ok((x + self.o.forward(&merge_heads(&a)?)?)?)
+    }
+
+    /// Cross-attention (T5's decoder): queries from `norm(x)`, keys and values from
+    /// `memory [B, S, D]` (not normed), `bias [B, 1, T, S]`; `x + o(attention)`. The keys and
+    /// values are taken from `cached` when it holds them, and stored there otherwise.
+    pub fn cross(
+        &self,
+        kernels: Kernels,
+        x: &Tensor,
+        memory: &Tensor,
+        bias: &Tensor,
+        cached: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = self.norm.forward(kernels, x)?;
+        let q = split_heads(&self.q.forward(&h)?, self.heads)?; // [B, H, T, Dh]
+        let project = || -> Result<(Tensor, Tensor)> {
+            let k = split_heads(&self.k.forward(memory)?, self.kv_heads)?; // [B, Hkv, S, Dh]
+            let v = split_heads(&self.v.forward(memory)?, self.kv_heads)?;
+            Ok((k, v))
+        };
+        let (k, v) = match cached {
+            Some(slot) => match slot {
+                Some(kv) => kv.clone(),
+                None => slot.insert(project()?).clone(),
+            },
+            None => project()?,
+        };
+        let a = ops::attention(kernels, &q, &k, &v, bias, self.scale)?;
+        Ok((x + self.o.forward(&merge_heads(&a)?)?)?)
+    }
+
+    /// Whether the fused op runs on `x` in this context (tests check the fast path is taken).
+    #[cfg(test)]
+    pub(crate) fn fused_applies(&self, x: &Tensor, ctx: &AttentionContext) -> bool {
+        self.kernel_args(ctx).applies(x, ctx.kernels)
+    }
+
+    /// The operands of the fused op (shared tensors, no copy).
+    fn kernel_args(&self, ctx: &AttentionContext) -> AttentionArgs {
+        AttentionArgs {
+            norm: self.norm.weights(),
+            q: self.q.weights(),
+            k: self.k.weights(),
+            v: self.v.weights(),
+            o: self.o.weights(),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            rope: ctx.rotary.map(|r| RopeTables {
+                cos: r.cos.clone(),
+                sin: r.sin.clone(),
+                interleaved: r.interleaved,
+            }),
+            bias: ctx.bias.clone(),
+            scale: self.scale,
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The feed-forward sub-block of a pre-norm layer: `x + down(inner(norm(x)))`.
+
+use super::{Linear, Norm};
+use crate::kernels::feed_forward::{feed_forward_block, FeedForwardArgs, FfnInner as KernelInner};
+use crate::kernels::Kernels;
+use crate::model::ops::Activation;
+use crate::Result;
+use candle_core::Tensor;
+
+/// The first half of the branch: `[F, D]` projections of the normed input.
+#[derive(Clone, Debug)]
+pub enum FfnInner {
+    /// `act(gate(n)) * up(n)` (SwiGLU, T5 v1.1's gated GELU).
+    Gated { gate: Linear, up: Linear },
+    /// `act(w(n))` (GPT-2, T5 v1.0).
+    Plain(Linear),
+}
+
+/// `x [B, T, D]` -> `x + down(inner(norm(x)))`, inner width `F`, `down [D, F]`.
+#[derive(Clone, Debug)]
+pub struct FeedForward {
+    pub norm: Norm,
+    pub inner: FfnInner,
+    pub act: Activation,
+    pub down: Linear,
+}
+
+impl FeedForward {
+    /// The fused op (one candle op with a hand-written backward) where `kernels` and the
+    /// operands allow it and the activation has a fused kernel, else [`Self::composite`].
+    pub fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        match self.kernel_args() {
+            Some(args) if args.applies(x, kernels) => Ok(feed_forward_block(x, args)?),
+            _ => self.composite(kernels, x),
+        }
+    }
+
+    /// Whether the fused op runs on `x` (tests check the fast path is taken).
+    #[cfg(test)]
+    pub(crate) fn fused_applies(&self, kernels: Kernels, x: &Tensor) -> bool {
+        self.kernel_args().is_some_and(|a| a.applies(x, kernels))
+    }
+
+    /// The operands of the fused op (shared tensors, no copy); `None` when the activation
+    /// has no fused kernel.
+    fn kernel_args(&self) -> Option<FeedForwardArgs> {
+        Some(FeedForwardArgs {
+            norm: self.norm.weights(),
+            inner: match &self.inner {
+                FfnInner::Gated { gate, up } => KernelInner::Gated {
+                    gate: gate.weights(),
+                    up: up.weights(),
+                },
+                FfnInner::Plain(w) => KernelInner::Plain(w.weights()),
+            },
+            down: self.down.weights(),
+            act: self.act.fused()?,
+        })
+    }
+
+    /// The sub-block composed of single ops (fused element-wise kernels where `kernels`
+    /// allows): the reference the fused op is tested against.
+    pub fn composite(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        let h = self.norm.forward(kernels, x)?;
+        let a = match &self.inner {
+            FfnInner::Gated { gate, up } => {
+                let (g, u) = (gate.forward(&h)?, up.forward(&h)?); // [B, T, F]
+                self.act.apply_mul(kernels, &g, &u)?
+            }
+            FfnInner::Plain(w) => self.act.apply(kernels, &w.forward(&h)?)?,
+        };
+        Ok((x + self.down.forward(&a)?)?)
+    }
+}

@@ -1,0 +1,386 @@
+//! The fused sub-blocks against the same sub-blocks composed of single ops (whose gradients
+//! candle's autograd computes): outputs, the input gradient of a random projection of the
+//! output, and the keys and values a prefill hands to the KV cache.
+
+use super::*;
+use crate::kernels::attention::ROW_BLOCK;
+use crate::kernels::Kernels;
+use crate::model::ops::{self, Activation};
+use crate::model::{attention_bias, KvCache};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+use crate::kernels::tests::{assert_rel, max_abs};
+
+/// Runs `fused` and `composite` on the same input; compares outputs and input gradients
+/// of `sum(y * probe)`.
+fn check(
+    what: &str,
+    x: &Tensor,
+    fused: impl Fn(&Tensor) -> Tensor,
+    composite: impl Fn(&Tensor) -> Tensor,
+) {
+    let xv = Var::from_tensor(x).unwrap();
+    let y = fused(xv.as_tensor());
+    let y_ref = composite(xv.as_tensor());
+    assert_rel(&format!("{what}: forward"), &y, &y_ref, 1e-5);
+    let probe = rand(y.dims(), 99, 1.0);
+    let g = (&y * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_ref = (&y_ref * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (g, g_ref) = (
+        g.get(xv.as_tensor()).unwrap(),
+        g_ref.get(xv.as_tensor()).unwrap(),
+    );
+    assert_rel(&format!("{what}: grad x"), g, g_ref, 1e-4);
+    // Without a gradient to compute: same output, nothing kept.
+    let y_inf = fused(x);
+    assert_rel(&format!("{what}: inference"), &y_inf, &y, 1e-6);
+    assert!(max_abs(&y) > 0.0);
+}
+
+/// Random attention weights: `D`, heads, kv heads, head dim; q/k/v biases when `biased`,
+/// an o bias when `o_bias`.
+fn attention(
+    d: usize,
+    (h, hkv, dh): (usize, usize, usize),
+    seed: u64,
+    biased: bool,
+    o_bias: bool,
+    norm: &str,
+    scale: f64,
+) -> Attention {
+    let lin = |n: usize, k: usize, s: u64, b: bool| {
+        Linear::new(rand(&[n, k], s, 0.4), b.then(|| rand(&[n], s + 1, 0.2)))
+    };
+    let w = (rand(&[d], seed, 0.3) + 1.0).unwrap();
+    Attention {
+        norm: match norm {
+            "layer" => Norm::layer(w, rand(&[d], seed + 1, 0.3), 1e-5),
+            _ => Norm::rms(w, 1e-5),
+        },
+        q: lin(h * dh, d, seed + 2, biased),
+        k: lin(hkv * dh, d, seed + 4, biased),
+        v: lin(hkv * dh, d, seed + 6, biased),
+        qkv: None,
+        o: lin(d, h * dh, seed + 8, o_bias),
+        heads: h,
+        kv_heads: hkv,
+        head_dim: dh,
+        scale,
+    }
+}
+
+/// `attn` with its q, k, v stacked into `qkv` and replaced by views of it.
+fn stacked(mut attn: Attention) -> Attention {
+    let parts = [&attn.q, &attn.k, &attn.v];
+    let w = Tensor::cat(&parts.map(|p| &p.w), 0).unwrap();
+    let b = Tensor::cat(&parts.map(|p| p.b.as_ref().unwrap()), 0).unwrap();
+    let sizes = parts.map(|p| p.w.dim(0).unwrap());
+    let mut start = 0;
+    for (p, n) in [&mut attn.q, &mut attn.k, &mut attn.v]
+        .into_iter()
+        .zip(sizes)
+    {
+        *p = Linear::new(
+            w.narrow(0, start, n).unwrap(),
+            Some(b.narrow(0, start, n).unwrap()),
+        );
+        start += n;
+    }
+    attn.qkv = Some(Linear::new(w, Some(b)));
+    attn
+}
+
+/// A padded batch mask `[B, T]`: row `i` has its last `i` positions padded.
+fn padded_mask(b: usize, t: usize) -> Tensor {
+    let v: Vec<f32> = (0..b)
+        .flat_map(|i| (0..t).map(move |j| if j + i < t { 1.0 } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+}
+
+fn rotary(dh: usize, t: usize, interleaved: bool) -> Rotary {
+    let (cos, sin) = ops::rope_tables(dh, 10000.0, 0, t, &Device::Cpu).unwrap();
+    Rotary {
+        cos,
+        sin,
+        interleaved,
+    }
+}
+
+/// [`check`] on the whole sequence and at some rows (a repeated one included).
+fn check_attn(what: &str, x: &Tensor, attn: &Attention, ctx: &AttentionContext) {
+    assert!(attn.fused_applies(x, ctx), "{what}: fused path not taken");
+    check(
+        what,
+        x,
+        |x| attn.forward(x, ctx, None, None).unwrap(),
+        |x| attn.composite(x, ctx, None).unwrap(),
+    );
+    let (b, t, d) = x.dims3().unwrap();
+    let rows = Tensor::new(&[(b * t - 1) as u32, 2, 13, 6, 13], &Device::Cpu).unwrap();
+    check(
+        &format!("{what} at rows"),
+        x,
+        |x| attn.forward(x, ctx, Some(&rows), None).unwrap(),
+        |x| {
+            let y = attn.composite(x, ctx, None).unwrap();
+            y.reshape((b * t, d))
+                .unwrap()
+                .index_select(&rows, 0)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        },
+    );
+}
+
+fn ctx<'a>(bias: &'a Tensor, rotary: Option<&'a Rotary>) -> AttentionContext<'a> {
+    AttentionContext {
+        bias,
+        rotary,
+        kernels: Kernels::fast(),
+    }
+}
+
+#[test]
+fn attention_block_matches_composite() {
+    let (b, t, d) = (3, 7, 24);
+    let x = rand(&[b, t, d], 1, 1.0);
+    let causal = attention_bias(&padded_mask(b, t), t, true).unwrap(); // [B, 1, T, T]
+                                                                       // Llama-style: RMSNorm, grouped-query attention, rotary (both layouts), q/k/v biases or
+                                                                       // none.
+    for (interleaved, biased) in [(false, false), (true, true)] {
+        let attn = attention(d, (6, 2, 4), 10, biased, false, "rms", 0.5);
+        let r = rotary(4, t, interleaved);
+        check_attn(
+            &format!("llama-style (interleaved {interleaved}, biases {biased})"),
+            &x,
+            &attn,
+            &ctx(&causal, Some(&r)),
+        );
+    }
+    // GPT-2-style: LayerNorm, biases everywhere, no rotary; q, k, v also stacked in one
+    // projection (the composite path's single product) with q, k, v as views of it.
+    let attn = attention(d, (3, 3, 8), 20, true, true, "layer", 0.3);
+    check_attn("gpt2-style", &x, &attn, &ctx(&causal, None));
+    check_attn(
+        "gpt2-style, stacked qkv",
+        &x,
+        &stacked(attn),
+        &ctx(&causal, None),
+    );
+    // T5-style: a bias per head and row `[B, H, T, T]` (position bias plus padding), and one
+    // shared by the batch `[1, H, T, T]`; no scaling, inner width != D.
+    let (h, dh) = (4, 5);
+    let attn = attention(d, (h, h, dh), 30, false, false, "rms", 1.0);
+    let pos = rand(&[1, h, t, t], 31, 2.0);
+    let full = attention_bias(&padded_mask(b, t), t, false)
+        .unwrap()
+        .broadcast_add(&pos)
+        .unwrap();
+    for bias in [&full, &pos] {
+        check_attn(
+            &format!("t5-style (bias {:?})", bias.dims()),
+            &x,
+            &attn,
+            &ctx(bias, None),
+        );
+    }
+}
+
+/// Sequences longer than a row block, causal, padded on the right (row 0) and on the left
+/// (row 1: its first queries see no real key, so their softmax spreads over every key):
+/// the blocks skip masked keys exactly.
+#[test]
+fn causal_row_blocks_match_composite() {
+    let (b, t, d) = (2, 2 * ROW_BLOCK + 6, 16);
+    let x = rand(&[b, t, d], 5, 1.0);
+    let mask: Vec<f32> = (0..t)
+        .map(|j| if j + 5 < t { 1.0 } else { 0.0 })
+        .chain((0..t).map(|j| if j >= 3 { 1.0 } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+    let causal = attention_bias(&mask, t, true).unwrap(); // [B, 1, T, T]
+    let attn = attention(d, (4, 2, 4), 60, true, true, "rms", 0.5);
+    let r = rotary(4, t, false);
+    check_attn("causal, 3 row blocks", &x, &attn, &ctx(&causal, Some(&r)));
+}
+
+#[test]
+fn feed_forward_block_matches_composite() {
+    let (b, t, d, f) = (2, 5, 12, 20);
+    let x = rand(&[b, t, d], 2, 1.0);
+    let norm_w = (rand(&[d], 40, 0.3) + 1.0).unwrap();
+    let rms = Norm::rms(norm_w.clone(), 1e-5);
+    let layer = Norm::layer(norm_w, rand(&[d], 41, 0.3), 1e-5);
+    let (wg, bg) = (rand(&[f, d], 42, 0.5), rand(&[f], 43, 0.3));
+    let (wu, bu) = (rand(&[f, d], 44, 0.5), rand(&[f], 45, 0.3));
+    let (wd, bd) = (rand(&[d, f], 46, 0.5), rand(&[d], 47, 0.3));
+    let lin = |w: &Tensor, b: Option<&Tensor>| Linear::new(w.clone(), b.cloned());
+    let cases = [
+        (
+            "swiglu",
+            &rms,
+            FfnInner::Gated {
+                gate: lin(&wg, None),
+                up: lin(&wu, None),
+            },
+            Activation::Silu,
+            None,
+        ),
+        (
+            "gated gelu",
+            &rms,
+            FfnInner::Gated {
+                gate: lin(&wg, Some(&bg)),
+                up: lin(&wu, Some(&bu)),
+            },
+            Activation::GeluTanh,
+            None,
+        ),
+        (
+            "relu",
+            &rms,
+            FfnInner::Plain(lin(&wg, None)),
+            Activation::Relu,
+            None,
+        ),
+        (
+            "gpt2 gelu",
+            &layer,
+            FfnInner::Plain(lin(&wg, Some(&bg))),
+            Activation::GeluTanh,
+            Some(&bd),
+        ),
+    ];
+    let k = Kernels::fast();
+    for (what, norm, inner, act, down_b) in cases {
+        let ffn = FeedForward {
+            norm: norm.clone(),
+            inner,
+            act,
+            down: lin(&wd, down_b),
+        };
+        assert!(ffn.fused_applies(k, &x), "{what}: fused path not taken");
+        check(
+            what,
+            &x,
+            |x| ffn.forward(k, x).unwrap(),
+            |x| ffn.composite(k, x).unwrap(),
+        );
+    }
+    // Exact GELU has no fused kernel: the composite ops run instead.
+    let ffn = FeedForward {
+        norm: rms,
+        inner: FfnInner::Plain(lin(&wg, None)),
+        act: Activation::GeluErf,
+        down: lin(&wd, None),
+    };
+    assert!(!ffn.fused_applies(k, &x));
+}
+
+#[test]
+fn trained_weight_takes_the_composite_path() {
+    let (b, t, d, f) = (2, 3, 8, 10);
+    let x = Var::from_tensor(&rand(&[b, t, d], 3, 1.0)).unwrap();
+    let wg = Var::from_tensor(&rand(&[f, d], 50, 0.5)).unwrap();
+    let ffn = FeedForward {
+        norm: Norm::rms(Tensor::ones(d, DType::F32, &Device::Cpu).unwrap(), 1e-5),
+        inner: FfnInner::Plain(Linear::new(wg.as_tensor().clone(), None)),
+        act: Activation::Relu,
+        down: Linear::new(rand(&[d, f], 51, 0.5), None),
+    };
+    assert!(!ffn.fused_applies(Kernels::fast(), x.as_tensor()));
+    let y = ffn.forward(Kernels::fast(), x.as_tensor()).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(
+        grads.get(wg.as_tensor()).is_some(),
+        "the trained weight has a gradient"
+    );
+}
+
+/// The forward-only op that fills an empty KV cache against the cache path of single ops:
+/// the output (whole sequence and at rows) and the keys (rotated) and values
+/// `[B, H_kv, T, Dh]` in the cache, with a left-padded causal mask longer than a row block;
+/// a grouped-query rotary (Llama) and a GPT-2-style block. An input that needs a gradient
+/// takes the cache path of single ops, with the same results.
+#[test]
+fn prefill_with_kv_matches_cache_path() {
+    let (b, t, d) = (3, ROW_BLOCK + 9, 24);
+    let x = rand(&[b, t, d], 7, 1.0);
+    // Row `i` has its first `3 i` positions padded.
+    let mask: Vec<f32> = (0..b)
+        .flat_map(|i| (0..t).map(move |j| if j < 3 * i { 0.0 } else { 1.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+    let causal = attention_bias(&mask, t, true).unwrap(); // [B, 1, T, T]
+    let check_kv = |what: &str, attn: &Attention, ctx: &AttentionContext| {
+        assert!(attn.fused_applies(&x, ctx), "{what}: fused path not taken");
+        let mut want = KvCache::new(1);
+        let y_ref = attn.composite(&x, ctx, Some((&mut want, 0))).unwrap();
+        let (k, v) = want.layers[0].clone().unwrap();
+        let rows = Tensor::new(
+            &[(t - 1) as u32, (2 * t - 1) as u32, (3 * t - 1) as u32],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y_rows = y_ref
+            .reshape((b * t, d))
+            .unwrap()
+            .index_select(&rows, 0)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        for (label, input, at, y_want) in [
+            ("", &x, None, &y_ref),
+            (" at rows", &x, Some(&rows), &y_rows),
+            (" with a gradient", xv.as_tensor(), None, &y_ref),
+        ] {
+            let mut cache = KvCache::new(1);
+            let y = attn.forward(input, ctx, at, Some((&mut cache, 0))).unwrap();
+            let (k_got, v_got) = cache.layers[0].clone().unwrap();
+            assert_rel(&format!("{what}{label}: output"), &y, y_want, 1e-5);
+            assert_rel(&format!("{what}{label}: keys"), &k_got, &k, 1e-5);
+            assert_rel(&format!("{what}{label}: values"), &v_got, &v, 1e-5);
+        }
+    };
+    // Llama-style: RMSNorm, grouped-query attention, rotary in both layouts.
+    for interleaved in [false, true] {
+        let attn = attention(d, (6, 2, 4), 70, interleaved, false, "rms", 0.5);
+        let r = rotary(4, t, interleaved);
+        check_kv(
+            &format!("llama-style (interleaved {interleaved})"),
+            &attn,
+            &ctx(&causal, Some(&r)),
+        );
+    }
+    // GPT-2-style: LayerNorm, biases everywhere, no rotary.
+    let attn = attention(d, (3, 3, 8), 80, true, true, "layer", 0.3);
+    check_kv("gpt2-style", &attn, &ctx(&causal, None));
+}
