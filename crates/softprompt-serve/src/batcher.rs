@@ -234,14 +234,14 @@ impl Batcher {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> softprompt::Result<Vec<Reply>> {
             if !gens.is_empty() {
                 let cancelled = |i: usize| replies[i].is_closed();
-                let outs = if model.backbone.is_seq2seq() {
+                let outs = if model.backbone.info().is_encoder_decoder() {
                     seq2seq::generate(model, &gens, &cancelled)?
                 } else {
                     engine::generate(model, &gens, &mut prefill, &cancelled)?
                 };
                 Ok(outs.into_iter().map(Reply::Generate).collect())
             } else {
-                let outs = if model.backbone.is_seq2seq() {
+                let outs = if model.backbone.info().is_encoder_decoder() {
                     seq2seq::classify(model, &clss, max_rows)?
                 } else {
                     engine::classify(model, &clss, max_rows, &mut prefill)?

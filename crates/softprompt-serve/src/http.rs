@@ -1,7 +1,7 @@
 //! Routes, request/response bodies, authentication and per-request limits.
 
 use crate::batcher::{Batcher, Reply, Work};
-use crate::engine::{votes, ClsItem, GenItem, GenParams};
+use crate::engine::{ClsItem, GenItem};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Task, Upload};
@@ -15,6 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
+use softprompt::decode::DecodeParams;
+use softprompt::eval::ensemble::votes;
 use softprompt::load::Model;
 use std::sync::Arc;
 use std::time::Instant;
@@ -234,7 +236,7 @@ pub fn generate_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, GenItem), A
         prompts: task.prompts.clone(),
         prompt_kv: task.prompt_kv.clone(),
         source,
-        params: GenParams { max_new_tokens: max_new, temperature, stop, seed: req.seed },
+        params: DecodeParams { max_new_tokens: max_new, temperature, stop, seed: req.seed },
     };
     Ok((task, item))
 }

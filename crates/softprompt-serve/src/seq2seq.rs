@@ -16,12 +16,13 @@
 //! The inputs are the library's: encoder inputs end with EOS (the HTTP layer appends it) and
 //! label targets end with EOS (`ClassificationTask::label_targets`).
 
-use crate::engine::{decode_step, ClsItem, ClsOutput, Decoding, GenItem, GenOutput};
-use candle_core::{DType, Device, Tensor};
-use softprompt::batch::{collate, per_example_sums, Example};
+use crate::engine::{ClsItem, ClsOutput, GenItem, GenOutput, GenerationBatch};
+use candle_core::{Device, Tensor};
+use softprompt::batch::{collate, pad_embeds, pad_ids, per_example_sums, Example, PaddedEmbeds, Side};
+use softprompt::decode::DecodeState;
 use softprompt::load::Model;
 use softprompt::model::ops::token_nll;
-use softprompt::model::{Backbone, KvCache, LogitsAt, Seq2SeqLm};
+use softprompt::model::{Backbone, LogitsAt, Seq2SeqLm};
 use softprompt::Result;
 
 /// The encoder-decoder backbone of `model`, or an error for decoder-only models.
@@ -35,43 +36,17 @@ pub fn seq2seq(model: &Model) -> Result<&dyn Seq2SeqLm> {
     }
 }
 
-
 /// Encoder input `[B, L, D]` and mask `[B, L]` for rows `(prompt [N_i, D], tokens)`:
 /// `[P_i; embed(x_i)]` followed by zero vectors up to `L = max(N_i + S_i)`.
-fn encoder_input(m: &dyn Seq2SeqLm, rows: &[(&Tensor, &[u32])], device: &Device) -> Result<(Tensor, Tensor)> {
-    let b = rows.len();
-    let d = m.info().d_model;
-    let pad = m.info().pad_id();
-    let s_max = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(1);
-    let mut ids = Vec::with_capacity(b * s_max);
-    for (_, src) in rows {
-        ids.extend(src.iter().copied());
-        ids.extend(std::iter::repeat_n(pad, s_max - src.len()));
+fn encoder_input(m: &dyn Seq2SeqLm, rows: &[(&Tensor, &[u32])], device: &Device) -> Result<PaddedEmbeds> {
+    let tokens: Vec<&[u32]> = rows.iter().map(|r| r.1).collect();
+    let inputs = pad_ids(&tokens, Side::Right, m.info().pad_id(), 1, device)?; // [B, S]
+    let emb = m.embed(&inputs.ids)?; // [B, S, D]
+    let mut pieces = Vec::with_capacity(rows.len());
+    for (i, (prompt, src)) in rows.iter().enumerate() {
+        pieces.push(vec![(*prompt).clone(), emb.get(i)?.narrow(0, 0, src.len())?]); // [N_i, D], [S_i, D]
     }
-    let ids = Tensor::from_vec(ids, (b, s_max), device)?;
-    let emb = m.embed(&ids)?; // [B, S, D]
-    let mut lens = Vec::with_capacity(b);
-    for (p, s) in rows {
-        lens.push(p.dim(0)? + s.len());
-    }
-    let l = lens.iter().copied().max().unwrap_or(0);
-    let mut xs = Vec::with_capacity(b);
-    let mut mask = Vec::with_capacity(b * l);
-    for (i, (p, src)) in rows.iter().enumerate() {
-        let s = src.len();
-        let mut parts = Vec::with_capacity(3);
-        parts.push(p.to_dtype(emb.dtype())?); // [N_i, D]
-        if s > 0 {
-            parts.push(emb.get(i)?.narrow(0, 0, s)?); // [S_i, D]
-        }
-        if lens[i] < l {
-            parts.push(Tensor::zeros((l - lens[i], d), emb.dtype(), device)?);
-        }
-        xs.push(Tensor::cat(&parts, 0)?); // [L, D]
-        mask.extend((0..l).map(|j| if j < lens[i] { 1f32 } else { 0. }));
-    }
-    let x = Tensor::stack(&xs, 0)?; // [B, L, D]
-    Ok((x, Tensor::from_vec(mask, (b, l), device)?))
+    pad_embeds(&pieces, Side::Right, emb.dtype())
 }
 
 /// Generates for every item in one batch: one encoder pass, then one decoder step per token
@@ -80,47 +55,16 @@ fn encoder_input(m: &dyn Seq2SeqLm, rows: &[(&Tensor, &[u32])], device: &Device)
 /// requests leave the batch at once.
 pub fn generate(model: &Model, items: &[GenItem], cancelled: &dyn Fn(usize) -> bool) -> Result<Vec<GenOutput>> {
     let m = seq2seq(model)?;
-    let device = &model.device;
-    let info = m.info();
-    let tokenizer = model.tokenizer()?;
-    let mut states = Decoding::start(items);
-    // Row -> request, one row per (request, prompt); a request's rows are adjacent.
-    let mut owners: Vec<usize> = Vec::new();
-    let mut rows: Vec<(&Tensor, &[u32])> = Vec::new();
-    for (i, it) in items.iter().enumerate() {
-        if states[i].is_finished() {
-            continue;
-        }
-        for p in &it.prompts {
-            owners.push(i);
-            rows.push((p, it.source.as_slice()));
-        }
-    }
-    if !rows.is_empty() {
-        let (x, mut enc_mask) = encoder_input(m, &rows, device)?; // [B, L, D], [B, L]
-        let mut enc = m.encode(&x, &enc_mask)?; // [B, L, D]
-        let mut cache = KvCache::new(info.n_layers);
-        let start = info.decoder_start_token_id.unwrap_or_else(|| info.pad_id());
-        let mut next = Tensor::from_vec(vec![start; owners.len()], (owners.len(), 1), device)?; // [B, 1]
-        loop {
-            let logits = m.decode(&next, &enc, &enc_mask, Some(&mut cache), LogitsAt::Last)?; // [B, V]
-            let lv: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?; // [B][V]
-            let (chosen, keep) = decode_step(&lv, &owners, items, &mut states, tokenizer, info, cancelled)?;
-            if keep.is_empty() {
-                break;
-            }
-            if keep.len() < owners.len() {
-                let idx = Tensor::new(keep.as_slice(), device)?;
-                cache.index_rows(&idx)?; // self and cross keys/values
-                enc = enc.index_select(&idx, 0)?;
-                enc_mask = enc_mask.index_select(&idx, 0)?;
-                owners = keep.iter().map(|&r| owners[r as usize]).collect();
-            }
-            let ids: Vec<u32> = owners.iter().map(|&i| chosen[i]).collect();
-            next = Tensor::from_vec(ids, (owners.len(), 1), device)?; // [B, 1]
-        }
-    }
-    Decoding::outputs(states, tokenizer)
+    let generation = GenerationBatch::new(model, items)?;
+    let rows: Vec<(&Tensor, &[u32])> =
+        generation.rows().map(|(i, j)| (&items[i].prompts[j], items[i].source.as_slice())).collect();
+    let state = if rows.is_empty() {
+        None
+    } else {
+        let encoder = encoder_input(m, &rows, &model.device)?; // [B, L, D], [B, L]
+        Some(DecodeState::seq2seq(m, &encoder.embeds, encoder.mask)?)
+    };
+    generation.run(state, cancelled)
 }
 
 /// Rank classification of every item: the decoder log-likelihood of each label's target
@@ -141,11 +85,7 @@ pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize) -> Result<Vec
         if it.source.is_empty() || it.label_targets.is_empty() || it.label_targets.iter().any(|t| t.is_empty()) {
             softprompt::bail!("classification needs a non-empty input and non-empty label targets");
         }
-        let n_labels = it.label_targets.len();
-        out.push(ClsOutput {
-            scores: vec![0.0; n_labels],
-            per_prompt: vec![vec![0.0; n_labels]; it.prompts.len()],
-        });
+        out.push(ClsOutput::zeros(it));
         enc_rows.extend((0..it.prompts.len()).map(|j| (i, j)));
     }
     let mut first = 0;
@@ -165,8 +105,8 @@ pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize) -> Result<Vec
 
         let spec: Vec<(&Tensor, &[u32])> =
             chunk.iter().map(|&(i, j)| (&items[i].prompts[j], items[i].source.as_slice())).collect();
-        let (x, mask) = encoder_input(m, &spec, device)?; // [E, L, D], [E, L]
-        let enc = m.encode(&x, &mask)?; // [E, L, D]
+        let PaddedEmbeds { embeds, mask, .. } = encoder_input(m, &spec, device)?; // [E, L, D], [E, L]
+        let enc = m.encode(&embeds, &mask)?; // [E, L, D]
 
         // Decoder rows: the library's layout for (source, label) pairs (`[start] + target`,
         // scored on `target`), built by `collate`; its encoder side is `enc` instead, so the
@@ -195,11 +135,6 @@ pub fn classify(model: &Model, items: &[ClsItem], max_rows: usize) -> Result<Vec
             out[i].per_prompt[j][l] = -s;
         }
     }
-    for o in &mut out {
-        let k = o.per_prompt.len().max(1) as f32;
-        for l in 0..o.scores.len() {
-            o.scores[l] = o.per_prompt.iter().map(|p| p[l]).sum::<f32>() / k;
-        }
-    }
+    out.iter_mut().for_each(ClsOutput::average);
     Ok(out)
 }

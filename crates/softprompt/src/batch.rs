@@ -5,10 +5,133 @@
 //! row is scored at position `N + s - 1`. Encoder-decoder models: the source goes to the
 //! encoder (RIGHT padded), the decoder reads `[start] + target[..-1]` and is scored on
 //! `target`.
+//!
+//! [`pad_ids`] and [`pad_embeds`] are the one padding helper: batches, generation, beam search,
+//! rank classification and both server engines lay their rows out with them.
 
 use crate::model::ModelInfo;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
+
+/// Which end of a row its padding goes to. Decoder-only inputs are padded on the left, so
+/// that every row's last token is the batch's last position and generation continues right
+/// after it; encoder inputs and decoder targets on the right, where nothing reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    Right,
+}
+
+impl Side {
+    /// The side `info`'s model takes its inputs padded on: right for an encoder, left for a
+    /// decoder-only model.
+    pub fn of_inputs(info: &ModelInfo) -> Side {
+        if info.is_encoder_decoder() {
+            Side::Right
+        } else {
+            Side::Left
+        }
+    }
+
+    /// Pads before a row of `len` padded to `width`.
+    pub fn lead(self, len: usize, width: usize) -> usize {
+        match self {
+            Side::Left => width.saturating_sub(len),
+            Side::Right => 0,
+        }
+    }
+
+    /// The mask of a row of `len` padded to `width`: 1 = token, 0 = pad.
+    pub fn mask(self, len: usize, width: usize) -> impl Iterator<Item = f32> {
+        let lead = self.lead(len, width);
+        (0..width).map(move |j| if j >= lead && j < lead + len { 1f32 } else { 0. })
+    }
+}
+
+/// Rows of token ids padded to one width.
+#[derive(Debug)]
+pub struct PaddedIds {
+    /// `[B, W]` u32.
+    pub ids: Tensor,
+    /// `[B, W]` f32: 1 = token, 0 = pad.
+    pub mask: Tensor,
+    /// `W`: the longest row, or the minimum width asked for.
+    pub width: usize,
+}
+
+/// Pads `rows` with `pad` on `side` to the longest row (at least `min_width`).
+pub fn pad_ids<R: AsRef<[u32]>>(rows: &[R], side: Side, pad: u32, min_width: usize, device: &Device) -> Result<PaddedIds> {
+    let b = rows.len();
+    let width = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0).max(min_width);
+    let mut ids = Vec::with_capacity(b * width);
+    let mut mask = Vec::with_capacity(b * width);
+    for row in rows {
+        let row = row.as_ref();
+        let lead = side.lead(row.len(), width);
+        ids.extend(std::iter::repeat_n(pad, lead));
+        ids.extend(row);
+        ids.extend(std::iter::repeat_n(pad, width - lead - row.len()));
+        mask.extend(side.mask(row.len(), width));
+    }
+    Ok(PaddedIds {
+        ids: Tensor::from_vec(ids, (b, width), device)?,
+        mask: Tensor::from_vec(mask, (b, width), device)?,
+        width,
+    })
+}
+
+/// The mask `[B, W]` of rows of `lens` padded on `side` to `width`.
+pub fn pad_mask(lens: &[usize], width: usize, side: Side, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = lens.iter().flat_map(|&len| side.mask(len, width)).collect();
+    Ok(Tensor::from_vec(mask, (lens.len(), width), device)?)
+}
+
+/// Rows of vectors padded with zero vectors to one length.
+#[derive(Debug)]
+pub struct PaddedEmbeds {
+    /// `[B, L, D]`.
+    pub embeds: Tensor,
+    /// `[B, L]` f32: 1 = real, 0 = pad.
+    pub mask: Tensor,
+    /// `L_i` per row, pads not counted.
+    pub lens: Vec<usize>,
+}
+
+/// Pads rows of vectors, each the concatenation of its `pieces` (`[L_ik, D]`, empty ones
+/// allowed), with zero vectors on `side` to the longest row, all in `dtype`.
+pub fn pad_embeds(rows: &[Vec<Tensor>], side: Side, dtype: DType) -> Result<PaddedEmbeds> {
+    let Some(like) = rows.iter().flatten().next() else {
+        crate::bail!("padding: no rows of vectors");
+    };
+    let (_, d) = like.dims2()?;
+    let device = like.device();
+    let mut lens = Vec::with_capacity(rows.len());
+    for pieces in rows {
+        let mut len = 0;
+        for p in pieces {
+            len += p.dim(0)?;
+        }
+        lens.push(len);
+    }
+    let width = lens.iter().copied().max().unwrap_or(0);
+    let mut padded = Vec::with_capacity(rows.len());
+    for (pieces, &len) in rows.iter().zip(&lens) {
+        let lead = side.lead(len, width);
+        let mut parts = Vec::with_capacity(pieces.len() + 2);
+        parts.push(Tensor::zeros((lead, d), dtype, device)?);
+        for p in pieces.iter().filter(|p| p.dim(0).is_ok_and(|n| n > 0)) {
+            parts.push(p.to_dtype(dtype)?);
+        }
+        parts.push(Tensor::zeros((width - lead - len, d), dtype, device)?);
+        parts.retain(|t| t.dim(0).is_ok_and(|n| n > 0));
+        padded.push(Tensor::cat(&parts, 0)?); // [L, D]
+    }
+    Ok(PaddedEmbeds {
+        embeds: Tensor::stack(&padded, 0)?, // [B, L, D]
+        mask: pad_mask(&lens, width, side, device)?,
+        lens,
+    })
+}
 
 /// One tokenized example. `target` already ends with EOS where the task wants one.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,54 +171,36 @@ pub fn collate(examples: &[Example], info: &ModelInfo, n_prompt: usize, device: 
         crate::bail!("an example has an empty target: nothing to score");
     }
     let pad = info.pad_id();
-    let b = examples.len();
     let mut label_rows = Vec::new();
     let mut label_ids = Vec::new();
     let mut label_example = Vec::new();
     let n_tokens = examples.iter().map(|e| e.source.len() + e.target.len()).sum();
     let target_lens = examples.iter().map(|e| e.target.len()).collect();
-    if let Some(start) = info.decoder_start_token_id {
-        // Encoder-decoder.
-        let s = examples.iter().map(|e| e.source.len()).max().unwrap_or(0).max(1);
+    let (inputs, decoder_input_ids) = if info.is_encoder_decoder() {
+        let sources: Vec<&[u32]> = examples.iter().map(|e| e.source.as_slice()).collect();
+        let encoder = pad_ids(&sources, Side::Right, pad, 1, device)?; // [B, S]
+        // transformers' shift_right of the padded labels: [start] + target, then pads
+        // (the token after the last target only feeds positions that are not scored).
+        let start = info.decoder_start_token_id.unwrap_or(pad);
         let t = examples.iter().map(|e| e.target.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(b * s);
-        let mut mask = Vec::with_capacity(b * s);
-        let mut dec = Vec::with_capacity(b * t);
+        let shifted: Vec<Vec<u32>> =
+            examples.iter().map(|e| std::iter::once(start).chain(e.target.iter().copied()).take(t).collect()).collect();
+        let decoder = pad_ids(&shifted, Side::Right, pad, t, device)?; // [B, T]
         for (i, e) in examples.iter().enumerate() {
-            ids.extend(e.source.iter().copied().chain(std::iter::repeat(pad)).take(s));
-            mask.extend((0..s).map(|j| if j < e.source.len() { 1f32 } else { 0. }));
-            // transformers' shift_right of the padded labels: [start] + target, then pads
-            // (the token after the last target only feeds positions that are not scored).
-            let shifted = std::iter::once(start).chain(e.target.iter().copied());
-            dec.extend(shifted.chain(std::iter::repeat(pad)).take(t));
             for (j, &tok) in e.target.iter().enumerate() {
                 label_rows.push((i * t + j) as u32);
                 label_ids.push(tok);
                 label_example.push(i);
             }
         }
-        Ok(Batch {
-            input_ids: Tensor::from_vec(ids, (b, s), device)?,
-            attention_mask: Tensor::from_vec(mask, (b, s), device)?,
-            decoder_input_ids: Some(Tensor::from_vec(dec, (b, t), device)?),
-            label_rows: Tensor::new(label_rows, device)?,
-            label_ids: Tensor::new(label_ids, device)?,
-            label_example,
-            target_lens,
-            n_tokens,
-        })
+        (encoder, Some(decoder.ids))
     } else {
-        // Decoder-only.
-        let s = examples.iter().map(|e| e.source.len() + e.target.len()).max().unwrap_or(0);
-        let full = n_prompt + s;
-        let mut ids = Vec::with_capacity(b * s);
-        let mut mask = Vec::with_capacity(b * s);
-        for (i, e) in examples.iter().enumerate() {
-            let len = e.source.len() + e.target.len();
-            let pads = s - len;
-            ids.extend(std::iter::repeat_n(pad, pads));
-            ids.extend(e.source.iter().chain(e.target.iter()).copied());
-            mask.extend((0..s).map(|j| if j < pads { 0f32 } else { 1. }));
+        // `source + target`, left padded.
+        let rows: Vec<Vec<u32>> = examples.iter().map(|e| [e.source.as_slice(), &e.target].concat()).collect();
+        let inputs = pad_ids(&rows, Side::Left, pad, 0, device)?; // [B, S]
+        let full = n_prompt + inputs.width;
+        for (i, (e, row)) in examples.iter().zip(&rows).enumerate() {
+            let pads = Side::Left.lead(row.len(), inputs.width);
             for (j, &tok) in e.target.iter().enumerate() {
                 let s_pos = pads + e.source.len() + j; // index of the target token in S
                 let predicting = n_prompt + s_pos; // position in N+S of the token itself
@@ -107,17 +212,18 @@ pub fn collate(examples: &[Example], info: &ModelInfo, n_prompt: usize, device: 
                 label_example.push(i);
             }
         }
-        Ok(Batch {
-            input_ids: Tensor::from_vec(ids, (b, s), device)?,
-            attention_mask: Tensor::from_vec(mask, (b, s), device)?,
-            decoder_input_ids: None,
-            label_rows: Tensor::new(label_rows, device)?,
-            label_ids: Tensor::new(label_ids, device)?,
-            label_example,
-            target_lens,
-            n_tokens,
-        })
-    }
+        (inputs, None)
+    };
+    Ok(Batch {
+        input_ids: inputs.ids,
+        attention_mask: inputs.mask,
+        decoder_input_ids,
+        label_rows: Tensor::new(label_rows, device)?,
+        label_ids: Tensor::new(label_ids, device)?,
+        label_example,
+        target_lens,
+        n_tokens,
+    })
 }
 
 /// Sums per-token values `[M]` into per-example totals using `label_example`.
@@ -128,4 +234,39 @@ pub fn per_example_sums(values: &Tensor, batch: &Batch) -> Result<Vec<f32>> {
         out[i] += x;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_pad_left_or_right_with_their_masks() {
+        let rows = [vec![5u32, 6, 7], vec![8]];
+        let left = pad_ids(&rows, Side::Left, 0, 0, &Device::Cpu).unwrap();
+        assert_eq!(left.width, 3);
+        assert_eq!(left.ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![0, 0, 8]]);
+        assert_eq!(left.mask.to_vec2::<f32>().unwrap(), vec![vec![1., 1., 1.], vec![0., 0., 1.]]);
+        let right = pad_ids(&rows, Side::Right, 9, 4, &Device::Cpu).unwrap();
+        assert_eq!(right.ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7, 9], vec![8, 9, 9, 9]]);
+        assert_eq!(right.mask.to_vec2::<f32>().unwrap(), vec![vec![1., 1., 1., 0.], vec![1., 0., 0., 0.]]);
+    }
+
+    #[test]
+    fn embeddings_pad_with_zero_vectors() {
+        let a = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::full(2f32, (1, 3), &Device::Cpu).unwrap();
+        let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let rows = vec![vec![a.clone(), b.clone()], vec![b, empty]];
+        for side in [Side::Left, Side::Right] {
+            let p = pad_embeds(&rows, side, DType::F32).unwrap();
+            assert_eq!(p.lens, vec![3, 1]);
+            assert_eq!(p.embeds.dims(), &[2, 3, 3]);
+            let second: Vec<f32> = p.embeds.get(1).unwrap().sum(1).unwrap().to_vec1().unwrap(); // [L]
+            let mask = p.mask.to_vec2::<f32>().unwrap();
+            let expected = if side == Side::Left { [0., 0., 6.] } else { [6., 0., 0.] };
+            assert_eq!(second, expected);
+            assert_eq!(mask[1], expected.map(|x| if x > 0. { 1. } else { 0. }));
+        }
+    }
 }

@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod batch;
+pub mod decode;
 pub mod error;
 pub mod eval;
 pub mod fetch;
@@ -23,3 +24,8 @@ pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The word-level tokenizer of the test fixtures, shared with the integration tests.
+#[cfg(test)]
+#[path = "../tests/common/word_level.rs"]
+pub(crate) mod test_word_level;

@@ -44,10 +44,8 @@ fn sources(m: &Model) -> Vec<Vec<u32>> {
         vec![64, 65, 66, 67, 68, 69],
         vec![11],
     ];
-    if info.decoder_start_token_id.is_some() {
-        for r in &mut rows {
-            r.extend(info.eos_token_ids.first());
-        }
+    for r in &mut rows {
+        info.end_source(r);
     }
     rows
 }
@@ -183,9 +181,8 @@ fn ensemble_scores_equal_each_prompt_alone() {
         let prompts = Tensor::stack(&[&p0, &p1, &p2], 0).unwrap(); // [3, 5, 32]
         let srcs = sources(&m);
         let eos = info.eos_token_ids[0];
-        let seq2seq = info.decoder_start_token_id.is_some();
         let with_eos = |mut v: Vec<u32>| {
-            if seq2seq {
+            if info.is_encoder_decoder() {
                 v.push(eos);
             }
             v
@@ -227,7 +224,7 @@ fn ensemble_scores_equal_each_prompt_alone() {
             // Small batches (whole groups of one input's rows) give the same numbers for T5
             // (right padding moves no position); decoder-only rows depend on their left
             // padding, which depends on the batch.
-            if seq2seq {
+            if info.is_encoder_decoder() {
                 let small = ensemble_label_log_likelihoods(
                     &m.backbone,
                     &prompts,

@@ -1,8 +1,8 @@
 //! Beam search with a KV cache, for decoder-only and encoder-decoder models.
 //!
 //! Each source is searched on its own: the (prompted) input is run once with batch 1, then
-//! the cache is replicated to the live beams with [`KvCache::index_rows`] and re-indexed after
-//! every step so that row `i` of the cache always belongs to beam `i`.
+//! the model state ([`DecodeState`]: KV cache, encoder output) is replicated to the live beams
+//! and re-indexed before every step so that its row `i` always belongs to beam `i`.
 //!
 //! A step expands every live beam by every token, ranks the candidates by their total
 //! log-probability (ties: lower beam, then lower token id, so one beam is exactly greedy
@@ -14,8 +14,10 @@
 //! current normalised score (transformers' heuristic). Beams alive after `max_new_tokens`
 //! steps compete with the finished ones.
 
+use crate::batch::{pad_ids, Side};
+use crate::decode::DecodeState;
 use crate::model::ops::log_softmax_last_dim;
-use crate::model::{Backbone, KvCache, LogitsAt};
+use crate::model::Backbone;
 use crate::prompt::prepend;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -116,62 +118,36 @@ pub fn beam_search_one(
         }]);
     }
     let pad = info.pad_id();
-    let ids = Tensor::new(source, device)?.unsqueeze(0)?; // [1, S]
-    let mask = Tensor::ones((1, source.len()), DType::F32, device)?; // [1, S]
-    let embeds = backbone.embed(&ids)?; // [1, S, D]
+    let input = pad_ids(&[source], Side::of_inputs(info), pad, 0, device)?; // [1, S], no pads
+    let embeds = backbone.embed(&input.ids)?; // [1, S, D]
     let (embeds, mask) = match prompt {
-        Some(p) => prepend(&p.detach(), &embeds, &mask)?, // no autograd graph in search
-        None => (embeds, mask),
+        Some(p) => prepend(&p.detach(), &embeds, &input.mask)?, // no autograd graph in search
+        None => (embeds, input.mask),
     };
     let prefix = embeds.dim(1)?;
     if let Some(max) = info.max_positions {
         let needed = prefix + opts.max_new_tokens;
-        if !backbone.is_seq2seq() && needed > max {
+        if !info.is_encoder_decoder() && needed > max {
             crate::bail!(
                 "prompt + input + {} new tokens = {needed} positions, more than the model's {max}",
                 opts.max_new_tokens
             );
         }
     }
-    let mut cache = KvCache::new(info.n_layers);
-    // Encoder output and mask, one row per live beam (seq2seq only).
-    let mut encoder = match backbone {
-        Backbone::Seq2Seq(m) => Some((m.encode(&embeds, &mask)?, mask.clone())),
-        Backbone::Causal(_) => None,
-    };
-    let start = info.decoder_start_token_id.unwrap_or(pad);
+    // Row i of the model state (KV cache, encoder output) is live beam i.
+    let (mut state, mut logits) = DecodeState::start(backbone, &embeds, mask)?; // [1, V]
 
-    // Live beams: tokens and total log-prob; row i of the cache is beam i.
+    // Live beams: tokens and total log-prob.
     let mut live: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 0.0)];
+    let mut parents: Vec<u32> = Vec::new();
     let mut finished: Vec<Hypothesis> = Vec::new();
     for step in 0..opts.max_new_tokens {
+        if step > 0 {
+            state.select_rows(&parents)?;
+            let last: Vec<u32> = live.iter().map(|(t, _)| *t.last().unwrap_or(&pad)).collect();
+            logits = state.next(&last)?; // [K, V]
+        }
         let rows = live.len();
-        let logits = match backbone {
-            Backbone::Causal(m) => {
-                if step == 0 {
-                    m.forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last)?
-                } else {
-                    let last: Vec<u32> = live
-                        .iter()
-                        .map(|(t, _)| *t.last().unwrap_or(&pad))
-                        .collect();
-                    let e = m.embed(&Tensor::from_vec(last, (rows, 1), device)?)?; // [K, 1, D]
-                    let m_all = Tensor::ones((rows, cache.seq_len() + 1), DType::F32, device)?; // [K, P+1]
-                    m.forward(&e, &m_all, Some(&mut cache), LogitsAt::Last)?
-                }
-            }
-            Backbone::Seq2Seq(m) => {
-                let last: Vec<u32> = live
-                    .iter()
-                    .map(|(t, _)| *t.last().unwrap_or(&start))
-                    .collect();
-                let dec = Tensor::from_vec(last, (rows, 1), device)?; // [K, 1]
-                let Some((enc, enc_mask)) = encoder.as_ref() else {
-                    crate::bail!("beam search: the encoder output is missing");
-                };
-                m.decode(&dec, enc, enc_mask, Some(&mut cache), LogitsAt::Last)?
-            }
-        }; // [K, V]
         let logp = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
 
         // Every candidate (beam, token, total); keep the best 2K (enough to find K live ones
@@ -199,7 +175,7 @@ pub fn beam_search_one(
         cands.sort_by(order);
 
         let mut next: Vec<(Vec<u32>, f64)> = Vec::with_capacity(k);
-        let mut parents: Vec<u32> = Vec::with_capacity(k);
+        parents.clear();
         for (b, tok, total) in cands {
             if next.len() == k {
                 break;
@@ -242,14 +218,6 @@ pub fn beam_search_one(
             if done {
                 live.clear();
                 break;
-            }
-        }
-        if step + 1 < opts.max_new_tokens {
-            let idx = Tensor::new(parents.as_slice(), device)?; // [K]
-            cache.index_rows(&idx)?;
-            if let Some((enc, enc_mask)) = encoder.as_mut() {
-                *enc = enc.index_select(&idx, 0)?;
-                *enc_mask = enc_mask.index_select(&idx, 0)?;
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Rank classification: score every label's verbalizer text by its log-likelihood given the
 //! (prompted) input and pick the most likely, as the official prompt-tuning code can.
 
-use crate::batch::{collate, per_example_sums, Example};
+use crate::batch::{collate, pad_ids, per_example_sums, Example, Side};
 use crate::model::Backbone;
 use crate::objective::target_nll;
 use crate::Result;
@@ -47,10 +47,8 @@ fn scores_in_order(
     if labels.is_empty() {
         crate::bail!("rank classification needs at least one label");
     }
-    if labels.iter().all(|l| l.len() == 1) {
-        if let Backbone::Causal(_) = backbone {
-            return single_token_scores(backbone, prompt, sources, labels, batch_size, device);
-        }
+    if labels.iter().all(|l| l.len() == 1) && !backbone.info().is_encoder_decoder() {
+        return single_token_scores(backbone, prompt, sources, labels, batch_size, device);
     }
     let n_prompt = match prompt {
         Some(p) => p.dim(p.rank() - 2)?,
@@ -109,27 +107,16 @@ pub fn last_logits(
     let Backbone::Causal(m) = backbone else {
         crate::bail!("last_logits needs a decoder-only model");
     };
-    let info = m.info();
-    let pad = info.pad_id();
-    let b = sources.len();
-    let s = sources.iter().map(Vec::len).max().unwrap_or(0);
-    if s == 0 {
+    if sources.iter().all(Vec::is_empty) {
         crate::bail!("cannot score an empty input");
     }
-    let mut ids = Vec::with_capacity(b * s);
-    let mut mask = Vec::with_capacity(b * s);
-    for src in sources {
-        let pads = s - src.len();
-        ids.extend(std::iter::repeat_n(pad, pads).chain(src.iter().copied()));
-        mask.extend((0..s).map(|j| if j < pads { 0f32 } else { 1. }));
-    }
-    let ids = Tensor::from_vec(ids, (b, s), device)?;
-    let mask = Tensor::from_vec(mask, (b, s), device)?;
-    let embeds = m.embed(&ids)?; // [B, S, D]
+    let b = sources.len();
+    let inputs = pad_ids(sources, Side::Left, m.info().pad_id(), 0, device)?; // [B, S]
+    let embeds = m.embed(&inputs.ids)?; // [B, S, D]
     let (embeds, mask) = match prompt {
-        Some(p) if p.rank() == 3 => crate::prompt::prepend(&p.narrow(0, offset, b)?, &embeds, &mask)?,
-        Some(p) => crate::prompt::prepend(p, &embeds, &mask)?,
-        None => (embeds, mask),
+        Some(p) if p.rank() == 3 => crate::prompt::prepend(&p.narrow(0, offset, b)?, &embeds, &inputs.mask)?,
+        Some(p) => crate::prompt::prepend(p, &embeds, &inputs.mask)?,
+        None => (embeds, inputs.mask),
     };
     m.forward(&embeds, &mask, None, crate::model::LogitsAt::Last)
 }

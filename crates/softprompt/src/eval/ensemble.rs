@@ -45,7 +45,7 @@ pub fn ensemble_label_log_likelihoods(
         .flat_map(|s| std::iter::repeat_n(s.clone(), e))
         .collect();
     let prompts = prompts.to_dtype(candle_core::DType::F32)?;
-    let flat: Vec<f32> = if labels.iter().all(|t| t.len() == 1) && !backbone.is_seq2seq() {
+    let flat: Vec<f32> = if labels.iter().all(|t| t.len() == 1) && !backbone.info().is_encoder_decoder() {
         // One forward per row: the label tokens' log-probabilities at the last position.
         let ids: Vec<u32> = labels.iter().map(|t| t[0]).collect();
         let ids = Tensor::new(ids.as_slice(), device)?; // [L]
@@ -107,14 +107,19 @@ pub fn mean_log_prob(scores: &[Vec<f32>]) -> usize {
     argmax(&mean_scores(scores))
 }
 
+/// The label each prompt votes for: the best of its scores (`scores` is `[E][L]`).
+pub fn votes(scores: &[Vec<f32>]) -> Vec<usize> {
+    scores.iter().map(|s| argmax(s)).collect()
+}
+
 /// Each prompt votes for its best label; most votes win; ties go to the tied label with the
 /// highest mean log-likelihood (then the lowest index).
 pub fn majority_vote(scores: &[Vec<f32>]) -> usize {
     let l = scores.first().map(Vec::len).unwrap_or(0);
     let mut votes = vec![0usize; l];
-    for s in scores {
-        if !s.is_empty() {
-            votes[argmax(s)] += 1;
+    for s in scores.iter().filter(|s| !s.is_empty()) {
+        if let Some(v) = votes.get_mut(argmax(s)) {
+            *v += 1;
         }
     }
     let mean = mean_scores(scores);
