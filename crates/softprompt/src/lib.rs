@@ -25,6 +25,14 @@ pub mod train;
 
 pub use error::{Error, Result};
 
+// The names most programs need, at the crate root; the modules hold the rest.
+pub use load::{load_model, Model};
+pub use model::{Arch, Backbone, CausalLm, Kernels, KvCache, LogitsAt, ModelInfo, Seq2SeqLm};
+pub use prompt::{PeftAdapter, PromptInit, SoftPrompt};
+pub use task::{TaskMeta, TextPair};
+pub use tokenizer::Tokenizer;
+pub use train::{train, SelectBy, TrainConfig, TrainReport};
+
 /// The word-level tokenizer of the test fixtures, shared with the integration tests.
 #[cfg(test)]
 #[path = "../tests/common/word_level.rs"]

@@ -53,7 +53,7 @@ pub use prompt_kv::{Prefill, PromptKv};
 
 use candle_core::Tensor;
 use prefill::{start, RowSpec, Start};
-use softprompt::decode::{self, DecodeParams, DecodeState, Decoder, Finished, Sequence};
+use softprompt::decode::{self, DecodeParams, DecodeState, DecodeStep, Finished, Sequence};
 use softprompt::eval::ensemble::mean_scores;
 use softprompt::load::Model;
 use softprompt::model::{Backbone, CausalLm};
@@ -139,7 +139,7 @@ pub fn causal(model: &Model) -> Result<&dyn CausalLm> {
 /// A batch of generation requests: their decoding state and rows, one row per (running
 /// request, prompt), a request's rows adjacent.
 pub(crate) struct GenerationBatch<'a> {
-    decoder: Decoder<'a>,
+    decoder: DecodeStep<'a>,
     tokenizer: &'a Tokenizer,
     /// Per row: the request.
     owners: Vec<usize>,
@@ -151,7 +151,7 @@ impl<'a> GenerationBatch<'a> {
     pub(crate) fn new(model: &'a Model, items: &[GenItem]) -> Result<Self> {
         let tokenizer = model.tokenizer()?;
         let eos = model.backbone.info().eos_token_ids.clone();
-        let decoder = Decoder::new(items.iter().map(|it| it.params.clone()), eos, Some(tokenizer))?;
+        let decoder = DecodeStep::new(items.iter().map(|it| it.params.clone()), eos, Some(tokenizer))?;
         let (mut owners, mut prompts) = (Vec::new(), Vec::new());
         for (i, it) in items.iter().enumerate() {
             if decoder.sequences[i].is_finished() {

@@ -58,7 +58,7 @@ pub struct Sequence {
     /// New tokens, the stop id included when one ended it.
     pub tokens: Vec<u32>,
     /// Log-probability of each chosen token (mean over the sequence's rows); empty with
-    /// [`Decoder::without_logprobs`].
+    /// [`DecodeStep::without_logprobs`].
     pub logprobs: Vec<f32>,
     /// `None` while it runs.
     pub finish: Option<Finish>,
@@ -95,7 +95,7 @@ impl Sequence {
 }
 
 /// The token choice and stop rules of a batch of sequences.
-pub struct Decoder<'t> {
+pub struct DecodeStep<'t> {
     pub sequences: Vec<Sequence>,
     /// Ids that end a sequence (the model's EOS ids; none to run to `max_new_tokens`).
     stop_ids: Vec<u32>,
@@ -105,7 +105,7 @@ pub struct Decoder<'t> {
     logprobs: bool,
 }
 
-impl<'t> Decoder<'t> {
+impl<'t> DecodeStep<'t> {
     /// One sequence per `params`; a sequence asking for no tokens is finished at once. Stop
     /// strings need the `tokenizer`.
     pub fn new(
@@ -117,7 +117,7 @@ impl<'t> Decoder<'t> {
         if tokenizer.is_none() && sequences.iter().any(|s| !s.params.stop.is_empty()) {
             crate::bail!("stop strings need a tokenizer to decode the generated tokens");
         }
-        Ok(Decoder { sequences, stop_ids, tokenizer, logprobs: true })
+        Ok(DecodeStep { sequences, stop_ids, tokenizer, logprobs: true })
     }
 
     /// Leaves [`Sequence::logprobs`] empty, for callers that only want the tokens.
@@ -285,7 +285,7 @@ mod tests {
 
     #[test]
     fn greedy_stops_at_a_stop_id_or_the_length() {
-        let mut d = Decoder::new([params(3), params(2)], vec![7], None).unwrap();
+        let mut d = DecodeStep::new([params(3), params(2)], vec![7], None).unwrap();
         let chosen = d.step(&[peak(7, 5.0), peak(3, 5.0)], &[0, 1], &never).unwrap();
         assert_eq!(chosen, vec![Some(7), Some(3)]);
         assert_eq!(d.sequences[0].finish, Some(Finish::Eos));
@@ -306,14 +306,14 @@ mod tests {
 
     #[test]
     fn log_probabilities_can_be_left_out() {
-        let mut d = Decoder::new([params(1)], vec![], None).unwrap().without_logprobs();
+        let mut d = DecodeStep::new([params(1)], vec![], None).unwrap().without_logprobs();
         assert_eq!(d.step(&[peak(5, 1.0)], &[0], &never).unwrap(), vec![Some(5)]);
         assert!(d.sequences[0].logprobs.is_empty());
     }
 
     #[test]
     fn no_tokens_asked_is_finished_at_once() {
-        let d = Decoder::new([params(0)], vec![], None).unwrap();
+        let d = DecodeStep::new([params(0)], vec![], None).unwrap();
         assert!(d.all_finished());
         assert_eq!(d.sequences[0].finish, Some(Finish::Length));
     }
@@ -324,7 +324,7 @@ mod tests {
         let mut a = peak(1, 1.0);
         a[2] = 0.9;
         let b = peak(2, 6.0);
-        let mut d = Decoder::new([params(4)], vec![], None).unwrap();
+        let mut d = DecodeStep::new([params(4)], vec![], None).unwrap();
         let chosen = d.step(&[a.clone(), b.clone()], &[0, 0], &never).unwrap();
         assert_eq!(chosen, vec![Some(2)]);
         let mean = (log_softmax(&a)[2] + log_softmax(&b)[2]) / 2.0;
@@ -333,7 +333,7 @@ mod tests {
 
     #[test]
     fn cancellation_comes_after_the_other_rules() {
-        let mut d = Decoder::new([params(1), params(5)], vec![], None).unwrap();
+        let mut d = DecodeStep::new([params(1), params(5)], vec![], None).unwrap();
         d.step(&[peak(1, 1.0), peak(1, 1.0)], &[0, 1], &|_| true).unwrap();
         assert_eq!(d.sequences[0].finish, Some(Finish::Length));
         assert_eq!(d.sequences[1].finish, Some(Finish::Cancelled));
@@ -345,8 +345,8 @@ mod tests {
         let inner: tokenizers::Tokenizer = json.parse().unwrap();
         let tok = Tokenizer::new(inner, false, None, Some(0));
         let p = DecodeParams { stop: vec![String::new(), "w4".into()], ..params(10) };
-        assert!(Decoder::new([p.clone()], vec![0], None).is_err(), "stop strings need a tokenizer");
-        let mut d = Decoder::new([p], vec![0], Some(&tok)).unwrap();
+        assert!(DecodeStep::new([p.clone()], vec![0], None).is_err(), "stop strings need a tokenizer");
+        let mut d = DecodeStep::new([p], vec![0], Some(&tok)).unwrap();
         for t in [3, 5, 4, 6] {
             if d.all_finished() {
                 break;
@@ -366,7 +366,7 @@ mod tests {
         let row: Vec<f32> = (0..8).map(|i| i as f32 * 0.3).collect();
         let draw = |seed: u64, temperature: f32| {
             let p = DecodeParams { temperature, seed: Some(seed), ..params(64) };
-            let mut d = Decoder::new([p], vec![], None).unwrap();
+            let mut d = DecodeStep::new([p], vec![], None).unwrap();
             for _ in 0..64 {
                 d.step(std::slice::from_ref(&row), &[0], &never).unwrap();
             }

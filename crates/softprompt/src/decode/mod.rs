@@ -2,16 +2,16 @@
 //! and the server's decoder-only and encoder-decoder engines. Beam search keeps its own search
 //! but steps the model through the same [`DecodeState`].
 //!
-//! A step reads the logits `[R, V]` of the batch's rows, lets the [`Decoder`] choose each
+//! A step reads the logits `[R, V]` of the batch's rows, lets the [`DecodeStep`] choose each
 //! running sequence's token and apply the stop rules ([`choose`]), then feeds the chosen
 //! tokens back through the [`DecodeState`] (a KV cache: one new position per step).
 //! Finished rows either leave the batch ([`Finished::Leave`], the server) or stay, fed the pad
 //! id ([`Finished::FeedPad`], transformers' convention, which keeps the library's step logits
 //! `[B, V]` for every row).
 
-pub mod choose;
+mod choose;
 
-pub use choose::{DecodeParams, Decoder, Finish, Sequence};
+pub use choose::{DecodeParams, DecodeStep, Finish, Sequence};
 
 use crate::model::{Backbone, CausalLm, KvCache, LogitsAt, Seq2SeqLm};
 use crate::Result;
@@ -113,7 +113,7 @@ pub enum Finished {
 pub fn run(
     state: &mut DecodeState,
     mut logits: Tensor,
-    decoder: &mut Decoder,
+    decoder: &mut DecodeStep,
     mut owners: Vec<usize>,
     finished: Finished,
     cancelled: &dyn Fn(usize) -> bool,

@@ -6,7 +6,7 @@
 //! `max_new_tokens`.
 
 use crate::batch::{pad_ids, Side};
-use crate::decode::{self, DecodeParams, DecodeState, Decoder, Finished};
+use crate::decode::{self, DecodeParams, DecodeState, DecodeStep, Finished};
 use crate::model::Backbone;
 use crate::prompt::prepend;
 use crate::Result;
@@ -66,7 +66,7 @@ pub fn greedy(
     }
     let stop_ids = if opts.stop_at_eos { info.eos_token_ids.clone() } else { Vec::new() };
     let params = std::iter::repeat_n(DecodeParams::greedy(opts.max_new_tokens), b);
-    let mut decoder = Decoder::new(params, stop_ids, None)?.without_logprobs();
+    let mut decoder = DecodeStep::new(params, stop_ids, None)?.without_logprobs();
     let mut step_logits = Vec::new();
     if !decoder.all_finished() {
         let (mut state, logits) = DecodeState::start(backbone, &embeds, mask)?;

@@ -1,9 +1,9 @@
 //! Loading a frozen model from what users have: a Hugging Face model folder or a GGUF file.
 
-pub mod export;
+pub(crate) mod export;
 pub mod gguf;
 pub mod hf;
-pub mod weights;
+mod weights;
 
 pub use weights::Weights;
 

@@ -9,15 +9,16 @@
 //! Shapes: `B` batch, `T` new positions, `P` cached (past) positions, `D` d_model, `V` vocab,
 //! `H` heads, `Dh` head dim.
 
-pub mod decoder;
+mod decoder;
 pub mod gpt2;
 mod kv_cache;
-pub mod layers;
+pub(crate) mod layers;
 pub mod llama;
 pub mod ops;
 pub mod t5;
 
 pub use crate::kernels::Kernels;
+pub use decoder::Decoder;
 pub use kv_cache::KvCache;
 
 use crate::Result;

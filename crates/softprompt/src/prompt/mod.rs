@@ -1,7 +1,7 @@
 //! Soft prompts: the trainable `[N, D]` matrix `P` prepended to the input embeddings,
 //! `[P; embed(X)]`, while the backbone stays frozen.
 
-pub mod encoder;
+mod encoder;
 pub mod init;
 pub mod peft;
 

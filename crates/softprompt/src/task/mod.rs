@@ -67,10 +67,13 @@ pub fn encode_pair_with(tokenizer: &Tokenizer, info: &ModelInfo, pair: &TextPair
 
 pub mod bigbench;
 pub mod formats;
-pub mod meta;
+mod meta;
 pub mod movie;
 
-pub use meta::{data_source, TaskMeta, TASK_FILE};
+pub use meta::{
+    data_source, describe_init, model_sha256, EncoderMeta, ExampleLayout, FieldError, TaskMeta, MAX_LABELS,
+    MAX_TEXT_BYTES, TASK_FILE,
+};
 
 /// Tokenized target of each label of `task` (named in errors): `verbalizer[i]`'s tokens;
 /// encoder-decoder targets end with EOS, decoder-only classification targets do not (the

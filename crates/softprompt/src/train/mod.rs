@@ -13,7 +13,7 @@ pub mod metrics;
 pub mod model_tuning;
 pub mod optim;
 mod p_tuning;
-pub mod plot;
+pub(crate) mod plot;
 mod run_id;
 mod run_state;
 pub mod schedule;

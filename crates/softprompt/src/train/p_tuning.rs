@@ -5,11 +5,11 @@
 //! prompt-tuning adapter); `encoder.safetensors` holds every encoder parameter and `task.json`
 //! records the encoder.
 
-use crate::task::meta::{describe_init, EncoderMeta};
+use crate::task::{describe_init, EncoderMeta};
 use crate::batch::{collate, Example};
 use crate::load::Model;
 use crate::objective::target_nll;
-use crate::prompt::encoder::{EncoderKind, PromptEncoder};
+use crate::prompt::{EncoderKind, PromptEncoder};
 use crate::prompt::init::init_prompt;
 use crate::train::baseline::{run_baseline, BaselineReport};
 use crate::train::config::TrainConfig;

@@ -14,8 +14,6 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 pub const FILE: &str = "loss.svg";
-/// Written next to [`FILE`].
-pub const PNG_FILE: &str = "loss.png";
 /// Size of both images, in pixels.
 pub const WIDTH: u32 = 900;
 pub const HEIGHT: u32 = 540;

@@ -19,7 +19,7 @@ use crate::objective::target_nll;
 use crate::prompt::init::{init_prompt, PromptInit};
 use crate::train::data::{after_bos, model_prefix, prefix_len};
 use crate::train::dev_eval::{prepared_dev_accuracy, prepared_dev_nll};
-use crate::task::meta::{describe_init, ExampleLayout};
+use crate::task::{describe_init, ExampleLayout};
 use crate::train::export::{run_task_fields, save_prompt_adapter, write_task_json};
 use crate::train::plot;
 use crate::train::run_state::CheckpointKind;
