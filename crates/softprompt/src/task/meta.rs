@@ -27,80 +27,60 @@ pub const MAX_TEXT_BYTES: usize = 64 << 10;
 /// The content of `task.json`. Every field is optional so that older files, uploads and
 /// tools that write only a few of them all read; fields this version does not know are kept
 /// in [`TaskMeta::extra`] and written back unchanged.
+// Unset options are left out of the file (older readers and tools see only what was recorded).
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TaskMeta {
     /// How the adapter was trained: absent for prompt tuning, `p-tuning`, `model-tuning`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     /// The model's own name (`base_model_name_or_path` of the adapter).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// File (GGUF) or folder (Hugging Face) name of the model, without its directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_file: Option<String>,
     /// [`model_sha256`] of the model trained on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_sha256: Option<String>,
     /// Older files only: the model's path on the training machine. Read, never written.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_path: Option<String>,
     /// `llama`, `gpt2` or `t5`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
     /// Prompt length (virtual tokens).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n_tokens: Option<usize>,
     /// The prompt initialisation ([`crate::prompt::PromptInit::describe`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<serde_json::Value>,
     /// How training laid out each example.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<ExampleLayout>,
     /// P-tuning's prompt encoder.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<EncoderMeta>,
     /// Model tuning's optimizer (its `Debug` form).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer: Option<String>,
     /// Model tuning's learning rate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_examples: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_examples: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Decoder-only models: the prompt was trained after BOS, `[BOS; P; X]`
     /// (`softprompt train --prompt-after-bos`); see [`crate::prompt::prefix_after_bos`].
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub prompt_after_bos: bool,
     /// Built-in task name (`movie-sentiment`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Input template with `{text}`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
     /// Class labels (as the targets spell them when there is no verbalizer).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
     /// The target text of each label.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub verbalizer: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_format: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_format: Option<String>,
     /// Training data: a built-in task name or a file ([`data_source`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
     /// Dev data, as [`TaskMeta::data`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_limit: Option<usize>,
     /// The dev metric that chose the exported prompt (`loss`, `accuracy`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub select_by: Option<String>,
     /// Fields this version does not know, kept as written.
     #[serde(flatten)]
