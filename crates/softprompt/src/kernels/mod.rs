@@ -11,8 +11,8 @@
 //! - the residual sub-blocks of a pre-norm transformer layer, [`attention`] and
 //!   [`feed_forward`]: one op each, keeping only what their backward reads;
 //! - [`gemm`] (one strided sgemm helper), [`cpu`] (buffer access, the one shared-output
-//!   helper, the one parallelism setting) and `op` (the one implementation of candle's
-//!   `CustomOp1/2/3`, over a `CpuKernel`) underneath.
+//!   helper, the one parallelism setting) and `op` (candle's `CustomOp1/2/3`
+//!   implemented once for the element-wise and row-wise ops) underneath.
 //!
 //! All of them but the frozen matmul run on the CPU in f32 only. Which ones a model uses is
 //! chosen by a [`Kernels`] value the model owns; the composite (candle-primitive) path in

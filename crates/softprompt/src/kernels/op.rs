@@ -1,7 +1,9 @@
-//! The one place that implements candle's `CustomOp1/2/3`: each fused op is a [`CpuKernel`]
-//! over `N` operands (a forward on their CPU storages, a backward on the tensors), and
-//! [`Fused`] turns it into the candle op of matching arity. Ops written this way share one
-//! signature instead of three hand-spelled ones.
+//! The one implementation of candle's `CustomOp1/2/3` for the element-wise and row-wise ops:
+//! each is a [`CpuKernel`] over `N` operands (a forward on their CPU storages, a backward on
+//! the tensors), and [`Fused`] turns it into the candle op of matching arity, so no op spells
+//! out candle's per-arity signatures. The block ops (`attention`, `feed_forward`) and
+//! `frozen_matmul` implement `CustomOp1/2` directly: they keep state between forward and
+//! backward, or have GPU forwards.
 
 use super::cpu::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
@@ -93,7 +95,6 @@ impl<K: CpuKernel<3>> CustomOp3 for Fused<K> {
         self.0.forward([(s1, l1), (s2, l2), (s3, l3)])
     }
 
-    #[allow(clippy::type_complexity)]
     fn bwd(
         &self,
         a: &Tensor,
