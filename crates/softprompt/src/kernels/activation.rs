@@ -2,7 +2,8 @@
 //! the softmax shares.
 
 use super::cpu::{backward, check_len, data, f32_out, map_flat, operands, Result};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use super::op::{CpuKernel, Fused, Operand};
+use candle_core::{CpuStorage, Shape, Tensor};
 
 /// Element-wise activations with a fused backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,7 +89,7 @@ impl Act {
 
 /// `act(x)`, element-wise.
 pub(crate) fn act(x: &Tensor, act: Act) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Unary { act })
+    x.contiguous()?.apply_op1(Fused(Unary { act }))
 }
 
 /// `act(a) * b`, element-wise (SwiGLU's `silu(gate) * up`, T5 v1.1's gated GELU).
@@ -96,20 +97,19 @@ pub(crate) fn act_mul(a: &Tensor, b: &Tensor, act: Act) -> Result<Tensor> {
     if a.dims() != b.dims() {
         candle_core::bail!("fused act_mul: shapes {:?} and {:?}", a.dims(), b.dims());
     }
-    a.contiguous()?.apply_op2(&b.contiguous()?, Gated { act })
+    a.contiguous()?
+        .apply_op2(&b.contiguous()?, Fused(Gated { act }))
 }
 
 struct Unary {
     act: Act,
 }
 
-impl CustomOp1 for Unary {
-    fn name(&self) -> &'static str {
-        "fused-act"
-    }
+impl CpuKernel<1> for Unary {
+    const NAME: &'static str = "fused-act";
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = data(xs, xl, self.name())?;
+    fn forward(&self, [(xs, xl)]: [Operand<'_>; 1]) -> Result<(CpuStorage, Shape)> {
+        let x = data(xs, xl, Self::NAME)?;
         let out = map_flat(x.len(), |o, y| {
             for (y, &x) in y.iter_mut().zip(&x[o..]) {
                 *y = self.act.f(x);
@@ -118,12 +118,12 @@ impl CustomOp1 for Unary {
         Ok(f32_out(out, xl))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    fn backward(&self, [x]: [&Tensor; 1], _y: &Tensor, dy: &Tensor) -> Result<[Option<Tensor>; 1]> {
         // dx = g * act'(x)
         let dx = backward("act backward", [x, dy], |[x, g]| {
             zip_map("act backward", x, g, |x, g| g * self.act.f_df(x).1)
         })?;
-        Ok(Some(dx))
+        Ok([Some(dx)])
     }
 }
 
@@ -131,30 +131,21 @@ struct Gated {
     act: Act,
 }
 
-impl CustomOp2 for Gated {
-    fn name(&self) -> &'static str {
-        "fused-act-mul"
-    }
+impl CpuKernel<2> for Gated {
+    const NAME: &'static str = "fused-act-mul";
 
-    fn cpu_fwd(
-        &self,
-        as_: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let [a, b] = operands(self.name(), [(as_, al), (bs, bl)])?;
-        let out = zip_map(self.name(), a, b, |a, b| self.act.f(a) * b)?;
+    fn forward(&self, [(as_, al), (bs, bl)]: [Operand<'_>; 2]) -> Result<(CpuStorage, Shape)> {
+        let [a, b] = operands(Self::NAME, [(as_, al), (bs, bl)])?;
+        let out = zip_map(Self::NAME, a, b, |a, b| self.act.f(a) * b)?;
         Ok(f32_out(out, al))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        a: &Tensor,
-        b: &Tensor,
+        [a, b]: [&Tensor; 2],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 2]> {
         // da = g * b * act'(a), db = g * act(a)
         let act = self.act;
         let da = backward("act-mul backward", [a, b, dy], |[a, b, g]| {
@@ -167,7 +158,7 @@ impl CustomOp2 for Gated {
         let db = backward("act-mul backward", [a, dy], |[a, g]| {
             zip_map("act-mul backward", a, g, |a, g| g * act.f(a))
         })?;
-        Ok((Some(da), Some(db)))
+        Ok([Some(da), Some(db)])
     }
 }
 

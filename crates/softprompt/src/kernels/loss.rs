@@ -1,7 +1,8 @@
 //! Token negative log-likelihood over the vocabulary with its backward.
 
 use super::cpu::{check_len, data, f32_out, fill, last_dim, operands, rows, Result};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use super::op::{CpuKernel, Fused, Operand};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
 /// `-log_softmax(logits)[i, targets[i]]`: `logits [M, V]` (f32), `targets [M]` (u32) -> `[M]`.
 /// The backward is `g * (softmax(logits) - onehot(target))`.
@@ -16,7 +17,7 @@ pub(crate) fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
     logits
         .contiguous()?
-        .apply_op2(&targets.contiguous()?, TokenNll)
+        .apply_op2(&targets.contiguous()?, Fused(TokenNll))
 }
 
 struct TokenNll;
@@ -40,19 +41,11 @@ fn lse(x: &[f32]) -> (f32, f32) {
     (max, sum.ln() as f32)
 }
 
-impl CustomOp2 for TokenNll {
-    fn name(&self) -> &'static str {
-        "fused-token-nll"
-    }
+impl CpuKernel<2> for TokenNll {
+    const NAME: &'static str = "fused-token-nll";
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ts: &CpuStorage,
-        tl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = data(xs, xl, self.name())?;
+    fn forward(&self, [(xs, xl), (ts, tl)]: [Operand<'_>; 2]) -> Result<(CpuStorage, Shape)> {
+        let x = data(xs, xl, Self::NAME)?;
         let (m, v) = last_dim(xl)?;
         let t = targets_of(ts, tl, v)?;
         let out = fill(m, 1, m * v, |i, y| {
@@ -63,38 +56,31 @@ impl CustomOp2 for TokenNll {
         Ok((CpuStorage::F32(out), Shape::from(m)))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        t: &Tensor,
+        [x, t]: [&Tensor; 2],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x.apply_op3_no_bwd(t, &dy.contiguous()?, &TokenNllBwd)?;
-        Ok((Some(dx), None))
+    ) -> Result<[Option<Tensor>; 2]> {
+        let dx = x.apply_op3_no_bwd(t, &dy.contiguous()?, &Fused(TokenNllBwd))?;
+        Ok([Some(dx), None])
     }
 }
 
 struct TokenNllBwd;
 
-impl CustomOp3 for TokenNllBwd {
-    fn name(&self) -> &'static str {
-        "fused-token-nll-bwd"
-    }
+/// No backward of its own (the default): it is the backward.
+impl CpuKernel<3> for TokenNllBwd {
+    const NAME: &'static str = "fused-token-nll-bwd";
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ts: &CpuStorage,
-        tl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
+        [(xs, xl), (ts, tl), (gs, gl)]: [Operand<'_>; 3],
     ) -> Result<(CpuStorage, Shape)> {
-        let [x, g] = operands(self.name(), [(xs, xl), (gs, gl)])?;
+        let [x, g] = operands(Self::NAME, [(xs, xl), (gs, gl)])?;
         let (m, v) = last_dim(xl)?;
         let t = targets_of(ts, tl, v)?;
-        check_len(self.name(), g.len(), m)?;
+        check_len(Self::NAME, g.len(), m)?;
         let out = rows(m, v, |i, dx| {
             let x = &x[i * v..(i + 1) * v];
             let (max, lse) = lse(x);

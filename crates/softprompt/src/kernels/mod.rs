@@ -10,8 +10,9 @@
 //! - [`frozen_matmul`]: `x @ W^T` whose backward computes the input gradient only;
 //! - the residual sub-blocks of a pre-norm transformer layer, [`attention`] and
 //!   [`feed_forward`]: one op each, keeping only what their backward reads;
-//! - [`gemm`] (one strided sgemm helper) and [`cpu`] (buffer access, the one shared-output
-//!   helper, the one parallelism setting) underneath.
+//! - [`gemm`] (one strided sgemm helper), [`cpu`] (buffer access, the one shared-output
+//!   helper, the one parallelism setting) and `op` (candle's `CustomOp1/2/3`
+//!   implemented once for the element-wise and row-wise ops) underneath.
 //!
 //! All of them but the frozen matmul run on the CPU in f32 only. Which ones a model uses is
 //! chosen by a [`Kernels`] value the model owns; the composite (candle-primitive) path in
@@ -27,6 +28,7 @@ pub(crate) mod frozen_matmul;
 pub(crate) mod gemm;
 pub(crate) mod loss;
 pub(crate) mod norm;
+mod op;
 pub(crate) mod rope;
 pub(crate) mod softmax;
 

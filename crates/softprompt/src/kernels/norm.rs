@@ -4,7 +4,8 @@
 use super::cpu::{
     backward, check_len, f32_out, last_dim, operands, rows, ReadLock, Result, MIN_ROWS,
 };
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use super::op::{CpuKernel, Fused, Operand};
+use candle_core::{CpuStorage, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Which normalisation.
@@ -61,7 +62,7 @@ pub(crate) struct NormLock<'a> {
 /// `x * rsqrt(mean(x^2) + eps) * w`; `x [.., D]`, `w [D]`.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+        .apply_op2(&w.contiguous()?, Fused(RmsNorm { eps: eps as f32 }))
 }
 
 /// `(x - mean) * rsqrt(var + eps) * w + b`; `x [.., D]`, `w`, `b [D]`.
@@ -69,7 +70,7 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        LayerNorm { eps: eps as f32 },
+        Fused(LayerNorm { eps: eps as f32 }),
     )
 }
 
@@ -77,19 +78,11 @@ struct RmsNorm {
     eps: f32,
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm"
-    }
+impl CpuKernel<2> for RmsNorm {
+    const NAME: &'static str = "fused-rms-norm";
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let [x, w] = operands(self.name(), [(xs, xl), (ws, wl)])?;
+    fn forward(&self, [(xs, xl), (ws, wl)]: [Operand<'_>; 2]) -> Result<(CpuStorage, Shape)> {
+        let [x, w] = operands(Self::NAME, [(xs, xl), (ws, wl)])?;
         let (n, d) = last_dim(xl)?;
         check_len("rms-norm weight", w.len(), d)?;
         let out = rows(n, d, |i, y| {
@@ -98,17 +91,16 @@ impl CustomOp2 for RmsNorm {
         Ok(f32_out(out, xl))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
+        [x, w]: [&Tensor; 2],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((
+    ) -> Result<[Option<Tensor>; 2]> {
+        Ok([
             Some(norm_backward(NormKind::Rms, self.eps, x, w, dy)?),
             None,
-        ))
+        ])
     }
 }
 
@@ -116,22 +108,14 @@ struct LayerNorm {
     eps: f32,
 }
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm"
-    }
+impl CpuKernel<3> for LayerNorm {
+    const NAME: &'static str = "fused-layer-norm";
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
+        [(xs, xl), (ws, wl), (bs, bl)]: [Operand<'_>; 3],
     ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let [x, w, b] = operands(name, [(xs, xl), (ws, wl), (bs, bl)])?;
+        let [x, w, b] = operands(Self::NAME, [(xs, xl), (ws, wl), (bs, bl)])?;
         let (n, d) = last_dim(xl)?;
         check_len("layer-norm weight", w.len(), d)?;
         check_len("layer-norm bias", b.len(), d)?;
@@ -141,16 +125,14 @@ impl CustomOp3 for LayerNorm {
         Ok(f32_out(out, xl))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
+        [x, w, _]: [&Tensor; 3],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 3]> {
         let dx = norm_backward(NormKind::Layer, self.eps, x, w, dy)?;
-        Ok((Some(dx), None, None))
+        Ok([Some(dx), None, None])
     }
 }
 

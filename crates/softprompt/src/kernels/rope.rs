@@ -2,7 +2,8 @@
 //! the attention kernels share.
 
 use super::cpu::{check_len, f32_out, operands, rows, Result, MIN_ROWS};
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use super::op::{CpuKernel, Fused, Operand};
+use candle_core::{CpuStorage, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rotary embeddings on `x [B, H, T, Dh]` with tables `cos`, `sin` `[T, Dh/2]` (no gradient).
@@ -20,10 +21,10 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) ->
     x.contiguous()?.apply_op3(
         &cos.contiguous()?,
         &sin.contiguous()?,
-        Rope {
+        Fused(Rope {
             interleaved,
             inverse: false,
-        },
+        }),
     )
 }
 
@@ -33,22 +34,14 @@ struct Rope {
     inverse: bool,
 }
 
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "fused-rope"
-    }
+impl CpuKernel<3> for Rope {
+    const NAME: &'static str = "fused-rope";
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        cs: &CpuStorage,
-        cl: &Layout,
-        ss: &CpuStorage,
-        sl: &Layout,
+        [(xs, xl), (cs, cl), (ss, sl)]: [Operand<'_>; 3],
     ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let [x, cos, sin] = operands(name, [(xs, xl), (cs, cl), (ss, sl)])?;
+        let [x, cos, sin] = operands(Self::NAME, [(xs, xl), (cs, cl), (ss, sl)])?;
         let dims = xl.dims();
         if dims.len() != 4 {
             candle_core::bail!("fused rope: expected [B, H, T, Dh], got {dims:?}");
@@ -72,20 +65,18 @@ impl CustomOp3 for Rope {
         Ok(f32_out(out, xl))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        [_, cos, sin]: [&Tensor; 3],
         _y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let inverse = Rope {
+    ) -> Result<[Option<Tensor>; 3]> {
+        let inverse = Fused(Rope {
             interleaved: self.interleaved,
             inverse: !self.inverse,
-        };
+        });
         let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &inverse)?;
-        Ok((Some(dx), None, None))
+        Ok([Some(dx), None, None])
     }
 }
 

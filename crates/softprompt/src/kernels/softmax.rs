@@ -3,7 +3,8 @@
 
 use super::activation::exp;
 use super::cpu::{backward, check_len, data, f32_out, last_dim, rows, Result};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use super::op::{CpuKernel, Fused, Operand};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
 /// `softmax(x * scale + bias)` over the last dimension. `bias` broadcasts to `x`'s shape (the
 /// attention mask `[B, 1, T, K]`, T5's position bias `[B, H, T, K]`) and gets no gradient.
@@ -23,9 +24,9 @@ pub(crate) fn softmax_scaled(x: &Tensor, bias: Option<&Tensor>, scale: f64) -> R
     };
     x.apply_op2(
         &bias,
-        Softmax {
+        Fused(Softmax {
             scale: scale as f32,
-        },
+        }),
     )
 }
 
@@ -54,19 +55,11 @@ fn row_offsets(l: &Layout) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-impl CustomOp2 for Softmax {
-    fn name(&self) -> &'static str {
-        "fused-softmax"
-    }
+impl CpuKernel<2> for Softmax {
+    const NAME: &'static str = "fused-softmax";
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = data(xs, xl, self.name())?;
+    fn forward(&self, [(xs, xl), (bs, bl)]: [Operand<'_>; 2]) -> Result<(CpuStorage, Shape)> {
+        let x = data(xs, xl, Self::NAME)?;
         let b_all = bs.as_slice::<f32>()?;
         let (n, k) = last_dim(xl)?;
         if bl.dims() != xl.dims() {
@@ -90,13 +83,12 @@ impl CustomOp2 for Softmax {
         Ok(f32_out(out, xl))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        _x: &Tensor,
-        _bias: &Tensor,
+        _inputs: [&Tensor; 2],
         y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 2]> {
         // dx = scale * y * (g - sum(g * y))
         let k = y.dims().last().copied().unwrap_or(1).max(1);
         let dx = backward("softmax backward", [y, dy], |[y, g]| {
@@ -106,7 +98,7 @@ impl CustomOp2 for Softmax {
                 softmax_bwd_row(&y[i * k..(i + 1) * k], dx, self.scale);
             })
         })?;
-        Ok((Some(dx), None))
+        Ok([Some(dx), None])
     }
 }
 
