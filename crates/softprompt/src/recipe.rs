@@ -481,6 +481,25 @@ mod tests {
     }
 
     #[test]
+    fn flags_go_with_their_method() {
+        let init = InitSpec::default();
+        let flags = MethodFlags {
+            encoder: false,
+            encoder_hidden: None,
+            prompt_after_bos: true,
+            select_by: SelectBy::Loss,
+            init: &init,
+            labels: &[],
+            n_tokens: None,
+        };
+        assert!(Method::PromptTuning.check_flags(&flags).is_ok());
+        let err = Method::ModelTuning.check_flags(&flags).unwrap_err().to_string();
+        assert!(err.starts_with("--prompt-after-bos does not apply to --method model-tuning"), "{err}");
+        let p_tuning = MethodFlags { prompt_after_bos: false, encoder_hidden: Some(0), ..flags };
+        assert_eq!(Method::PTuning.check_flags(&p_tuning).unwrap_err().to_string(), "--encoder-hidden must be at least 1");
+    }
+
+    #[test]
     fn the_init_follows_what_was_given() {
         let labels = vec!["a".to_string()];
         let spec = InitSpec { range: 0.5, ..InitSpec::default() };
