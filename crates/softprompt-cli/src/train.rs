@@ -3,13 +3,13 @@
 use crate::common;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use softprompt::prompt::{EncoderKind, PeftAdapter, PromptInit};
+use softprompt::prompt::EncoderKind;
 use softprompt::recipe::{
-    self, DataSpec, DevClasses, InitKind, InitSpec, Method, OptimizerKind, ScheduleKind, TrainData, BUILTIN_TASK,
+    self, DataSpec, DevClasses, InitSpec, Method, MethodFlags, OptimizerKind, ScheduleKind, TrainData, BUILTIN_TASK,
 };
 use softprompt::train::trainer::SelectBy;
-use softprompt::train::{model_tuning, p_tuning, train, BaselineReport, TrainConfig, TrainReport};
-use std::path::{Path, PathBuf};
+use softprompt::train::{model_tuning, p_tuning, train, TrainConfig};
+use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum EncoderArg {
@@ -44,19 +44,8 @@ pub struct TrainArgs {
     /// Hidden size of the prompt encoder of --method p-tuning [default: the model's width].
     #[arg(long)]
     pub encoder_hidden: Option<usize>,
-    /// Training data: JSONL of {"input": ..., "target": ...} lines, or `movie-sentiment`: the
-    /// built-in task's train split with its template and verbalizer (the examples of
-    /// `softprompt run movie-sentiment`; its labels are then the default --labels).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Dev data (same format, or `movie-sentiment` with --data movie-sentiment: its dev
-    /// split): evaluated every --eval-every steps (dev loss, and with --labels dev accuracy);
-    /// the prompt of the best evaluation (--select-by) is the one exported.
-    #[arg(long)]
-    pub dev: Option<PathBuf>,
-    /// Use only the first N dev examples.
-    #[arg(long)]
-    pub dev_limit: Option<usize>,
+    #[command(flatten)]
+    pub data: DataSpec,
     /// The dev metric that picks the exported prompt and drives --patience; accuracy needs
     /// --labels (or a built-in task) and every dev target to be one of them.
     #[arg(long, value_enum, default_value_t = SelectByArg::Loss)]
@@ -70,24 +59,8 @@ pub struct TrainArgs {
     /// with --init file, the adapter's length].
     #[arg(long)]
     pub n_tokens: Option<usize>,
-    /// Prompt initialisation [default: class-labels with --labels, text with --init-text,
-    /// file with --init-file, else sampled-vocab].
-    #[arg(long, value_enum)]
-    pub init: Option<InitKind>,
-    /// Text for --init text.
-    #[arg(long)]
-    pub init_text: Option<String>,
-    /// PEFT adapter folder for --init file.
-    #[arg(long)]
-    pub init_file: Option<PathBuf>,
-    /// Class labels, comma separated, as the targets spell them (e.g. ` negative, positive`):
-    /// for --init class-labels, and for the dev accuracy (rank classification) when every dev
-    /// target is one of them.
-    #[arg(long, value_delimiter = ',')]
-    pub labels: Vec<String>,
-    /// Half-width r of U[-r, r] for --init random-uniform.
-    #[arg(long, default_value_t = 0.5)]
-    pub init_range: f64,
+    #[command(flatten)]
+    pub init: InitSpec,
     /// Optimizer [default: adafactor; adamw for model tuning and P-tuning].
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerKind>,
@@ -148,69 +121,30 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     fn select_by(&self) -> SelectBy {
-        match self.select_by {
-            SelectByArg::Loss => SelectBy::Loss,
-            SelectByArg::Accuracy => SelectBy::Accuracy,
-        }
+        if self.select_by == SelectByArg::Accuracy { SelectBy::Accuracy } else { SelectBy::Loss }
     }
 
-    fn init_spec(&self) -> InitSpec {
-        InitSpec {
-            kind: self.init,
-            text: self.init_text.clone(),
-            file: self.init_file.clone(),
-            range: self.init_range,
+    fn method_flags(&self) -> MethodFlags<'_> {
+        MethodFlags {
+            encoder: self.encoder.is_some(),
+            encoder_hidden: self.encoder_hidden,
+            prompt_after_bos: self.prompt_after_bos,
+            select_by: self.select_by(),
+            init: &self.init,
+            labels: &self.data.labels,
+            n_tokens: self.n_tokens,
         }
-    }
-
-    /// Rejects options that the chosen method does not use.
-    fn check_method(&self) -> Result<()> {
-        let m = self.method.name();
-        if self.method != Method::PTuning && (self.encoder.is_some() || self.encoder_hidden.is_some()) {
-            bail!("--encoder and --encoder-hidden are options of --method p-tuning, not {m}");
-        }
-        if self.method == Method::PTuning && self.prompt_after_bos {
-            bail!("--prompt-after-bos is an option of --method prompt-tuning, not {m}");
-        }
-        if self.encoder_hidden == Some(0) {
-            bail!("--encoder-hidden must be at least 1");
-        }
-        if self.method != Method::PromptTuning && self.select_by == SelectByArg::Accuracy {
-            bail!("--select-by accuracy is an option of --method prompt-tuning, not {m}");
-        }
-        if self.method == Method::ModelTuning {
-            let prompt_options = [
-                ("--init", self.init.is_some()),
-                ("--init-text", self.init_text.is_some()),
-                ("--init-file", self.init_file.is_some()),
-                ("--labels", !self.labels.is_empty()),
-                ("--n-tokens", self.n_tokens.is_some()),
-                ("--prompt-after-bos", self.prompt_after_bos),
-            ];
-            if let Some((flag, _)) = prompt_options.iter().find(|(_, set)| *set) {
-                bail!("{flag} does not apply to --method model-tuning: it trains the model's weights with no soft prompt");
-            }
-        }
-        if self.n_tokens == Some(0) {
-            bail!("--n-tokens must be at least 1");
-        }
-        Ok(())
     }
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
     // Cheap checks first, before loading anything.
-    args.check_method()?;
-    if args.write_splits.is_some() && !recipe::is_builtin(&args.data) {
+    args.method.check_flags(&args.method_flags())?;
+    if args.write_splits.is_some() && !recipe::is_builtin(&args.data.data) {
         bail!("--write-splits needs --data {BUILTIN_TASK}");
     }
-    let data = TrainData::resolve(DataSpec {
-        data: args.data.clone(),
-        dev: args.dev.clone(),
-        dev_limit: args.dev_limit,
-        labels: args.labels.clone(),
-    })?;
-    let init = recipe::prompt_init(&args.init_spec(), &data.labels)?;
+    let data = TrainData::resolve(args.data.clone())?;
+    let init = recipe::prompt_init(&args.init, &data.labels)?;
     let lr = recipe::learning_rate(args.method, args.lr)?;
     if let (Some(dir), Some(t)) = (&args.write_splits, &data.task) {
         recipe::write_splits(dir, t)?;
@@ -219,11 +153,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let device = common::device()?;
     let model = common::load(&args.model, &device)?;
-    let n_tokens = match (args.n_tokens, &init) {
-        (Some(n), _) => n,
-        (None, PromptInit::File(dir)) => PeftAdapter::load(dir, &device)?.config.num_virtual_tokens,
-        (None, _) => 100,
-    };
     let (train_set, dev_set) = data.examples(&model)?;
     let classes = match data.dev_classes(args.select_by(), dev_set.as_deref(), &model)? {
         DevClasses::None(Some(note)) => {
@@ -234,7 +163,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
 
     let mut cfg = TrainConfig::paper(&args.output);
-    cfg.n_tokens = n_tokens;
+    cfg.n_tokens = recipe::prompt_length(args.n_tokens, &init, &device)?;
     cfg.init = init;
     cfg.optimizer = recipe::optimizer(args.method, args.optimizer, args.weight_decay);
     cfg.schedule = recipe::schedule(args.schedule, lr, args.warmup_steps, args.steps);
@@ -257,7 +186,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     match args.method {
         Method::PromptTuning => {
             let report = train(&model, &train_set, dev_set.as_deref(), &cfg)?;
-            print_report(&report, &args);
+            println!("{}", report.summary(cfg.select_by));
+            println!("adapter (prompt of step {}) written to {}", report.exported_step, args.output.display());
         }
         Method::ModelTuning => {
             cfg.task.lr = Some(lr);
@@ -265,7 +195,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let path = model.path.clone();
             drop(model);
             let report = model_tuning(&path, &device, &train_set, dev_set.as_deref(), &cfg)?;
-            print_baseline(&report, &args.output, "tuned model folder");
+            println!("{}\ntuned model folder written to {}", report.summary(), args.output.display());
         }
         Method::PTuning => {
             let kind = match args.encoder.unwrap_or(EncoderArg::Mlp) {
@@ -274,46 +204,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             };
             let hidden = args.encoder_hidden.unwrap_or(model.backbone.info().d_model);
             let (report, _) = p_tuning(&model, &train_set, dev_set.as_deref(), &cfg, kind, hidden)?;
-            print_baseline(&report, &args.output, "adapter (the encoder's output)");
+            println!("{}\nadapter (the encoder's output) written to {}", report.summary(), args.output.display());
         }
     }
     Ok(())
-}
-
-fn print_report(report: &TrainReport, args: &TrainArgs) {
-    let mut line = format!("trained {} steps", report.steps);
-    if let Some(from) = report.resumed_from {
-        line.push_str(&format!(" (resumed at step {from})"));
-    }
-    if let Some(loss) = report.final_loss {
-        line.push_str(&format!("; last train loss {loss:.4}"));
-    }
-    match (report.best_dev_loss, report.best_dev_accuracy, report.best_step) {
-        (Some(d), Some(a), Some(s)) if args.select_by == SelectByArg::Accuracy => {
-            line.push_str(&format!("; best dev accuracy {a:.4} at step {s} (dev loss {d:.4})"));
-        }
-        (Some(d), Some(a), Some(s)) => {
-            line.push_str(&format!("; best dev loss {d:.4} at step {s} (dev accuracy {a:.4})"));
-        }
-        (Some(d), None, Some(s)) => line.push_str(&format!("; best dev loss {d:.4} at step {s}")),
-        _ => {}
-    }
-    if report.stopped_early {
-        line.push_str("; stopped early");
-    }
-    println!("{line}");
-    println!("adapter (prompt of step {}) written to {}", report.exported_step, args.output.display());
-}
-
-fn print_baseline(report: &BaselineReport, output: &Path, what: &str) {
-    let mut line = format!("trained {} steps", report.steps);
-    if let Some(from) = report.resumed_from {
-        line.push_str(&format!(" (resumed at step {from})"));
-    }
-    line.push_str(&format!("; train loss {:.4} -> {:.4}", report.first_loss, report.final_loss));
-    if let Some(d) = report.dev_loss {
-        line.push_str(&format!("; dev loss {d:.4}"));
-    }
-    println!("{line}");
-    println!("{what} written to {}", output.display());
 }

@@ -5,12 +5,13 @@
 
 use crate::batch::Example;
 use crate::load::Model;
-use crate::prompt::PromptInit;
+use crate::prompt::{PeftAdapter, PromptInit};
 use crate::task::{data_source, encode_pair, label_targets, movie, read_jsonl, ClassificationTask, TaskMeta};
 use crate::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
 use crate::train::schedule::Schedule;
 use crate::train::trainer::{gold_labels, SelectBy, TrainConfig};
 use crate::{bail, Error, Result};
+use candle_core::Device;
 use std::path::{Path, PathBuf};
 
 /// The built-in task `--data` / `--dev` may name instead of a file.
@@ -51,6 +52,54 @@ impl Method {
     fn is_baseline(self) -> bool {
         self != Method::PromptTuning
     }
+
+    /// Rejects options that this method does not use, and counts of zero, before anything
+    /// is loaded.
+    pub fn check_flags(self, flags: &MethodFlags) -> Result<()> {
+        let m = self.name();
+        if self != Method::PTuning && (flags.encoder || flags.encoder_hidden.is_some()) {
+            bail!("--encoder and --encoder-hidden are options of --method p-tuning, not {m}");
+        }
+        if self == Method::PTuning && flags.prompt_after_bos {
+            bail!("--prompt-after-bos is an option of --method prompt-tuning, not {m}");
+        }
+        if flags.encoder_hidden == Some(0) {
+            bail!("--encoder-hidden must be at least 1");
+        }
+        if self != Method::PromptTuning && flags.select_by == SelectBy::Accuracy {
+            bail!("--select-by accuracy is an option of --method prompt-tuning, not {m}");
+        }
+        if self == Method::ModelTuning {
+            let prompt_options = [
+                ("--init", flags.init.kind.is_some()),
+                ("--init-text", flags.init.text.is_some()),
+                ("--init-file", flags.init.file.is_some()),
+                ("--labels", !flags.labels.is_empty()),
+                ("--n-tokens", flags.n_tokens.is_some()),
+                ("--prompt-after-bos", flags.prompt_after_bos),
+            ];
+            if let Some((flag, _)) = prompt_options.iter().find(|(_, set)| *set) {
+                bail!("{flag} does not apply to --method model-tuning: it trains the model's weights with no soft prompt");
+            }
+        }
+        if flags.n_tokens == Some(0) {
+            bail!("--n-tokens must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The options of `softprompt train` whose use depends on the method, as the user gave them.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodFlags<'a> {
+    /// `--encoder` was given.
+    pub encoder: bool,
+    pub encoder_hidden: Option<usize>,
+    pub prompt_after_bos: bool,
+    pub select_by: SelectBy,
+    pub init: &'a InitSpec,
+    pub labels: &'a [String],
+    pub n_tokens: Option<usize>,
 }
 
 /// Optimizer family.
@@ -122,13 +171,23 @@ pub enum InitKind {
     File,
 }
 
-/// The initialisation options a user gave.
+/// The initialisation options a user gave (with the `clap` feature, `softprompt train`'s
+/// `--init*` options).
 #[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct InitSpec {
+    /// Prompt initialisation [default: class-labels with --labels, text with --init-text,
+    /// file with --init-file, else sampled-vocab].
+    #[cfg_attr(feature = "clap", arg(long = "init", value_enum, value_name = "INIT"))]
     pub kind: Option<InitKind>,
+    /// Text for --init text.
+    #[cfg_attr(feature = "clap", arg(long = "init-text", value_name = "INIT_TEXT"))]
     pub text: Option<String>,
+    /// PEFT adapter folder for --init file.
+    #[cfg_attr(feature = "clap", arg(long = "init-file", value_name = "INIT_FILE"))]
     pub file: Option<PathBuf>,
-    /// Half-width of `U[-r, r]` for random-uniform.
+    /// Half-width r of U[-r, r] for --init random-uniform.
+    #[cfg_attr(feature = "clap", arg(long = "init-range", value_name = "INIT_RANGE", default_value_t = 0.5))]
     pub range: f64,
 }
 
@@ -160,19 +219,43 @@ pub fn prompt_init(spec: &InitSpec, labels: &[String]) -> Result<PromptInit> {
     })
 }
 
+/// The prompt length: `n_tokens` when given, else the adapter's with an adapter to start
+/// from, else the paper's 100.
+pub fn prompt_length(n_tokens: Option<usize>, init: &PromptInit, device: &Device) -> Result<usize> {
+    Ok(match (n_tokens, init) {
+        (Some(n), _) => n,
+        (None, PromptInit::File(dir)) => PeftAdapter::load(dir, device)?.config.num_virtual_tokens,
+        (None, _) => 100,
+    })
+}
+
 /// `--data` / `--dev` naming the built-in task (a file of that name wins).
 pub fn is_builtin(path: &Path) -> bool {
     path.as_os_str() == BUILTIN_TASK && !path.exists()
 }
 
-/// Where a run's examples come from.
+/// Where a run's examples come from (with the `clap` feature, `softprompt train`'s data
+/// options). The labels given by the user (none: the built-in task's) also name the classes.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct DataSpec {
+    /// Training data: JSONL of {"input": ..., "target": ...} lines, or `movie-sentiment`: the
+    /// built-in task's train split with its template and verbalizer (the examples of
+    /// `softprompt run movie-sentiment`; its labels are then the default --labels).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub data: PathBuf,
+    /// Dev data (same format, or `movie-sentiment` with --data movie-sentiment: its dev
+    /// split): evaluated every --eval-every steps (dev loss, and with --labels dev accuracy);
+    /// the prompt of the best evaluation (--select-by) is the one exported.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub dev: Option<PathBuf>,
     /// Use only the first N dev examples.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub dev_limit: Option<usize>,
-    /// Class labels given by the user (`None` of them: the built-in task's).
+    /// Class labels, comma separated, as the targets spell them (e.g. ` negative, positive`):
+    /// for --init class-labels, and for the dev accuracy (rank classification) when every dev
+    /// target is one of them.
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ','))]
     pub labels: Vec<String>,
 }
 
@@ -395,6 +478,25 @@ mod tests {
         assert!(learning_rate(Method::PTuning, Some(f64::NAN)).is_err());
         assert!(matches!(optimizer(Method::PromptTuning, None, None), OptimizerConfig::Adafactor(c) if c.weight_decay == 1e-5));
         assert!(matches!(optimizer(Method::PTuning, None, None), OptimizerConfig::AdamW(_)));
+    }
+
+    #[test]
+    fn flags_go_with_their_method() {
+        let init = InitSpec::default();
+        let flags = MethodFlags {
+            encoder: false,
+            encoder_hidden: None,
+            prompt_after_bos: true,
+            select_by: SelectBy::Loss,
+            init: &init,
+            labels: &[],
+            n_tokens: None,
+        };
+        assert!(Method::PromptTuning.check_flags(&flags).is_ok());
+        let err = Method::ModelTuning.check_flags(&flags).unwrap_err().to_string();
+        assert!(err.starts_with("--prompt-after-bos does not apply to --method model-tuning"), "{err}");
+        let p_tuning = MethodFlags { prompt_after_bos: false, encoder_hidden: Some(0), ..flags };
+        assert_eq!(Method::PTuning.check_flags(&p_tuning).unwrap_err().to_string(), "--encoder-hidden must be at least 1");
     }
 
     #[test]

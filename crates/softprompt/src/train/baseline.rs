@@ -23,6 +23,19 @@ pub struct BaselineReport {
 }
 
 impl BaselineReport {
+    /// One line for the user: steps, the first and last train losses, the dev loss.
+    pub fn summary(&self) -> String {
+        let mut line = format!("trained {} steps", self.steps);
+        if let Some(from) = self.resumed_from {
+            line.push_str(&format!(" (resumed at step {from})"));
+        }
+        line.push_str(&format!("; train loss {:.4} -> {:.4}", self.first_loss, self.final_loss));
+        if let Some(d) = self.dev_loss {
+            line.push_str(&format!("; dev loss {d:.4}"));
+        }
+        line
+    }
+
     /// The report of `run` (whose log has a line every step) and the dev loss after it.
     pub(crate) fn from_run(run: &LoopOutcome, dev_loss: Option<f64>) -> Self {
         BaselineReport {

@@ -55,6 +55,34 @@ pub struct TrainReport {
     pub prompt: Tensor,
 }
 
+impl TrainReport {
+    /// One line for the user: steps, the last train loss, the best dev evaluation (the
+    /// `select_by` metric first) and whether the run stopped early.
+    pub fn summary(&self, select_by: SelectBy) -> String {
+        let mut line = format!("trained {} steps", self.steps);
+        if let Some(from) = self.resumed_from {
+            line.push_str(&format!(" (resumed at step {from})"));
+        }
+        if let Some(loss) = self.final_loss {
+            line.push_str(&format!("; last train loss {loss:.4}"));
+        }
+        match (self.best_dev_loss, self.best_dev_accuracy, self.best_step) {
+            (Some(d), Some(a), Some(s)) if select_by == SelectBy::Accuracy => {
+                line.push_str(&format!("; best dev accuracy {a:.4} at step {s} (dev loss {d:.4})"));
+            }
+            (Some(d), Some(a), Some(s)) => {
+                line.push_str(&format!("; best dev loss {d:.4} at step {s} (dev accuracy {a:.4})"));
+            }
+            (Some(d), None, Some(s)) => line.push_str(&format!("; best dev loss {d:.4} at step {s}")),
+            _ => {}
+        }
+        if self.stopped_early {
+            line.push_str("; stopped early");
+        }
+        line
+    }
+}
+
 /// Trains a prompt on `train` (and keeps the best on `dev`) for `model`; see the module doc.
 /// All input checks run before the first step ([`validate`], and the init is made even when
 /// resuming, so a bad one fails before any work).
