@@ -19,15 +19,22 @@
 //! fails, or when any answer is neither 200, 429, 503 nor 504. RSS is the whole process's:
 //! server, model and load generator.
 //!
+//! `--adversarial` mixes attacks into the soak's arrivals (see `soak/adversarial.rs`:
+//! oversized inputs, slow heads and bodies) and fails when any of them is not answered as it
+//! should be (413, 408, closed, or 503 at the connection cap).
+//!
 //! `cargo bench -p softprompt-serve --bench soak` (or, without a release build, `cargo test
 //! -p softprompt-serve --bench soak`); `-- --tiny` runs the fixture model for 2 s (a smoke
 //! test), `-- --help` lists the environment variables.
 
 #[path = "../../softprompt/tests/common/word_level.rs"]
 mod word_level;
+#[path = "soak/adversarial.rs"]
+mod adversarial;
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
+use adversarial::Kind;
 use softprompt::load::{load_model, Model};
 use softprompt_serve::client::{post_json, request};
 use softprompt_serve::registry::{write_task_folder, TaskMeta};
@@ -45,9 +52,12 @@ soak: the server under SOAK_FACTOR x its capacity for SOAK_SECS on loopback; che
 answers 429/503 instead of queueing without bound, that RSS stays under a cap, and that it
 answers normally afterwards. Exit status 1 when a check fails.
 
-usage: cargo bench -p softprompt-serve --bench soak [-- --tiny | --help]
+usage: cargo bench -p softprompt-serve --bench soak [-- --tiny | --adversarial | --help]
   --tiny                  SOAK_MODEL=fixture, SOAK_SECS=2, SOAK_CAPACITY_SECS=1,
                           SOAK_MAX_INFLIGHT=400 (a smoke test, a few seconds)
+  --adversarial           4 arrivals in 10 are attacks: inputs over --max-input-chars and
+                          --max-input-tokens, slow heads, slow bodies (server header and
+                          body timeouts 2 s); each must get its answer within 10 s
 
 environment (defaults in brackets):
   SOAK_MODEL              smollm2 | fixture (tiny llama, word-level tokenizer) [smollm2]
@@ -75,6 +85,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 struct Settings {
     fixture: bool,
+    adversarial: bool,
     soak: Duration,
     capacity: Duration,
     clients: usize,
@@ -88,7 +99,7 @@ struct Settings {
 }
 
 fn settings() -> Settings {
-    let mut tiny = false;
+    let (mut tiny, mut adversarial) = (false, false);
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--help" | "-h" => {
@@ -96,6 +107,7 @@ fn settings() -> Settings {
                 std::process::exit(0);
             }
             "--tiny" => tiny = true,
+            "--adversarial" => adversarial = true,
             "--bench" => {} // passed by `cargo bench`
             other => eprintln!("soak: ignoring argument {other:?} (see --help)"),
         }
@@ -113,6 +125,7 @@ fn settings() -> Settings {
     let secs = |name: &str, default: f64| Duration::from_secs_f64(env_or(name, default).max(0.1));
     Settings {
         fixture,
+        adversarial,
         soak: secs("SOAK_SECS", if tiny { 2.0 } else { 60.0 }),
         capacity: secs("SOAK_CAPACITY_SECS", if tiny { 1.0 } else if fixture { 2.0 } else { 10.0 }),
         clients: env_or("SOAK_CLIENTS", 2 * max_batch).max(1),
@@ -135,6 +148,8 @@ struct Setup {
     dir: std::path::PathBuf,
     /// `/v1/classify` bodies, every (task, input) pair.
     bodies: Vec<serde_json::Value>,
+    /// Attack bodies: an input over the character limit, one over the token limit.
+    oversized: (Vec<u8>, Vec<u8>),
     tasks: usize,
 }
 
@@ -216,7 +231,8 @@ fn setup(fixture: bool) -> Setup {
         .iter()
         .flat_map(|input| tasks.iter().map(move |(task, ..)| serde_json::json!({"task": task, "input": input})))
         .collect();
-    Setup { model, name: name.to_string(), dir, _dir: tmp, bodies, tasks: tasks.len() }
+    let oversized = adversarial::oversized_bodies(tasks[0].0, if fixture { "w5" } else { "word" });
+    Setup { model, name: name.to_string(), dir, _dir: tmp, bodies, oversized, tasks: tasks.len() }
 }
 
 /// `/proc/self/status` fields in MiB: (VmRSS, VmHWM); `None` off Linux.
@@ -281,6 +297,8 @@ struct Tally {
     latency: Vec<f64>,
     /// Seconds, of 429 answers.
     latency_429: Vec<f64>,
+    /// Attacks (adversarial mode): how each kind ended (a status, `closed`, or an error).
+    attacks: BTreeMap<(Kind, String), u64>,
 }
 
 struct Soak {
@@ -325,8 +343,20 @@ fn capacity(rt: &tokio::runtime::Runtime, addr: SocketAddr, bodies: &Arc<Vec<Vec
     })
 }
 
+/// How long an attack may take to be answered or dropped (the adversarial server's header
+/// and body timeouts are 2 s).
+const ATTACK_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Open loop at `rate` requests/s for `s.soak`, then waits for the requests in flight.
-fn soak(rt: &tokio::runtime::Runtime, addr: SocketAddr, bodies: &Arc<Vec<Vec<u8>>>, rate: f64, s: &Settings) -> Soak {
+/// With `oversized` (the adversarial mode), 4 arrivals in 10 are attacks ([`Kind::of`]).
+fn soak(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    bodies: &Arc<Vec<Vec<u8>>>,
+    oversized: Option<Arc<(Vec<u8>, Vec<u8>)>>,
+    rate: f64,
+    s: &Settings,
+) -> Soak {
     rt.block_on(async {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let inflight = Arc::new(AtomicUsize::new(0));
@@ -360,6 +390,7 @@ fn soak(rt: &tokio::runtime::Runtime, addr: SocketAddr, bodies: &Arc<Vec<Vec<u8>
                 tokio::time::sleep_until(due.into()).await;
             }
             let body = i as usize % bodies.len();
+            let kind = Kind::of(i, oversized.is_some());
             i += 1;
             if inflight.load(Ordering::Relaxed) >= s.max_inflight {
                 skipped += 1;
@@ -367,8 +398,23 @@ fn soak(rt: &tokio::runtime::Runtime, addr: SocketAddr, bodies: &Arc<Vec<Vec<u8>
             }
             sent += 1;
             inflight.fetch_add(1, Ordering::Relaxed);
-            let (tally, inflight, bodies) = (tally.clone(), inflight.clone(), bodies.clone());
+            let (tally, inflight, bodies, oversized) = (tally.clone(), inflight.clone(), bodies.clone(), oversized.clone());
             tokio::spawn(async move {
+                if kind != Kind::Normal {
+                    let outcome = match (kind, &oversized) {
+                        (Kind::TooManyChars, Some(o)) => send(addr, "POST", "/v1/classify", &o.0, ATTACK_PATIENCE).await,
+                        (Kind::TooManyTokens, Some(o)) => send(addr, "POST", "/v1/classify", &o.1, ATTACK_PATIENCE).await,
+                        _ => adversarial::slow_client(addr, kind, ATTACK_PATIENCE).await.map(|o| (0, o.into_bytes())),
+                    };
+                    let outcome = match outcome {
+                        Ok((0, closed)) => String::from_utf8_lossy(&closed).into_owned(),
+                        Ok((status, _)) => status.to_string(),
+                        Err(e) => e,
+                    };
+                    *tally.lock().unwrap_or_else(|e| e.into_inner()).attacks.entry((kind, outcome)).or_default() += 1;
+                    inflight.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
                 let t0 = Instant::now();
                 let r = send(addr, "POST", "/v1/classify", &bodies[body], timeout).await;
                 let secs = t0.elapsed().as_secs_f64();
@@ -448,6 +494,12 @@ fn main() {
     cfg.batch.max_batch = s.max_batch;
     cfg.batch.queue = s.queue;
     cfg.request_timeout = s.timeout;
+    if s.adversarial {
+        // Slow clients are dropped within the soak, well inside ATTACK_PATIENCE.
+        cfg.connections.header_timeout = Duration::from_secs(2);
+        cfg.connections.body_timeout = Duration::from_secs(2);
+    }
+    let max_connections = cfg.connections.max_connections;
     let max_wait_ms = cfg.batch.max_wait.as_millis();
     let server = Server::start(setup.model.clone(), cfg).expect("start the server");
     let addr = server.addr;
@@ -502,7 +554,8 @@ fn main() {
         s.factor,
         s.soak.as_secs_f64()
     );
-    let mut out = soak(&rt, addr, &bodies, rate, &s);
+    let oversized = s.adversarial.then(|| Arc::new(setup.oversized.clone()));
+    let mut out = soak(&rt, addr, &bodies, oversized, rate, &s);
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.join().unwrap_or_default();
     drop(rt);
@@ -576,10 +629,11 @@ fn main() {
     println!("|---|---|");
     println!("| model | {}, {} tasks (one an ensemble of 2 prompts), {} bodies |", setup.name, setup.tasks, setup.bodies.len());
     println!(
-        "| server | max_batch {}, max_wait {max_wait_ms} ms, queue {}, timeout {} ms |",
+        "| server | max_batch {}, max_wait {max_wait_ms} ms, queue {}, timeout {} ms, max_connections {max_connections}{} |",
         s.max_batch,
         s.queue,
-        s.timeout.as_millis()
+        s.timeout.as_millis(),
+        if s.adversarial { ", header and body timeouts 2 s" } else { "" }
     );
     println!(
         "| capacity (closed loop, {} clients, {:.0} s) | {cap:.1} req/s |",
@@ -608,6 +662,24 @@ fn main() {
         if error_kinds.is_empty() { String::new() } else { format!(" ({})", error_kinds.join(", ")) }
     );
     println!("| unanswered at the end | {} |", out.unfinished);
+    let mut wrong_answers = Vec::new();
+    for kind in [Kind::TooManyChars, Kind::TooManyTokens, Kind::SlowHead, Kind::SlowBody] {
+        let ends: Vec<String> = out
+            .tally
+            .attacks
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, outcome), n)| {
+                if !kind.acceptable(outcome) {
+                    wrong_answers.push(format!("{}: {n} x {outcome}", kind.name()));
+                }
+                format!("{n} x {outcome}")
+            })
+            .collect();
+        if !ends.is_empty() {
+            println!("| attack: {} | {} |", kind.name(), ends.join(", "));
+        }
+    }
     println!(
         "| latency of 200s p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
         percentile(&out.tally.latency, 0.5) * 1e3,
@@ -655,6 +727,10 @@ fn main() {
     }
     if !other.is_empty() {
         failed.push("answers other than 200/429/503/504");
+    }
+    if !wrong_answers.is_empty() {
+        eprintln!("soak: attacks answered wrongly: {}", wrong_answers.join("; "));
+        failed.push("attacks not answered as they should be");
     }
     if failed.is_empty() {
         eprintln!("soak: passed");

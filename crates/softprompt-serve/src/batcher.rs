@@ -2,17 +2,24 @@
 //!
 //! HTTP handlers push jobs and await a oneshot reply; they never run the model, so the
 //! tokio runtime stays responsive. The worker takes the oldest job, waits until `max_batch`
-//! compatible jobs are queued or the oldest has waited `max_wait`, and runs them as one
-//! batch. Compatible means: same kind (generate or classify), and
+//! compatible jobs are queued, their padded size reaches the token budget `max_tokens`, or
+//! the oldest has waited `max_wait`, and runs them as one batch (at most `max_batch` jobs and
+//! `max_tokens` padded positions; a job alone never exceeds the budget: `limits::check_cost`
+//! refuses it first; see [`Cost`]). Compatible means: same kind (generate or classify), and
 //! - with `one_task_per_batch`: the same task (the baseline the load generator compares to);
 //! - for generation with absolute position embeddings (GPT-2): the same row lengths, so
 //!   rows need no padding and every request sees exactly the input it would see alone (see
 //!   `engine`; classification pads on the right, which changes no position). Rotary models
 //!   mix any lengths, and so do encoder-decoder models (T5: relative
 //!   positions, right-padded encoder rows; see `seq2seq`).
+//!
+//! Requests whose client has gone (disconnect, timeout) are dropped: before a batch starts;
+//! during generation at every step (`finish_reason` `cancelled`); during classification
+//! between groups of at most `max_rows` rows.
 
 use crate::engine::{self, ClsItem, ClsOutput, GenItem, GenOutput};
 use crate::error::ApiError;
+use crate::limits::Cost;
 use crate::metrics::Metrics;
 use crate::seq2seq;
 use axum::http::StatusCode;
@@ -35,6 +42,9 @@ pub struct BatchConfig {
     pub one_task_per_batch: bool,
     /// Most rows (request x prompt x label) per classification forward.
     pub max_rows: usize,
+    /// Most padded token positions per batch (rows x longest row, see [`Cost`]): bounds the
+    /// memory and time of one batch, whatever mix of short and long requests is queued.
+    pub max_tokens: usize,
     /// Decoder-only models: start each batch from the prompts' keys/values computed once per
     /// prompt instead of running the prompts again (see `engine`; off only for comparison).
     pub reuse_prompt_kv: bool,
@@ -48,6 +58,7 @@ impl Default for BatchConfig {
             queue: 256,
             one_task_per_batch: false,
             max_rows: 64,
+            max_tokens: 8192,
             reuse_prompt_kv: true,
         }
     }
@@ -56,6 +67,15 @@ impl Default for BatchConfig {
 pub enum Work {
     Generate(GenItem),
     Classify(ClsItem),
+}
+
+impl Work {
+    pub fn cost(&self) -> Cost {
+        match self {
+            Work::Generate(g) => Cost::generate(g),
+            Work::Classify(c) => Cost::classify(c),
+        }
+    }
 }
 
 pub enum Reply {
@@ -76,6 +96,7 @@ struct Key {
 struct Job {
     task: String,
     key: Key,
+    cost: Cost,
     work: Work,
     enqueued: Instant,
     reply: oneshot::Sender<ReplyResult>,
@@ -157,7 +178,8 @@ impl Batcher {
                 format!("the queue is full ({} requests waiting); retry later", q.jobs.len()),
             ));
         }
-        q.jobs.push_back(Job { task: task.to_string(), key, work, enqueued: Instant::now(), reply: tx });
+        let cost = work.cost();
+        q.jobs.push_back(Job { task: task.to_string(), key, cost, work, enqueued: Instant::now(), reply: tx });
         drop(q);
         self.wake.notify_all();
         Ok(rx)
@@ -183,17 +205,20 @@ impl Batcher {
                 let key = q.jobs[0].key.clone();
                 let deadline = q.jobs[0].enqueued + self.cfg.max_wait;
                 loop {
-                    let n = q.jobs.iter().filter(|j| j.key == key).count();
                     let now = Instant::now();
-                    if n >= self.cfg.max_batch || q.shutdown || now >= deadline {
+                    if self.batch_is_full(&q.jobs, &key) || q.shutdown || now >= deadline {
                         break;
                     }
                     q = self.wake.wait_timeout(q, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
                 }
-                let mut batch = Vec::new();
+                let mut batch: Vec<Job> = Vec::new();
+                let mut cost = Cost::default();
                 let mut rest = VecDeque::with_capacity(q.jobs.len());
                 while let Some(j) = q.jobs.pop_front() {
-                    if j.key == key && batch.len() < self.cfg.max_batch {
+                    let with = cost.and(j.cost);
+                    let fits = batch.is_empty() || with.padded() <= self.cfg.max_tokens;
+                    if j.key == key && batch.len() < self.cfg.max_batch && fits {
+                        cost = with;
                         batch.push(j);
                     } else {
                         rest.push_back(j);
@@ -203,12 +228,65 @@ impl Batcher {
                 batch
             };
             // Requests whose client gave up (timeout, disconnect) are not run.
-            let batch: Vec<Job> = batch.into_iter().filter(|j| !j.reply.is_closed()).collect();
+            let (batch, gone): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| !j.reply.is_closed());
+            self.metrics.cancelled(gone.len());
             if batch.is_empty() {
                 continue;
             }
             self.run_batch(batch);
         }
+    }
+
+    /// Whether the queued jobs compatible with `key` already fill a batch: `max_batch` of
+    /// them, or more padded positions than the token budget.
+    fn batch_is_full(&self, jobs: &VecDeque<Job>, key: &Key) -> bool {
+        let mut n = 0;
+        let mut cost = Cost::default();
+        for j in jobs.iter().filter(|j| &j.key == key) {
+            n += 1;
+            cost = cost.and(j.cost);
+            if n >= self.cfg.max_batch || cost.padded() >= self.cfg.max_tokens {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Classifies `items` in groups of at most `max_rows` rows (one item at least), leaving
+    /// out before each group the items whose client has gone (`None`), so that a big batch
+    /// stops costing time soon after its clients leave.
+    fn classify_groups(
+        &self,
+        items: Vec<ClsItem>,
+        cancelled: &dyn Fn(usize) -> bool,
+        prefill: &mut engine::Prefill,
+    ) -> softprompt::Result<Vec<Option<ClsOutput>>> {
+        let model = &self.model;
+        let max_rows = self.cfg.max_rows.max(1);
+        let mut outs: Vec<Option<ClsOutput>> = (0..items.len()).map(|_| None).collect();
+        let mut items = items.into_iter().enumerate().peekable();
+        while items.peek().is_some() {
+            let (mut index, mut group, mut rows) = (Vec::new(), Vec::new(), 0);
+            while let Some((i, item)) = items.next_if(|(_, it)| group.is_empty() || rows + Cost::classify(it).rows <= max_rows) {
+                if !cancelled(i) {
+                    rows += Cost::classify(&item).rows;
+                    index.push(i);
+                    group.push(item);
+                }
+            }
+            if group.is_empty() {
+                continue;
+            }
+            let results = if model.backbone.info().is_encoder_decoder() {
+                seq2seq::classify(model, &group, max_rows)?
+            } else {
+                engine::classify(model, &group, max_rows, prefill)?
+            };
+            for (i, out) in index.into_iter().zip(results) {
+                outs[i] = Some(out);
+            }
+        }
+        Ok(outs)
     }
 
     fn run_batch(&self, batch: Vec<Job>) {
@@ -229,24 +307,20 @@ impl Batcher {
             }
         }
         let model = &self.model;
-        let max_rows = self.cfg.max_rows;
         let mut prefill = engine::Prefill::new(self.cfg.reuse_prompt_kv);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> softprompt::Result<Vec<Reply>> {
+        // A batch holds one kind of job, so item `i` answers `replies[i]`.
+        let cancelled = |i: usize| replies[i].is_closed();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> softprompt::Result<Vec<Option<Reply>>> {
             if !gens.is_empty() {
-                let cancelled = |i: usize| replies[i].is_closed();
                 let outs = if model.backbone.info().is_encoder_decoder() {
                     seq2seq::generate(model, &gens, &cancelled)?
                 } else {
                     engine::generate(model, &gens, &mut prefill, &cancelled)?
                 };
-                Ok(outs.into_iter().map(Reply::Generate).collect())
+                Ok(outs.into_iter().map(|o| Some(Reply::Generate(o))).collect())
             } else {
-                let outs = if model.backbone.info().is_encoder_decoder() {
-                    seq2seq::classify(model, &clss, max_rows)?
-                } else {
-                    engine::classify(model, &clss, max_rows, &mut prefill)?
-                };
-                Ok(outs.into_iter().map(Reply::Classify).collect())
+                let outs = self.classify_groups(std::mem::take(&mut clss), &cancelled, &mut prefill)?;
+                Ok(outs.into_iter().map(|o| o.map(Reply::Classify)).collect())
             }
         }));
         let result = match result {
@@ -259,7 +333,7 @@ impl Batcher {
             Ok(outs) => outs
                 .iter()
                 .map(|out| match out {
-                    Reply::Generate(g) => g.tokens.len(),
+                    Some(Reply::Generate(g)) => g.tokens.len(),
                     _ => 0,
                 })
                 .sum(),
@@ -274,8 +348,13 @@ impl Batcher {
         self.metrics.prefill(prefill.computed, prefill.reused);
         match result {
             Ok(outs) => {
+                let gone = outs.iter().filter(|o| o.is_none()).count();
+                self.metrics.cancelled(gone);
+                // A request left out (its client gone) gets no answer: its sender is dropped.
                 for (tx, out) in replies.into_iter().zip(outs) {
-                    let _ = tx.send(Ok(out));
+                    if let Some(out) = out {
+                        let _ = tx.send(Ok(out));
+                    }
                 }
             }
             Err(e) => {

@@ -14,16 +14,24 @@ pub fn request(
     body: Option<&[u8]>,
     token: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         head.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     let body = body.unwrap_or(b"");
     head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()));
+    let mut raw = head.into_bytes();
+    raw.extend_from_slice(body);
+    exchange(addr, &raw)
+}
+
+/// Sends `request` (raw bytes: head and body, which should ask for `Connection: close`) on a
+/// new connection and reads the answer until the server closes: `(status, body)`.
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
     // The server may answer (413) and close before reading a large body: ignore write errors.
-    let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(body));
+    let _ = s.write_all(request);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();

@@ -1,15 +1,20 @@
-//! Routes, request/response bodies, authentication and per-request limits.
+//! Routes, request/response bodies and per-request limits.
+//!
+//! Before a handler runs: `access::guard` (Host allow-list, token, write access), then the
+//! body is read within its limits (`body::JsonBody`). Parsing, tokenisation and the checks of
+//! `limits` run on tokio's blocking pool (`off_thread`), so a large or slow-to-tokenize
+//! input never holds up the threads that serve the other connections.
 
 use crate::batcher::{Batcher, Reply, Work};
+use crate::body::JsonBody;
 use crate::engine::{ClsItem, GenItem};
 use crate::error::ApiError;
+use crate::limits::{check_cost, check_stop, Cost};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Task, Upload};
 use crate::ServeConfig;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -32,7 +37,6 @@ pub struct AppState {
 type AppResult = Result<Response, ApiError>;
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let limit = state.cfg.max_body_bytes;
     Router::new()
         .route("/v1/generate", post(generate))
         .route("/v1/classify", post(classify))
@@ -45,36 +49,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint")
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::access::guard))
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
-}
-
-/// Bearer-token check (when a token is configured); `/health` stays open.
-async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.cfg.token {
-        if req.uri().path() != "/health" {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-                let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response();
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                return resp;
-            }
-        }
-    }
-    next.run(req).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Request counts and latency by endpoint.
@@ -90,21 +67,9 @@ async fn record(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Parses a JSON body: 413 over the size limit, 400 for malformed JSON or wrong fields.
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    parse_json(&body_bytes(body)?)
-}
-
-/// The request body: 413 over the size limit.
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rej| {
-        let status = rej.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, "request body is larger than the server's limit")
-        } else {
-            ApiError::new(status, rej.body_text())
-        }
-    })
+/// Runs `f` on tokio's blocking pool (parsing, tokenisation, file writes).
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 /// Parses a JSON request body (400 for malformed JSON or wrong fields), e.g. the upload body
@@ -119,7 +84,10 @@ fn task_or_404(s: &AppState, name: &str) -> Result<Arc<Task>, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("unknown task `{name}` (see GET /v1/tasks)")))
 }
 
+/// The input's token ids (template applied), within the input limits: characters counted
+/// before tokenizing, tokens after.
 fn encode(s: &AppState, task: &Task, input: &str) -> Result<Vec<u32>, ApiError> {
+    s.cfg.input.check_chars(input)?;
     let tokenizer = s.model.tokenizer().map_err(|e| ApiError::internal(e.to_string()))?;
     let mut ids = task
         .encode(tokenizer, input)
@@ -131,6 +99,7 @@ fn encode(s: &AppState, task: &Task, input: &str) -> Result<Vec<u32>, ApiError> 
         // Encoder inputs end with EOS, as the library feeds them (`ClassificationTask::sources`).
         ids.extend(s.model.backbone.info().eos_token_ids.first());
     }
+    s.cfg.input.check_tokens(ids.len())?;
     Ok(ids)
 }
 
@@ -186,8 +155,9 @@ struct GenerateRequest {
     seed: Option<u64>,
 }
 
-async fn generate(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult {
-    let (task, item) = generate_job(&s, &body_bytes(body)?)?;
+async fn generate(State(s): State<Arc<AppState>>, JsonBody(body): JsonBody) -> AppResult {
+    let state = s.clone();
+    let (task, item) = off_thread(move || generate_job(&state, &body)).await?;
     match dispatch(&s, &task.name, Work::Generate(item)).await? {
         Reply::Generate(o) => Ok(Json(serde_json::json!({
             "task": task.name,
@@ -217,6 +187,12 @@ pub fn generate_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, GenItem), A
     if !temperature.is_finite() || temperature < 0.0 {
         return Err(ApiError::bad_request("temperature must be a number >= 0"));
     }
+    let stop = match req.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    check_stop(&stop)?;
     let task = task_or_404(s, &req.task)?;
     let source = encode(s, &task, &req.input)?;
     if let Some(max) = s.model.backbone.info().max_positions {
@@ -227,17 +203,14 @@ pub fn generate_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, GenItem), A
             )));
         }
     }
-    let stop = match req.stop {
-        None => vec![],
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
     let item = GenItem {
         prompts: task.prompts.clone(),
         prompt_kv: task.prompt_kv.clone(),
         source,
         params: DecodeParams { max_new_tokens: max_new, temperature, stop, seed: req.seed },
     };
+    let what = "prompts x (prompt + input + max_new_tokens)";
+    check_cost(Cost::generate(&item), s.cfg.batch.max_tokens, what)?;
     Ok((task, item))
 }
 
@@ -248,8 +221,9 @@ struct ClassifyRequest {
     input: String,
 }
 
-async fn classify(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult {
-    let (task, item) = classify_job(&s, &body_bytes(body)?)?;
+async fn classify(State(s): State<Arc<AppState>>, JsonBody(body): JsonBody) -> AppResult {
+    let state = s.clone();
+    let (task, item) = off_thread(move || classify_job(&state, &body)).await?;
     match dispatch(&s, &task.name, Work::Classify(item)).await? {
         Reply::Classify(o) => {
             let best = softprompt::eval::classify::argmax(&o.scores);
@@ -311,6 +285,9 @@ pub fn classify_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, ClsItem), A
         source,
         label_targets: task.label_targets.clone(),
     };
+    // The verbalizer counts here: multi-token labels cost a row per (prompt, label).
+    let what = "prompts x labels x (prompt + input + longest label), or prompts x (prompt + input) for one-token labels";
+    check_cost(Cost::classify(&item), s.cfg.batch.max_tokens, what)?;
     Ok((task, item))
 }
 
@@ -323,16 +300,13 @@ async fn get_task(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> A
     Ok(Json(task_or_404(&s, &name)?.summary()).into_response())
 }
 
-async fn put_task(
-    State(s): State<Arc<AppState>>,
-    Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> AppResult {
-    let upload: Upload = parse(body)?;
+async fn put_task(State(s): State<Arc<AppState>>, Path(name): Path<String>, JsonBody(body): JsonBody) -> AppResult {
     let (registry, model) = (s.registry.clone(), s.model.clone());
-    let (task, replaced) = tokio::task::spawn_blocking(move || registry.put(&name, upload, &model))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let (task, replaced) = off_thread(move || {
+        let upload: Upload = parse_json(&body)?;
+        registry.put(&name, upload, &model)
+    })
+    .await?;
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(task.summary())).into_response())
 }
@@ -340,16 +314,19 @@ async fn put_task(
 async fn delete_task(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> AppResult {
     let registry = s.registry.clone();
     let n = name.clone();
-    let removed = tokio::task::spawn_blocking(move || registry.delete(&n))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let removed = off_thread(move || registry.delete(&n)).await?;
     if !removed {
         return Err(ApiError::not_found(format!("unknown task `{name}`")));
     }
     Ok(Json(serde_json::json!({ "deleted": name })).into_response())
 }
 
-async fn health(State(s): State<Arc<AppState>>) -> AppResult {
+/// Liveness for anyone; the model, tasks and queue only for holders of the token (when the
+/// server has one).
+async fn health(State(s): State<Arc<AppState>>, headers: HeaderMap) -> AppResult {
+    if !crate::access::authorized(&s.cfg, &headers) {
+        return Ok(Json(serde_json::json!({ "status": "ok" })).into_response());
+    }
     let info = s.model.backbone.info();
     Ok(Json(serde_json::json!({
         "status": "ok",

@@ -9,12 +9,21 @@
 //!
 //! Endpoints: `POST /v1/generate`, `POST /v1/classify`, `GET /v1/tasks`,
 //! `GET|PUT|DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
+//!
+//! At the boundary, before any work: [`connections`] (connection cap, header timeout),
+//! [`access`] (Host allow-list, token, write access), [`body`] (media type, size, body
+//! deadline), [`limits`] (input characters and tokens, stop strings, the request's model
+//! work against the per-batch token budget).
 
+pub mod access;
 pub mod batcher;
+pub mod body;
 pub mod client;
+pub mod connections;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
@@ -37,14 +46,26 @@ pub struct ServeConfig {
     pub prompts_dir: PathBuf,
     pub addr: SocketAddr,
     pub batch: BatchConfig,
-    /// Bearer token required on every endpoint but `/health`.
+    /// Bearer token required on every endpoint but `/health` (which then shows model details
+    /// only to requests carrying it).
     pub token: Option<String>,
-    /// Largest request body (413 above).
+    /// Uploads and deletions without a token (otherwise PUT/DELETE need `token`: 403).
+    pub allow_writes: bool,
+    /// `Host` header values accepted besides the loopback names (`localhost`, `127.0.0.1`,
+    /// `[::1]` with the port), which are accepted when listening on loopback. With the list
+    /// empty and a non-loopback address every `Host` is accepted. See [`access`].
+    pub allowed_hosts: Vec<String>,
+    /// Largest upload body, `PUT /v1/tasks/{name}` (413 above); generate/classify bodies are
+    /// held to [`limits::InputLimits::body_bytes`].
     pub max_body_bytes: usize,
     /// Largest `max_new_tokens` a request may ask for (400 above).
     pub max_new_tokens: usize,
+    /// What one generate/classify request may ask for (413 above).
+    pub input: limits::InputLimits,
     /// Time a request may wait for its answer, queueing included (504 after).
     pub request_timeout: Duration,
+    /// Connections, header and body read timeouts.
+    pub connections: connections::ConnectionLimits,
 }
 
 impl ServeConfig {
@@ -54,9 +75,13 @@ impl ServeConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             batch: BatchConfig::default(),
             token: None,
+            allow_writes: false,
+            allowed_hosts: Vec::new(),
             max_body_bytes: 16 << 20,
             max_new_tokens: 256,
+            input: limits::InputLimits::default(),
             request_timeout: Duration::from_secs(60),
+            connections: connections::ConnectionLimits::default(),
         }
     }
 }
@@ -84,7 +109,7 @@ impl Server {
     /// batcher drains its queue and the server thread ends.
     pub fn start_until(
         model: Arc<Model>,
-        cfg: ServeConfig,
+        mut cfg: ServeConfig,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> softprompt::Result<Server> {
         model.tokenizer()?;
@@ -95,7 +120,10 @@ impl Server {
             .map_err(|e| softprompt::Error::invalid(format!("cannot listen on {}: {e}", cfg.addr)))?;
         listener.set_nonblocking(true).map_err(|e| softprompt::Error::invalid(e.to_string()))?;
         let addr = listener.local_addr().map_err(|e| softprompt::Error::invalid(e.to_string()))?;
-        let state = Arc::new(http::AppState { model, registry, batcher: batcher.clone(), metrics, cfg });
+        // The port actually bound (port 0: an ephemeral one), which the Host check expects.
+        cfg.addr = addr;
+        let limits = cfg.connections.clone();
+        let state = Arc::new(http::AppState { model, registry, batcher: batcher.clone(), metrics: metrics.clone(), cfg });
         let worker = {
             let b = batcher.clone();
             std::thread::Builder::new()
@@ -106,13 +134,17 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("softprompt-http".into())
             .spawn(move || -> std::io::Result<()> {
+                // Parsing and tokenisation run on the blocking pool (`http`); its threads are
+                // capped so that a flood of large requests queues instead of adding threads.
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
+                    .max_blocking_threads(16)
                     .enable_all()
                     .build()?;
                 let result = rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
-                    axum::serve(listener, http::router(state)).with_graceful_shutdown(stop).await
+                    connections::serve(listener, http::router(state), limits, metrics, stop).await;
+                    std::io::Result::Ok(())
                 });
                 batcher.shutdown();
                 let _ = worker.join();

@@ -53,6 +53,9 @@ struct Inner {
     prefill_reused: u64,
     rejected_full: u64,
     timeouts: u64,
+    cancelled: u64,
+    connections_open: u64,
+    connections_refused: u64,
 }
 
 pub struct Metrics {
@@ -74,6 +77,9 @@ impl Default for Metrics {
                 prefill_reused: 0,
                 rejected_full: 0,
                 timeouts: 0,
+                cancelled: 0,
+                connections_open: 0,
+                connections_refused: 0,
             }),
         }
     }
@@ -118,6 +124,22 @@ impl Metrics {
         let mut m = self.lock();
         m.prefill_computed += computed as u64;
         m.prefill_reused += reused as u64;
+    }
+
+    /// Queued requests dropped by the worker because their client had gone.
+    pub fn cancelled(&self, n: usize) {
+        self.lock().cancelled += n as u64;
+    }
+
+    /// A connection accepted (`true`) or closed (`false`).
+    pub fn connection(&self, open: bool) {
+        let mut m = self.lock();
+        m.connections_open = if open { m.connections_open + 1 } else { m.connections_open.saturating_sub(1) };
+    }
+
+    /// A connection refused with 503 because `--max-connections` were open.
+    pub fn connection_refused(&self) {
+        self.lock().connections_refused += 1;
     }
 
     pub fn render(&self, queue_depth: usize, n_tasks: usize) -> String {
@@ -167,6 +189,15 @@ impl Metrics {
         let _ = writeln!(out, "# HELP softprompt_timeouts_total Requests that ran past the per-request timeout.");
         let _ = writeln!(out, "# TYPE softprompt_timeouts_total counter");
         let _ = writeln!(out, "softprompt_timeouts_total {}", m.timeouts);
+        let _ = writeln!(out, "# HELP softprompt_cancelled_total Requests dropped before or during their batch because the client had gone.");
+        let _ = writeln!(out, "# TYPE softprompt_cancelled_total counter");
+        let _ = writeln!(out, "softprompt_cancelled_total {}", m.cancelled);
+        let _ = writeln!(out, "# HELP softprompt_connections_open Open client connections.");
+        let _ = writeln!(out, "# TYPE softprompt_connections_open gauge");
+        let _ = writeln!(out, "softprompt_connections_open {}", m.connections_open);
+        let _ = writeln!(out, "# HELP softprompt_connections_refused_total Connections answered 503 and closed at the --max-connections cap.");
+        let _ = writeln!(out, "# TYPE softprompt_connections_refused_total counter");
+        let _ = writeln!(out, "softprompt_connections_refused_total {}", m.connections_refused);
         out
     }
 }

@@ -1,5 +1,6 @@
 //! A hand-written OpenAPI 3 document of the HTTP API.
 
+use crate::limits::{MAX_STOP_CHARS, MAX_STOP_STRINGS};
 use crate::ServeConfig;
 use serde_json::{json, Value};
 
@@ -21,10 +22,20 @@ pub fn document(cfg: &ServeConfig) -> Value {
         let mut m = json!({
             "400": error_response("malformed JSON, unknown field, or invalid value"),
             "401": error_response("missing or wrong bearer token (when the server has one)"),
+            "403": error_response("Host header not allowed (--allowed-host), or PUT/DELETE while writes are off (--token or --allow-writes)"),
             "404": error_response("unknown task"),
-            "413": error_response(&format!("body larger than {} bytes", cfg.max_body_bytes)),
+            "408": error_response(&format!("body not received within {} ms", cfg.connections.body_timeout.as_millis())),
+            "413": error_response(&format!(
+                "body larger than {} bytes (uploads) or {} bytes (generate/classify); input over {} characters or {} tokens; or the request's model work over {} token positions",
+                cfg.max_body_bytes,
+                cfg.input.body_bytes(),
+                cfg.input.max_input_chars,
+                cfg.input.max_input_tokens,
+                cfg.batch.max_tokens
+            )),
+            "415": error_response("body not sent as Content-Type: application/json"),
             "429": error_response(&format!("queue full ({} waiting requests)", cfg.batch.queue)),
-            "503": error_response("shutting down"),
+            "503": error_response(&format!("shutting down, or {} connections open", cfg.connections.max_connections)),
             "504": error_response(&format!("no answer within {} ms", cfg.request_timeout.as_millis())),
         });
         if let (Some(m), Some(e)) = (m.as_object_mut(), extra.as_object()) {
@@ -47,10 +58,10 @@ pub fn document(cfg: &ServeConfig) -> Value {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
                 "GenerateRequest": {"type": "object", "required": ["task", "input"], "additionalProperties": false, "properties": {
                     "task": {"type": "string"},
-                    "input": {"type": "string", "description": "text; the task's template (if any) is applied"},
+                    "input": {"type": "string", "maxLength": cfg.input.max_input_chars, "description": format!("text; the task's template (if any) is applied; at most {} tokens with it", cfg.input.max_input_tokens)},
                     "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_new_tokens, "default": 16},
                     "temperature": {"type": "number", "minimum": 0, "default": 0, "description": "0: greedy"},
-                    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                    "stop": {"oneOf": [{"type": "string", "maxLength": MAX_STOP_CHARS}, {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "maxLength": MAX_STOP_CHARS}}]},
                     "seed": {"type": "integer", "description": "sampling seed"}}},
                 "GenerateResponse": {"type": "object", "properties": {
                     "task": {"type": "string"}, "text": {"type": "string"},
@@ -59,7 +70,7 @@ pub fn document(cfg: &ServeConfig) -> Value {
                     "finish_reason": {"type": "string", "enum": ["eos", "stop", "length", "cancelled"]},
                     "n_prompts": {"type": "integer"}}},
                 "ClassifyRequest": {"type": "object", "required": ["task", "input"], "additionalProperties": false, "properties": {
-                    "task": {"type": "string"}, "input": {"type": "string"}}},
+                    "task": {"type": "string"}, "input": {"type": "string", "maxLength": cfg.input.max_input_chars}}},
                 "ClassifyResponse": {"type": "object", "properties": {
                     "task": {"type": "string"}, "label": {"type": "string"},
                     "scores": {"type": "object", "additionalProperties": {"type": "number"}, "description": "label -> log-likelihood of its verbalizer (mean over the ensemble's prompts)"},
@@ -98,7 +109,7 @@ pub fn document(cfg: &ServeConfig) -> Value {
                     "requestBody": json_body("Upload"),
                     "responses": common(json!({"200": ok("Task", "replaced"), "201": ok("Task", "created")}))},
                 "delete": {"summary": "Stop serving a task and delete its folder", "responses": common(json!({"200": {"description": "deleted"}}))}},
-            "/health": {"get": {"summary": "Liveness (never needs the token)", "security": [], "responses": {"200": {"description": "ok"}}}},
+            "/health": {"get": {"summary": "Liveness (never needs the token; without it only {\"status\": \"ok\"} when the server has one)", "security": [], "responses": {"200": {"description": "ok"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3 document"}}}}
         }

@@ -277,6 +277,7 @@ fn bad_requests_get_json_errors() {
     let mut cfg = config(fx.dir.path());
     cfg.max_body_bytes = 64 << 10;
     cfg.max_new_tokens = 32;
+    cfg.allow_writes = true;
     let server = Server::start(model.clone(), cfg).unwrap();
     let addr = server.addr;
     let error = |status: u16, text: &str| -> (u16, String) {

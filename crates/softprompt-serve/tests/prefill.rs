@@ -72,6 +72,7 @@ fn causal(model: &Model) -> &dyn CausalLm {
 fn config(dir: &Path) -> ServeConfig {
     let mut cfg = ServeConfig::new(dir);
     cfg.addr = "127.0.0.1:0".parse().unwrap();
+    cfg.allow_writes = true; // tasks are replaced and deleted over HTTP
     cfg
 }
 
