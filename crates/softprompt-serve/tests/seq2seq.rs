@@ -56,6 +56,7 @@ fn random_prompt(model: &Model, n: usize, seed: u64) -> Tensor {
 fn config(dir: &Path) -> ServeConfig {
     let mut cfg = ServeConfig::new(dir);
     cfg.addr = "127.0.0.1:0".parse().unwrap();
+    cfg.allow_writes = true; // uploads over HTTP
     cfg
 }
 
