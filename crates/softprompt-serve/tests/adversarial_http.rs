@@ -23,26 +23,26 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures").join(name)
 }
 
-/// The fixture model `name` with a word-level tokenizer (loaded once per test binary).
+/// The fixture model `name` (`llama-tiny` or `t5-tiny`) with a word-level tokenizer, loaded
+/// once per test binary.
 fn word_model(name: &'static str) -> Arc<Model> {
-    static MODELS: OnceLock<std::sync::Mutex<Vec<(&'static str, Arc<Model>)>>> = OnceLock::new();
+    static LLAMA: OnceLock<Arc<Model>> = OnceLock::new();
+    static T5: OnceLock<Arc<Model>> = OnceLock::new();
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let models = MODELS.get_or_init(Default::default);
-    let mut models = models.lock().unwrap();
-    if let Some((_, m)) = models.iter().find(|(n, _)| *n == name) {
-        return m.clone();
-    }
-    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap()).path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "generation_config.json", "model.safetensors"] {
-        std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
-    }
-    let specials: Vec<(u32, &str)> =
-        if name.contains("t5") { vec![(2, "<unk>"), (0, "<pad>"), (1, "</s>")] } else { vec![(0, "<unk>"), (1, "<s>"), (2, "</s>")] };
-    std::fs::write(dir.join("tokenizer.json"), common::word_level::word_level_json(&specials, 256)).unwrap();
-    let model = Arc::new(load_model(&dir, &Device::Cpu).unwrap());
-    models.push((name, model.clone()));
-    model
+    let t5 = name == "t5-tiny";
+    let cell = if t5 { &T5 } else { &LLAMA };
+    cell.get_or_init(|| {
+        let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap()).path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "generation_config.json", "model.safetensors"] {
+            std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
+        }
+        let specials: Vec<(u32, &str)> =
+            if t5 { vec![(2, "<unk>"), (0, "<pad>"), (1, "</s>")] } else { vec![(0, "<unk>"), (1, "<s>"), (2, "</s>")] };
+        std::fs::write(dir.join("tokenizer.json"), common::word_level::word_level_json(&specials, 256)).unwrap();
+        Arc::new(load_model(&dir, &Device::Cpu).unwrap())
+    })
+    .clone()
 }
 
 fn smollm2() -> Arc<Model> {
