@@ -69,8 +69,9 @@ environment (defaults in brackets):
   SOAK_RSS_SLACK_MIB      [256]
   SOAK_MAX_INFLIGHT       most client connections open at once; arrivals beyond are skipped
                           and counted [4096]
-  SOAK_QUEUE, SOAK_MAX_BATCH, SOAK_TIMEOUT_MS
-                          server --queue [256], --max-batch [16], --timeout-ms [60000]
+  SOAK_QUEUE, SOAK_MAX_BATCH, SOAK_TIMEOUT_MS, SOAK_MAX_CONNECTIONS
+                          server --queue [256], --max-batch [16], --timeout-ms [60000],
+                          --max-connections [512]
 ";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -96,6 +97,7 @@ struct Settings {
     queue: usize,
     max_batch: usize,
     timeout: Duration,
+    max_connections: usize,
 }
 
 fn settings() -> Settings {
@@ -137,6 +139,7 @@ fn settings() -> Settings {
         queue: env_or("SOAK_QUEUE", 256usize),
         max_batch,
         timeout: Duration::from_millis(env_or("SOAK_TIMEOUT_MS", 60_000u64)),
+        max_connections: env_or("SOAK_MAX_CONNECTIONS", 512usize).max(1),
     }
 }
 
@@ -499,7 +502,8 @@ fn main() {
         cfg.connections.header_timeout = Duration::from_secs(2);
         cfg.connections.body_timeout = Duration::from_secs(2);
     }
-    let max_connections = cfg.connections.max_connections;
+    cfg.connections.max_connections = s.max_connections;
+    let max_connections = s.max_connections;
     let max_wait_ms = cfg.batch.max_wait.as_millis();
     let server = Server::start(setup.model.clone(), cfg).expect("start the server");
     let addr = server.addr;
