@@ -279,15 +279,17 @@ pub fn classify_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, ClsItem), A
             )));
         }
     }
+    // The verbalizer counts here: multi-token labels cost a row per (prompt, label). Checked
+    // before the job copies the task's label targets.
+    let cost = Cost::classification(&task.prompts, source.len(), &task.label_targets);
+    let what = "prompts x labels x (prompt + input + longest label), or prompts x (prompt + input) for one-token labels";
+    check_cost(cost, s.cfg.batch.max_tokens, what)?;
     let item = ClsItem {
         prompts: task.prompts.clone(),
         prompt_kv: task.prompt_kv.clone(),
         source,
         label_targets: task.label_targets.clone(),
     };
-    // The verbalizer counts here: multi-token labels cost a row per (prompt, label).
-    let what = "prompts x labels x (prompt + input + longest label), or prompts x (prompt + input) for one-token labels";
-    check_cost(Cost::classify(&item), s.cfg.batch.max_tokens, what)?;
     Ok((task, item))
 }
 

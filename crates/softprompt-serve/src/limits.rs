@@ -43,16 +43,21 @@ impl Cost {
         Cost { rows: g.prompts.len(), positions }
     }
 
-    /// A classification (the verbalizer counts here: see the rows).
     pub fn classify(c: &ClsItem) -> Cost {
-        let longest_label = c.label_targets.iter().map(Vec::len).max().unwrap_or(0);
-        let input = longest_prompt(&c.prompts) + c.source.len();
+        Cost::classification(&c.prompts, c.source.len(), &c.label_targets)
+    }
+
+    /// A classification of an input of `input_len` tokens (the verbalizer counts here: see
+    /// the rows).
+    pub fn classification(prompts: &[candle_core::Tensor], input_len: usize, label_targets: &[Vec<u32>]) -> Cost {
+        let longest_label = label_targets.iter().map(Vec::len).max().unwrap_or(0);
+        let input = longest_prompt(prompts) + input_len;
         if longest_label <= 1 {
             // One-token labels: one row per prompt, every label read at its last position.
-            Cost { rows: c.prompts.len(), positions: input }
+            Cost { rows: prompts.len(), positions: input }
         } else {
             // One row per (prompt, label) holding input + label.
-            Cost { rows: c.prompts.len().saturating_mul(c.label_targets.len()), positions: input + longest_label }
+            Cost { rows: prompts.len().saturating_mul(label_targets.len()), positions: input + longest_label }
         }
     }
 }
