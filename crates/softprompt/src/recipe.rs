@@ -114,44 +114,71 @@ pub enum OptimizerKind {
 }
 
 /// Learning-rate decay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ScheduleKind {
+    #[default]
     Constant,
     Linear,
     Cosine,
 }
 
-/// `method`'s learning rate (`lr` when given), checked.
-pub fn learning_rate(method: Method, lr: Option<f64>) -> Result<f64> {
-    let lr = lr.unwrap_or(method.default_lr());
-    if !(lr.is_finite() && lr > 0.0) {
-        bail!("--lr must be a positive number, got {lr}");
-    }
-    Ok(lr)
+/// The optimizer options a user gave (with the `clap` feature, `softprompt train`'s optimizer
+/// flags); unset ones take the method's defaults.
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct OptimizerSpec {
+    /// Optimizer [default: adafactor; adamw for model tuning and P-tuning].
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub optimizer: Option<OptimizerKind>,
+    /// Learning rate [default: 0.3; model tuning 1e-4; P-tuning 1e-3].
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub lr: Option<f64>,
+    /// Learning-rate decay after the warmup.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = ScheduleKind::Constant))]
+    pub schedule: ScheduleKind,
+    /// Linear warmup steps before the schedule.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    pub warmup_steps: usize,
+    /// Weight decay (Adafactor: per step, not scaled by the learning rate; AdamW: decoupled)
+    /// [default: 1e-5; model tuning and P-tuning 0.01].
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub weight_decay: Option<f64>,
 }
 
-/// The optimizer: `kind` (default by method) with `weight_decay` (default by method).
-pub fn optimizer(method: Method, kind: Option<OptimizerKind>, weight_decay: Option<f64>) -> OptimizerConfig {
-    let baseline = method.is_baseline();
-    let weight_decay = weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
-    let kind = kind.unwrap_or(if baseline { OptimizerKind::AdamW } else { OptimizerKind::Adafactor });
-    match kind {
-        OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
-            weight_decay,
-            ..AdafactorConfig::default()
-        }),
-        OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
+impl OptimizerSpec {
+    /// `method`'s learning rate (`lr` when given), checked.
+    pub fn learning_rate(&self, method: Method) -> Result<f64> {
+        let lr = self.lr.unwrap_or(method.default_lr());
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr must be a positive number, got {lr}");
+        }
+        Ok(lr)
     }
-}
 
-/// The schedule of `kind` peaking at `lr` after `warmup_steps`, over `steps`.
-pub fn schedule(kind: ScheduleKind, lr: f64, warmup_steps: usize, steps: usize) -> Schedule {
-    match kind {
-        ScheduleKind::Constant if warmup_steps > 0 => Schedule::warmup_constant(lr, warmup_steps),
-        ScheduleKind::Constant => Schedule::constant(lr),
-        ScheduleKind::Linear => Schedule::linear(lr, warmup_steps, steps),
-        ScheduleKind::Cosine => Schedule::cosine(lr, warmup_steps, steps),
+    /// The optimizer: the kind (default by method) with the weight decay (default by method).
+    pub fn optimizer(&self, method: Method) -> OptimizerConfig {
+        let baseline = method.is_baseline();
+        let weight_decay = self.weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
+        let kind = self.optimizer.unwrap_or(if baseline { OptimizerKind::AdamW } else { OptimizerKind::Adafactor });
+        match kind {
+            OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
+                weight_decay,
+                ..AdafactorConfig::default()
+            }),
+            OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
+        }
+    }
+
+    /// The schedule peaking at `lr` after the warmup, over `steps`.
+    pub fn schedule(&self, lr: f64, steps: usize) -> Schedule {
+        let warmup = self.warmup_steps;
+        match self.schedule {
+            ScheduleKind::Constant if warmup > 0 => Schedule::warmup_constant(lr, warmup),
+            ScheduleKind::Constant => Schedule::constant(lr),
+            ScheduleKind::Linear => Schedule::linear(lr, warmup, steps),
+            ScheduleKind::Cosine => Schedule::cosine(lr, warmup, steps),
+        }
     }
 }
 
@@ -473,11 +500,13 @@ mod tests {
 
     #[test]
     fn method_defaults() {
-        assert_eq!(learning_rate(Method::PromptTuning, None).unwrap(), 0.3);
-        assert_eq!(learning_rate(Method::ModelTuning, None).unwrap(), 1e-4);
-        assert!(learning_rate(Method::PTuning, Some(f64::NAN)).is_err());
-        assert!(matches!(optimizer(Method::PromptTuning, None, None), OptimizerConfig::Adafactor(c) if c.weight_decay == 1e-5));
-        assert!(matches!(optimizer(Method::PTuning, None, None), OptimizerConfig::AdamW(_)));
+        let unset = OptimizerSpec::default();
+        assert_eq!(unset.learning_rate(Method::PromptTuning).unwrap(), 0.3);
+        assert_eq!(unset.learning_rate(Method::ModelTuning).unwrap(), 1e-4);
+        let nan = OptimizerSpec { lr: Some(f64::NAN), ..unset.clone() };
+        assert!(nan.learning_rate(Method::PTuning).is_err());
+        assert!(matches!(unset.optimizer(Method::PromptTuning), OptimizerConfig::Adafactor(c) if c.weight_decay == 1e-5));
+        assert!(matches!(unset.optimizer(Method::PTuning), OptimizerConfig::AdamW(_)));
     }
 
     #[test]
