@@ -144,6 +144,24 @@ pub struct OptimizerSpec {
     /// [default: 1e-5; model tuning and P-tuning 0.01].
     #[cfg_attr(feature = "clap", arg(long))]
     pub weight_decay: Option<f64>,
+    /// Adafactor's second moment of a 2-D variable: `auto` factors it when its smaller axis has
+    /// at least 128 elements (T5X/optax, the paper's: a 20- or 100-token prompt keeps a full
+    /// second moment); `always` factors every 2-D variable (transformers' Adafactor); `never`.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = Factoring::Auto))]
+    pub adafactor_factored: Factoring,
+}
+
+/// When Adafactor factors a 2-D second moment into row and column statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Factoring {
+    /// When the second largest axis has at least 128 elements (T5X, optax).
+    #[default]
+    Auto,
+    /// Every variable of 2 or more axes (transformers' Adafactor).
+    Always,
+    /// Never: a full second moment, like Adam without momentum.
+    Never,
 }
 
 impl OptimizerSpec {
@@ -162,10 +180,18 @@ impl OptimizerSpec {
         let weight_decay = self.weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
         let kind = self.optimizer.unwrap_or(if baseline { OptimizerKind::AdamW } else { OptimizerKind::Adafactor });
         match kind {
-            OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
-                weight_decay,
-                ..AdafactorConfig::default()
-            }),
+            OptimizerKind::Adafactor => {
+                let defaults = AdafactorConfig::default();
+                OptimizerConfig::Adafactor(AdafactorConfig {
+                    weight_decay,
+                    factored: self.adafactor_factored != Factoring::Never,
+                    min_dim_size_to_factor: match self.adafactor_factored {
+                        Factoring::Always => 1,
+                        _ => defaults.min_dim_size_to_factor,
+                    },
+                    ..defaults
+                })
+            }
             OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
         }
     }
@@ -507,6 +533,13 @@ mod tests {
         assert!(nan.learning_rate(Method::PTuning).is_err());
         assert!(matches!(unset.optimizer(Method::PromptTuning), OptimizerConfig::Adafactor(c) if c.weight_decay == 1e-5));
         assert!(matches!(unset.optimizer(Method::PTuning), OptimizerConfig::AdamW(_)));
+        let factored = |f| match (OptimizerSpec { adafactor_factored: f, ..OptimizerSpec::default() }).optimizer(Method::PromptTuning) {
+            OptimizerConfig::Adafactor(c) => c.factored_dims(&[20, 576]),
+            OptimizerConfig::AdamW(_) => unreachable!(),
+        };
+        assert_eq!(factored(Factoring::Auto), None, "a 20-token prompt keeps a full second moment");
+        assert_eq!(factored(Factoring::Always), Some((0, 1)));
+        assert_eq!(factored(Factoring::Never), None);
     }
 
     #[test]
