@@ -483,6 +483,10 @@ pub struct MainJob {
     pub batch_size: usize,
     /// The longer recipe: the whole dev split for model selection (else its first 200).
     pub full: bool,
+    /// Seed of the prompt's sampled slots and the data order.
+    pub seed: u64,
+    /// Adafactor's factoring rule.
+    pub factoring: Factoring,
 }
 
 impl MainJob {
@@ -511,6 +515,9 @@ impl MainJob {
         cfg.init = PromptInit::ClassLabels(task.verbalizer.clone());
         cfg.classes = Some(task.label_targets(tokenizer, info)?);
         cfg.schedule = Schedule::constant(self.lr);
+        let optimizer = OptimizerSpec { adafactor_factored: self.factoring, ..OptimizerSpec::default() };
+        cfg.optimizer = optimizer.optimizer(Method::PromptTuning);
+        cfg.seed = self.seed;
         cfg.steps = self.steps;
         cfg.batch_size = self.batch_size;
         cfg.eval_every = (self.steps / 4).max(1);
