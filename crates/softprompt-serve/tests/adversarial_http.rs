@@ -244,7 +244,7 @@ fn classification_stops_when_its_clients_leave() {
     let dir = one_task(&model, &["pos", "neg"], &[" positive", " negative"]);
     let mut cfg = config(dir.path());
     cfg.batch.max_batch = 7; // six are sent: the batch starts when `max_wait` runs out
-    cfg.batch.max_wait = Duration::from_millis(1500);
+    cfg.batch.max_wait = Duration::from_secs(4); // time to see all six queued, even on a loaded machine
     cfg.batch.max_rows = 1; // one request per forward
     let server = Server::start(model.clone(), cfg).unwrap();
     let addr = server.addr;
