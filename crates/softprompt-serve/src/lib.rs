@@ -55,8 +55,8 @@ pub struct ServeConfig {
     /// `[::1]` with the port), which are accepted when listening on loopback. With the list
     /// empty and a non-loopback address every `Host` is accepted. See [`access`].
     pub allowed_hosts: Vec<String>,
-    /// Largest upload body, `PUT /v1/tasks/{name}` (413 above); generate/classify bodies are
-    /// held to [`limits::InputLimits::body_bytes`].
+    /// Largest request body (413 above); generate/classify bodies are also held to the
+    /// largest valid request, [`limits::InputLimits::body_bytes`].
     pub max_body_bytes: usize,
     /// Largest `max_new_tokens` a request may ask for (400 above).
     pub max_new_tokens: usize,
