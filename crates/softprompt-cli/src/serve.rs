@@ -106,6 +106,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.connections.body_timeout = Duration::from_millis(args.body_timeout_ms);
     if !args.addr.ip().is_loopback() && cfg.token.is_none() {
         eprintln!("warning: listening on {} without a token (--token or SOFTPROMPT_TOKEN)", args.addr);
+        if cfg.allow_writes {
+            eprintln!("warning: --allow-writes without a token: anyone who reaches {} can upload and delete tasks", args.addr);
+        }
     }
     let server = Server::start_until(Arc::new(model), cfg, shutdown_signal())
         .with_context(|| format!("starting the server with prompts from {}", args.prompts.display()))?;
