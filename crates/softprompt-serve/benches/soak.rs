@@ -19,8 +19,8 @@
 //! fails, or when any answer is neither 200, 429, 503 nor 504. RSS is the whole process's:
 //! server, model and load generator.
 //!
-//! `--adversarial` mixes attacks into the soak's arrivals (see `soak/adversarial.rs`:
-//! oversized inputs, slow heads and bodies) and fails when any of them is not answered as it
+//! The client side is `soak/traffic.rs`. `--adversarial` mixes attacks into the soak's
+//! arrivals (see `soak/adversarial.rs`: oversized inputs, slow heads and bodies) and fails when any of them is not answered as it
 //! should be (413, 408, closed, or 503 at the connection cap).
 //!
 //! `cargo bench -p softprompt-serve --bench soak` (or, without a release build, `cargo test
@@ -31,10 +31,12 @@
 mod word_level;
 #[path = "soak/adversarial.rs"]
 mod adversarial;
+#[path = "soak/traffic.rs"]
+mod traffic;
 
+use adversarial::Kind;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
-use adversarial::Kind;
 use softprompt::load::{load_model, Model};
 use softprompt_serve::client::{post_json, request};
 use softprompt_serve::registry::{write_task_folder, TaskMeta};
@@ -42,10 +44,10 @@ use softprompt_serve::{ServeConfig, Server};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use traffic::{capacity, metric, soak};
 
 const HELP: &str = "\
 soak: the server under SOAK_FACTOR x its capacity for SOAK_SECS on loopback; checks that it
@@ -247,217 +249,6 @@ fn rss_mib() -> Option<(f64, f64)> {
         Some(kib / 1024.0)
     };
     Some((field("VmRSS")?, field("VmHWM")?))
-}
-
-/// One request on its own connection (HTTP/1.1, `Connection: close`), within `timeout`:
-/// `(status, body)`, or the kind of failure.
-async fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &[u8],
-    timeout: Duration,
-) -> Result<(u16, Vec<u8>), String> {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {:?}", e.kind()))?;
-        let mut msg = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        msg.extend_from_slice(body);
-        s.write_all(&msg).await.map_err(|e| format!("write: {:?}", e.kind()))?;
-        let mut raw = Vec::with_capacity(1024);
-        s.read_to_end(&mut raw).await.map_err(|e| format!("read: {:?}", e.kind()))?;
-        let head = String::from_utf8_lossy(&raw[..raw.len().min(32)]).into_owned();
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| "not an HTTP response".to_string())?;
-        let body = match raw.windows(4).position(|w| w == b"\r\n\r\n") {
-            Some(i) => raw[i + 4..].to_vec(),
-            None => Vec::new(),
-        };
-        Ok::<_, String>((status, body))
-    };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| "client timeout".to_string())?
-}
-
-/// A Prometheus gauge or counter without labels.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-#[derive(Default)]
-struct Tally {
-    status: BTreeMap<u16, u64>,
-    errors: BTreeMap<String, u64>,
-    /// Seconds, of 200 answers.
-    latency: Vec<f64>,
-    /// Seconds, of 429 answers.
-    latency_429: Vec<f64>,
-    /// Attacks (adversarial mode): how each kind ended (a status, `closed`, or an error).
-    attacks: BTreeMap<(Kind, String), u64>,
-}
-
-struct Soak {
-    offered: f64,
-    sent: u64,
-    skipped: u64,
-    send_secs: f64,
-    total_secs: f64,
-    unfinished: usize,
-    tally: Tally,
-    max_depth: Option<f64>,
-}
-
-/// Closed loop: `clients` clients back to back for `secs`; 200 answers per second.
-fn capacity(rt: &tokio::runtime::Runtime, addr: SocketAddr, bodies: &Arc<Vec<Vec<u8>>>, s: &Settings) -> (f64, u64) {
-    rt.block_on(async {
-        let start = Instant::now();
-        let deadline = start + s.capacity;
-        let mut set = tokio::task::JoinSet::new();
-        for c in 0..s.clients {
-            let bodies = bodies.clone();
-            let timeout = s.timeout + Duration::from_secs(10);
-            set.spawn(async move {
-                let (mut ok, mut other, mut i) = (0u64, 0u64, c);
-                while Instant::now() < deadline {
-                    match send(addr, "POST", "/v1/classify", &bodies[i % bodies.len()], timeout).await {
-                        Ok((200, _)) => ok += 1,
-                        _ => other += 1,
-                    }
-                    i += 1;
-                }
-                (ok, other)
-            });
-        }
-        let (mut ok, mut other) = (0, 0);
-        while let Some(r) = set.join_next().await {
-            let (o, x) = r.expect("client task");
-            ok += o;
-            other += x;
-        }
-        (ok as f64 / start.elapsed().as_secs_f64(), other)
-    })
-}
-
-/// How long an attack may take to be answered or dropped (the adversarial server's header
-/// and body timeouts are 2 s).
-const ATTACK_PATIENCE: Duration = Duration::from_secs(10);
-
-/// Open loop at `rate` requests/s for `s.soak`, then waits for the requests in flight.
-/// With `oversized` (the adversarial mode), 4 arrivals in 10 are attacks ([`Kind::of`]).
-fn soak(
-    rt: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    bodies: &Arc<Vec<Vec<u8>>>,
-    oversized: Option<Arc<(Vec<u8>, Vec<u8>)>>,
-    rate: f64,
-    s: &Settings,
-) -> Soak {
-    rt.block_on(async {
-        let tally = Arc::new(Mutex::new(Tally::default()));
-        let inflight = Arc::new(AtomicUsize::new(0));
-        let timeout = s.timeout + Duration::from_secs(10);
-        // Queue depth from /metrics every 250 ms.
-        let stop = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut max: Option<f64> = None;
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((200, text)) = send(addr, "GET", "/metrics", b"", Duration::from_secs(5)).await {
-                        if let Some(d) = metric(&String::from_utf8_lossy(&text), "softprompt_queue_depth") {
-                            max = Some(max.map_or(d, |m: f64| m.max(d)));
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                max
-            })
-        };
-        let start = Instant::now();
-        let end = start + s.soak;
-        let (mut sent, mut skipped, mut i) = (0u64, 0u64, 0u64);
-        loop {
-            let due = start + Duration::from_secs_f64(i as f64 / rate);
-            if due >= end {
-                break;
-            }
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let body = i as usize % bodies.len();
-            let kind = Kind::of(i, oversized.is_some());
-            i += 1;
-            if inflight.load(Ordering::Relaxed) >= s.max_inflight {
-                skipped += 1;
-                continue;
-            }
-            sent += 1;
-            inflight.fetch_add(1, Ordering::Relaxed);
-            let (tally, inflight, bodies, oversized) = (tally.clone(), inflight.clone(), bodies.clone(), oversized.clone());
-            tokio::spawn(async move {
-                if kind != Kind::Normal {
-                    let outcome = match (kind, &oversized) {
-                        (Kind::TooManyChars, Some(o)) => send(addr, "POST", "/v1/classify", &o.0, ATTACK_PATIENCE).await,
-                        (Kind::TooManyTokens, Some(o)) => send(addr, "POST", "/v1/classify", &o.1, ATTACK_PATIENCE).await,
-                        _ => adversarial::slow_client(addr, kind, ATTACK_PATIENCE).await.map(|o| (0, o.into_bytes())),
-                    };
-                    let outcome = match outcome {
-                        Ok((0, closed)) => String::from_utf8_lossy(&closed).into_owned(),
-                        Ok((status, _)) => status.to_string(),
-                        Err(e) => e,
-                    };
-                    *tally.lock().unwrap_or_else(|e| e.into_inner()).attacks.entry((kind, outcome)).or_default() += 1;
-                    inflight.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                }
-                let t0 = Instant::now();
-                let r = send(addr, "POST", "/v1/classify", &bodies[body], timeout).await;
-                let secs = t0.elapsed().as_secs_f64();
-                {
-                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                    match r {
-                        Ok((status, _)) => {
-                            *t.status.entry(status).or_default() += 1;
-                            if status == 200 {
-                                t.latency.push(secs);
-                            } else if status == 429 {
-                                t.latency_429.push(secs);
-                            }
-                        }
-                        Err(e) => *t.errors.entry(e).or_default() += 1,
-                    }
-                }
-                inflight.fetch_sub(1, Ordering::Relaxed);
-            });
-        }
-        let send_secs = start.elapsed().as_secs_f64();
-        let drain_until = Instant::now() + timeout + Duration::from_secs(5);
-        while inflight.load(Ordering::Relaxed) > 0 && Instant::now() < drain_until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let total_secs = start.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        let max_depth = sampler.await.ok().flatten();
-        let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
-        Soak {
-            offered: rate,
-            sent,
-            skipped,
-            send_secs,
-            total_secs,
-            unfinished: inflight.load(Ordering::Relaxed),
-            tally,
-            max_depth,
-        }
-    })
 }
 
 /// Classify answers: (label, scores by label).
