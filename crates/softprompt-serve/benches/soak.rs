@@ -20,8 +20,9 @@
 //! server, model and load generator.
 //!
 //! The client side is `soak/traffic.rs`. `--adversarial` mixes attacks into the soak's
-//! arrivals (see `soak/adversarial.rs`: oversized inputs, slow heads and bodies) and fails when any of them is not answered as it
-//! should be (413, 408, closed, or 503 at the connection cap).
+//! arrivals (see `soak/adversarial.rs`: oversized inputs, slow heads and bodies) and fails
+//! when any of them is not answered as it should be (413, 408, closed, or 503 at the
+//! connection cap).
 //!
 //! `cargo bench -p softprompt-serve --bench soak` (or, without a release build, `cargo test
 //! -p softprompt-serve --bench soak`); `-- --tiny` runs the fixture model for 2 s (a smoke
