@@ -70,7 +70,7 @@ fn meta(labels: &[&str], verbalizer: &[&str]) -> TaskMeta {
     }
 }
 
-/// A prompts folder with task `t` (one prompt of 4 rows, labels `a`/`b`).
+/// A prompts folder with task `t`: one prompt of 4 rows, the given labels and verbalizer.
 fn one_task(model: &Model, labels: &[&str], verbalizer: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write_task_folder(&dir.path().join("t"), &[random_prompt(model, 4, 1)], model, Some(&meta(labels, verbalizer))).unwrap();
@@ -125,8 +125,7 @@ fn words(n: usize) -> String {
     vec!["w5"; n].join(" ")
 }
 
-/// A value of `/metrics` (the first line starting with `name` followed by a space or `{`
-/// ... `}` as given).
+/// The value of the `/metrics` line `name VALUE` (`name` with its labels, if any).
 fn metric(addr: SocketAddr, name: &str) -> f64 {
     let (status, text) = exchange(addr, format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     assert_eq!(status, 200);
