@@ -369,3 +369,21 @@ pub fn greedy_with_cache(
     }
     got
 }
+
+/// `n` greedy new tokens after `ids` (one unpadded row), with the KV cache.
+pub fn greedy_tokens(lm: &dyn softprompt::model::CausalLm, ids: &[u32], n: usize) -> Vec<u32> {
+    let input = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
+    let mut mask = Tensor::ones((1, ids.len()), DType::F32, &Device::Cpu).unwrap();
+    let mut cache = softprompt::model::KvCache::new(lm.info().n_layers);
+    let mut embeds = lm.embed(&input).unwrap();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let logits = lm.forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last).unwrap(); // [1, V]
+        let next = logits.argmax_keepdim(candle_core::D::Minus1).unwrap(); // [1, 1]
+        out.push(next.flatten_all().unwrap().to_vec1::<u32>().unwrap()[0]);
+        embeds = lm.embed(&next).unwrap();
+        let one = Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap();
+        mask = Tensor::cat(&[&mask, &one], 1).unwrap();
+    }
+    out
+}
