@@ -193,3 +193,87 @@ macro_rules! family {
 family!(mistral, "mistral-tiny");
 family!(gemma2, "gemma2-tiny");
 family!(gemma3, "gemma3-tiny");
+
+// ---- refused variants: an error naming the field and the value, never a silent drop ----
+
+/// The error of loading fixture `name`'s folder with `edit` applied to its `config.json`.
+fn hf_error(name: &str, edit: impl Fn(&mut serde_json::Value)) -> String {
+    let dir = tempdir();
+    let src = fixture_dir(name);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    match load_model(dir.path(), &Device::Cpu) {
+        Ok(_) => panic!("{name}: the edited config loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[track_caller]
+fn assert_names(err: &str, words: &[&str]) {
+    for w in words {
+        assert!(err.contains(w), "error {err:?} does not name {w:?}");
+    }
+}
+
+#[test]
+fn unsupported_gemma_rope_scaling_is_refused() {
+    let err = hf_error("gemma3-tiny", |c| {
+        c["rope_parameters"]["full_attention"] = serde_json::json!({"rope_type": "linear", "factor": 8.0});
+    });
+    assert_names(&err, &["rope_parameters.full_attention", "linear"]);
+    let err = hf_error("gemma2-tiny", |c| {
+        c["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0});
+    });
+    assert_names(&err, &["rope_scaling", "dynamic"]);
+}
+
+#[test]
+fn unsupported_gemma_layouts_are_refused() {
+    let err = hf_error("gemma3-tiny", |c| c["model_type"] = "gemma3".into());
+    assert_names(&err, &["model_type", "gemma3", "gemma3_text"]);
+    let err = hf_error("gemma3-tiny", |c| c["use_bidirectional_attention"] = true.into());
+    assert_names(&err, &["use_bidirectional_attention"]);
+    let err = hf_error("gemma3-tiny", |c| c["layer_types"][1] = "chunked_attention".into());
+    assert_names(&err, &["layer_types", "chunked_attention"]);
+    let err = hf_error("gemma2-tiny", |c| c["hidden_activation"] = "relu2".into());
+    assert_names(&err, &["hidden_activation", "relu2"]);
+    let err = hf_error("gemma2-tiny", |c| c["attn_logit_softcapping"] = (-1.0).into());
+    assert_names(&err, &["attn_logit_softcapping"]);
+}
+
+#[test]
+fn bad_sliding_window_is_refused() {
+    let err = hf_error("mistral-tiny", |c| c["sliding_window"] = 0.into());
+    assert_names(&err, &["sliding_window", "0"]);
+    let err = hf_error("gemma2-tiny", |c| c["sliding_window"] = 0.into());
+    assert_names(&err, &["sliding_window", "0"]);
+}
+
+/// A GGUF tokenizer of a kind this library does not build is an error naming it.
+#[test]
+fn unknown_gguf_tokenizer_model_is_refused() {
+    use candle_core::quantized::gguf_file::{self, Content, Value};
+    let src = fixture_dir("gemma3-tiny").join("model.gguf");
+    let mut reader = std::fs::File::open(&src).unwrap();
+    let content = Content::read(&mut reader).unwrap();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| (n.clone(), content.tensor(&mut reader, n, &Device::Cpu).unwrap()))
+        .collect();
+    let mut metadata = content.metadata.clone();
+    metadata.insert("tokenizer.ggml.model".into(), Value::String("bert".into()));
+    let dir = tempdir();
+    let path = dir.path().join("bert-tokenizer.gguf");
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &ts).unwrap();
+    let err = match load_model(&path, &Device::Cpu) {
+        Ok(_) => panic!("a `bert` tokenizer loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert_names(&err, &["tokenizer.ggml.model", "bert"]);
+}
