@@ -11,24 +11,13 @@ pub struct FetchArgs {
 }
 
 pub fn run(args: FetchArgs) -> Result<()> {
-    let path = match args.name.as_str() {
-        "smollm2" => softprompt::fetch::smollm2()?,
-        "gemma3-270m" => {
-            let fetched = softprompt::fetch::gemma3_270m()?;
-            if let Some(terms) = fetched.new_terms {
-                eprintln!(
-                    "Gemma 3 is provided under and subject to the Gemma Terms of Use \
-                     (https://ai.google.dev/gemma/terms); a copy is at {}. Using the model \
-                     means accepting them.",
-                    terms.display()
-                );
-            }
-            fetched.path
-        }
-        other => anyhow::bail!(
-            "unknown model `{other}` (known: smollm2, gemma3-270m). Hugging Face repo ids cannot be \
-             fetched here: download the folder yourself and pass its path to --model"
-        ),
+    let Some(path) = crate::common::fetch_known(&args.name)? else {
+        anyhow::bail!(
+            "unknown model `{}` (known: {}). Hugging Face repo ids cannot be fetched here: \
+             download the folder yourself and pass its path to --model",
+            args.name,
+            crate::common::KNOWN_MODELS
+        )
     };
     println!("{}", path.display());
     Ok(())
