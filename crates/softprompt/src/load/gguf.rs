@@ -46,14 +46,12 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
                 "gemma2" => gemma::Version::Gemma2,
                 _ => gemma::Version::Gemma3,
             };
-            let tensors = read_tensors(path, &content, &mut reader, device, gemma::hf_tensor_name)?;
-            let config = gemma::gguf_config(&meta, version, vocab_size(path, &tensors)?)?;
-            let config = gemma::Config {
-                tie_word_embeddings: Some(!tensors.contains_key("lm_head.weight")),
-                ..config
-            };
-            let eos = config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
-            let tokenizer = tokenizer(&meta, &arch, config.bos_token_id, eos)?;
+            let rename = |n: &str| hf_tensor_name(n, gemma::gguf_layer_part);
+            let tensors = read_tensors(path, &content, &mut reader, device, rename)?;
+            let mut config = gemma::gguf_config(&meta, version, vocab_size(path, &tensors)?)?;
+            config.base.tie_word_embeddings = Some(!tensors.contains_key("lm_head.weight"));
+            let eos = config.base.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+            let tokenizer = tokenizer(&meta, &arch, config.base.bos_token_id, eos)?;
             let weights = Weights::new(tensors, path);
             (gemma::Gemma::new(version, &config, &weights, name)?, tokenizer)
         }
@@ -264,6 +262,29 @@ fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Resul
 /// GGUF tensor name -> Hugging Face name of a Llama-layout model (`None` for tensors the
 /// model does not use).
 fn hf_name(gguf: &str) -> Option<String> {
+    hf_tensor_name(gguf, |part| {
+        Some(match part {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            _ => return None,
+        })
+    })
+}
+
+/// GGUF tensor name -> Hugging Face name: the embedding, final norm and head, and layer
+/// tensors `blk.{i}.{part}` with `layer_part` naming the part in the layer (`None` for
+/// tensors the model does not use).
+pub(crate) fn hf_tensor_name(
+    gguf: &str,
+    layer_part: fn(&str) -> Option<&'static str>,
+) -> Option<String> {
     let (base, kind) = gguf.rsplit_once('.')?; // kind: weight / bias
     let fixed = match base {
         "token_embd" => Some("model.embed_tokens"),
@@ -274,22 +295,9 @@ fn hf_name(gguf: &str) -> Option<String> {
     if let Some(f) = fixed {
         return Some(format!("{f}.{kind}"));
     }
-    let rest = base.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
+    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    Some(format!("model.layers.{layer}.{}.{kind}", layer_part(part)?))
 }
 
 /// Typed access to the metadata, with errors naming the file and the key.
