@@ -52,9 +52,9 @@ pub fn state(model_path: &Path, scratch: &Path) -> Arc<AppState> {
     write_task_folder(&dir.join("cls"), &[prompt(2, 1)], &model, Some(&cls)).expect("write `cls`");
     let ens = meta(None, &["x", "y", "z"], &[" a", " b", " c"]);
     write_task_folder(&dir.join("ens"), &[prompt(2, 2), prompt(4, 3)], &model, Some(&ens)).expect("write `ens`");
-    let registry = Arc::new(Registry::load(&dir, &model).expect("load the tasks"));
-    let metrics = Arc::new(Metrics::default());
     let cfg = ServeConfig::new(&dir);
+    let registry = Arc::new(Registry::load(&dir, &model, cfg.store.clone()).expect("load the tasks"));
+    let metrics = Arc::new(Metrics::default());
     let batcher = Arc::new(Batcher::new(cfg.batch.clone(), model.clone(), metrics.clone()));
     Arc::new(AppState { model, registry, batcher, metrics, cfg })
 }

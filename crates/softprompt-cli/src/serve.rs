@@ -44,6 +44,16 @@ pub struct ServeArgs {
     /// Restrict each batch to one task (no cross-task batching).
     #[arg(long)]
     pub one_task_per_batch: bool,
+    /// Most tasks served; uploading one more is refused (409).
+    #[arg(long, default_value_t = 1000)]
+    pub max_tasks: usize,
+    /// Most prompt rows (soft tokens) of one task, ensemble members together.
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_tokens: usize,
+    /// Most bytes of cached prompt keys/values; least recently used prompts are evicted
+    /// (and recomputed when next used).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub kv_cache_bytes: usize,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -62,6 +72,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.max_body_bytes = args.max_body_bytes;
     cfg.max_new_tokens = args.max_new_tokens;
     cfg.request_timeout = Duration::from_millis(args.timeout_ms);
+    cfg.store.max_tasks = args.max_tasks;
+    cfg.store.max_prompt_tokens = args.max_prompt_tokens;
+    cfg.store.kv_cache_bytes = args.kv_cache_bytes;
     if !args.addr.ip().is_loopback() && cfg.token.is_none() {
         eprintln!("warning: listening on {} without a token (--token or SOFTPROMPT_TOKEN)", args.addr);
     }

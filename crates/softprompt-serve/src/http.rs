@@ -8,7 +8,7 @@ use crate::registry::{Registry, Task, Upload};
 use crate::ServeConfig;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -314,7 +314,10 @@ pub fn classify_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, ClsItem), A
     Ok((task, item))
 }
 
-async fn list_tasks(State(s): State<Arc<AppState>>) -> AppResult {
+async fn list_tasks(State(s): State<Arc<AppState>>, RawQuery(query): RawQuery) -> AppResult {
+    if query.as_deref() == Some("errors") {
+        return Ok(Json(s.registry.errors_json()).into_response());
+    }
     let tasks: Vec<serde_json::Value> = s.registry.list().iter().map(|t| t.summary()).collect();
     Ok(Json(tasks).into_response())
 }

@@ -8,6 +8,7 @@
 //! (T5, flan-T5: the prompt before the encoder input) through [`seq2seq`].
 //!
 //! Endpoints: `POST /v1/generate`, `POST /v1/classify`, `GET /v1/tasks`,
+//! `GET /v1/tasks?errors` (task folders that could not be served),
 //! `GET|PUT|DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
 
 pub mod batcher;
@@ -45,6 +46,9 @@ pub struct ServeConfig {
     pub max_new_tokens: usize,
     /// Time a request may wait for its answer, queueing included (504 after).
     pub request_timeout: Duration,
+    /// Task count, prompt rows per task and prompt-cache bytes (`--max-tasks`,
+    /// `--max-prompt-tokens`, `--kv-cache-bytes`).
+    pub store: registry::StoreLimits,
 }
 
 impl ServeConfig {
@@ -57,6 +61,7 @@ impl ServeConfig {
             max_body_bytes: 16 << 20,
             max_new_tokens: 256,
             request_timeout: Duration::from_secs(60),
+            store: registry::StoreLimits::default(),
         }
     }
 }
@@ -88,7 +93,7 @@ impl Server {
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> softprompt::Result<Server> {
         model.tokenizer()?;
-        let registry = Arc::new(registry::Registry::load(&cfg.prompts_dir, &model)?);
+        let registry = Arc::new(registry::Registry::load(&cfg.prompts_dir, &model, cfg.store.clone())?);
         let metrics = Arc::new(metrics::Metrics::default());
         let batcher = Arc::new(batcher::Batcher::new(cfg.batch.clone(), model.clone(), metrics.clone()));
         let listener = std::net::TcpListener::bind(cfg.addr)

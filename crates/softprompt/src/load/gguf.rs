@@ -8,7 +8,7 @@ use super::{model_name, Model, Weights};
 use crate::model::{llama, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
@@ -77,8 +77,6 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
                 None => corrupt(&e),
             },
         )?;
-    check_tensor_extents(path, &content, file_size)?;
-
     let meta = Meta {
         path,
         map: &content.metadata,
@@ -92,11 +90,21 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
         ));
     }
 
+    let vocab_size = match content.tensor_infos.get("token_embd.weight") {
+        Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+        None => return Err(Error::format(path, "missing tensor `token_embd.weight`")),
+    };
+    let config = config(&meta, vocab_size)?;
+    // Before anything is decoded: extents, overlaps, and every tensor taken by the family.
+    super::gguf_checks::check_tensors(path, &content, file_size, hf_name, |w| {
+        llama::Llama::new(&config, w, String::new())
+    })?;
+
     // Tensors, renamed to Hugging Face names and dequantized to f32.
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
     for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else {
-            continue; // e.g. rope_freqs: not used by plain RoPE
+            continue; // none left: `check_tensors` refused tensors without a name
         };
         let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
             let q = content.tensor(&mut reader, name, &Device::Cpu)?;
@@ -108,70 +116,12 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
         .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", first_line(&e))))?;
         tensors.insert(hf, t);
     }
-    let vocab_size = match tensors.get("model.embed_tokens.weight") {
-        Some(t) => t.dim(0)?,
-        None => return Err(Error::format(path, "missing tensor `token_embd.weight`")),
-    };
-
-    let config = config(&meta, vocab_size)?;
     let tokenizer = tokenizer(&meta, &config)?;
     Ok(GgufLlama {
         tensors,
         config,
         tokenizer,
     })
-}
-
-/// Every tensor must fit in the file: catches truncated downloads before any work.
-fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
-    for (name, info) in &content.tensor_infos {
-        let TensorInfo {
-            ggml_dtype,
-            shape,
-            offset,
-        } = info;
-        let elems = shape
-            .dims()
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-        let (block, type_size) = (
-            ggml_dtype.block_size() as u64,
-            ggml_dtype.type_size() as u64,
-        );
-        let bytes = elems
-            .filter(|e| e % block == 0)
-            .and_then(|e| (e / block).checked_mul(type_size));
-        let end = bytes.and_then(|b| {
-            b.checked_add(content.tensor_data_offset)?
-                .checked_add(*offset)
-        });
-        // An empty tensor is no model weight (and candle's decoder would build a slice from
-        // the dangling pointer of an empty buffer).
-        if elems == Some(0) {
-            return Err(Error::format(
-                path,
-                format!("not a valid GGUF file: tensor `{name}` has no elements (shape {:?})", shape.dims()),
-            ));
-        }
-        match end {
-            None => {
-                return Err(Error::format(
-                    path,
-                    format!("not a valid GGUF file: tensor `{name}` has a bad shape {:?}", shape.dims()),
-                ))
-            }
-            Some(end) if end > file_size => {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "GGUF file is truncated: tensor `{name}` ends at byte {end}, the file has {file_size}"
-                    ),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
 }
 
 /// GGUF tensor name -> Hugging Face name (`None` for tensors the model does not use).
