@@ -267,7 +267,8 @@ fn evicted_prompt_keys_are_recomputed_with_identical_answers() {
         (out, count)
     };
     let source = [1u32, 7, 8, 9];
-    let (p_alone, count) = run(item(&p, &Arc::new(PromptKv::new(&unbounded)), &source));
+    let kv_alone = Arc::new(PromptKv::new(&unbounded));
+    let (p_alone, count) = run(item(&p, &kv_alone, &source));
     assert_eq!(count.computed, 4 + source.len());
     let one_prompt = unbounded.bytes(); // 2 layers x (K + V) x 2 heads x 8 x 4 positions x 4 bytes
     assert_eq!(one_prompt, 2 * 2 * 2 * 8 * 4 * 4);

@@ -233,7 +233,7 @@ impl Registry {
 
     /// Validates an upload, writes it into `dir/<name>` (staged in a hidden folder, then
     /// renamed into place; crash-safe with the start-up recovery, module doc) and serves it.
-    /// Returns the task and whether it replaced one. A new task beyond `max_tasks` is refused
+    /// Returns the task and whether it replaced a served one. A new task beyond `max_tasks` is refused
     /// with 409.
     pub fn put(&self, name: &str, upload: Upload, model: &Model) -> Result<(Arc<Task>, bool), ApiError> {
         if !valid_name(name) {
@@ -242,7 +242,8 @@ impl Registry {
             )));
         }
         let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.get(name).is_none() && self.len() >= self.limits.max_tasks {
+        let served = self.get(name).is_some();
+        if !served && self.len() >= self.limits.max_tasks {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!("the server holds its maximum of {} tasks (--max-tasks); delete one first", self.limits.max_tasks),
@@ -265,6 +266,7 @@ impl Registry {
             }
         };
         let target = self.dir.join(name);
+        // A folder that could not be served is replaced the same way (but is no task).
         let replaced = target.exists();
         let old = self.dir.join(recovery::old_dir(name, &nonce));
         let swap = (|| {
@@ -293,7 +295,7 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), task.clone());
         self.errors.write().unwrap_or_else(|e| e.into_inner()).remove(name);
-        Ok((task, replaced))
+        Ok((task, served))
     }
 
     /// Stops serving `name` (or forgets a folder that could not be served) and removes its
