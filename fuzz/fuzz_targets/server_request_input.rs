@@ -42,7 +42,7 @@ pub const TASKS: [&str; 3] = ["plain", "cls", "ens"];
 /// The one upload name that is kept (and so replaced by the next upload to it).
 pub const SWAP: &str = "swap";
 
-pub const MAX_NEW_TOKENS: usize = 8;
+pub const MAX_NEW_TOKENS: usize = 64;
 
 /// The server states: `[tiny Llama GGUF, tiny T5]`, each with a prompts folder under
 /// `scratch` holding [`TASKS`] (made afresh). `repo` is the repository's root.

@@ -107,8 +107,9 @@ pub(super) fn stage(staging: &Path, upload: &Upload, model: &Model, limits: &Sto
         config.num_virtual_tokens = n;
         let adapter = PeftAdapter::new(config, tensor).map_err(|e| ApiError::bad_request(e.to_string()))?;
         let dir = if single { staging.to_path_buf() } else { staging.join(format!("p{i}")) };
+        // Errors name the upload's field (`prompt/adapter_config.json`), not server paths.
         adapter
-            .validate_within(info, limits.max_prompt_tokens, &dir)
+            .validate_within(info, limits.max_prompt_tokens, Path::new(&what))
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         adapter.save(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
     }
