@@ -60,6 +60,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.max_batch == 0 || args.queue == 0 {
         anyhow::bail!("--max-batch and --queue must be at least 1");
     }
+    if args.max_tasks == 0 || args.max_prompt_tokens == 0 {
+        anyhow::bail!("--max-tasks and --max-prompt-tokens must be at least 1");
+    }
     let device = crate::common::device()?;
     let model = crate::common::load(&args.model, &device)?;
     let mut cfg = ServeConfig::new(&args.prompts);
