@@ -222,13 +222,6 @@ impl PeftAdapter {
     pub fn validate_within(&self, info: &ModelInfo, max_prompt_tokens: usize, dir: &Path) -> Result<()> {
         let config_path = dir.join(CONFIG_FILE);
         self.config.check(&config_path)?;
-        if self.config.submodules() == 2 && !info.is_encoder_decoder() {
-            return Err(Error::config(
-                &config_path,
-                "num_transformer_submodules",
-                format!("2 is for seq2seq models; {:?} is decoder-only (use 1)", info.arch),
-            ));
-        }
         if self.config.num_virtual_tokens > max_prompt_tokens {
             return Err(Error::config(
                 &config_path,
@@ -263,6 +256,14 @@ impl PeftAdapter {
                     format!("{task} adapter cannot be used with a {:?} model", info.arch),
                 ));
             }
+        }
+        // After `task_type`, which names the mismatch better when both are set.
+        if self.config.submodules() == 2 && !info.is_encoder_decoder() {
+            return Err(Error::config(
+                &config_path,
+                "num_transformer_submodules",
+                format!("2 is for seq2seq models; {:?} is decoder-only (use 1)", info.arch),
+            ));
         }
         if let Some(max) = info.max_positions {
             if self.config.num_virtual_tokens >= max {
