@@ -1,11 +1,13 @@
-//! GGUF files (llama.cpp): weights dequantized to f32, a Llama config and a byte-level BPE
-//! tokenizer built from the metadata.
+//! GGUF files (llama.cpp): weights dequantized to f32, a config and a tokenizer (byte-level
+//! BPE here, SentencePiece-style in [`super::gguf_spm`]) built from the metadata. Llama-layout
+//! files (`llama`, `mistral`) are read here; Gemma's metadata and tensor names are read by its
+//! description ([`crate::model::gemma`]).
 //!
 //! The q/k weights stay in GGUF's permuted row order, so the model uses GGML's adjacent-pair
 //! RoPE (`rope_interleaved`), which gives the same numbers as un-permuting them.
 
 use super::{model_name, Model, Weights};
-use crate::model::{llama, Backbone};
+use crate::model::{gemma, llama, mistral, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -17,7 +19,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 /// Architectures (`general.architecture`) this loader knows.
-const SUPPORTED: &str = "llama";
+const SUPPORTED: &str = "llama, mistral, gemma2, gemma3";
 
 /// A GGUF Llama file read into memory.
 pub struct GgufLlama {
@@ -31,15 +33,43 @@ pub struct GgufLlama {
 }
 
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
-    let GgufLlama {
-        tensors,
-        config,
-        tokenizer,
-    } = read(path, device)?;
-    let weights = Weights::new(tensors, path);
-    let llama = llama::Llama::new(&config, &weights, model_name(path))?;
+    let (content, mut reader) = open(path)?;
+    let meta = Meta {
+        path,
+        map: &content.metadata,
+    };
+    let arch = meta.string("general.architecture")?;
+    let name = model_name(path);
+    let (decoder, tokenizer) = match arch.as_str() {
+        "gemma2" | "gemma3" => {
+            let version = match arch.as_str() {
+                "gemma2" => gemma::Version::Gemma2,
+                _ => gemma::Version::Gemma3,
+            };
+            let rename = |n: &str| hf_tensor_name(n, gemma::gguf_layer_part);
+            let mut config = gemma::gguf_config(&meta, version, vocab_size(path, &content)?)?;
+            let has_head = content.tensor_infos.keys().any(|n| rename(n).as_deref() == Some("lm_head.weight"));
+            config.base.tie_word_embeddings = Some(!has_head);
+            let tensors = read_tensors(path, &content, &mut reader, device, rename, |w| {
+                gemma::Gemma::new(version, &config, w, String::new())
+            })?;
+            let eos = config.base.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+            let tokenizer = tokenizer(&meta, &arch, config.base.bos_token_id, eos)?;
+            let weights = Weights::new(tensors, path);
+            (gemma::Gemma::new(version, &config, &weights, name)?, tokenizer)
+        }
+        _ => {
+            let (llama, sliding_window) = read_llama(&meta, &content, &mut reader, device)?;
+            let config = mistral::Config {
+                llama: llama.config,
+                sliding_window,
+            };
+            let weights = Weights::new(llama.tensors, path);
+            (mistral::Mistral::new(&config, &weights, name)?, llama.tokenizer)
+        }
+    };
     Ok(Model {
-        backbone: Backbone::Causal(Box::new(llama)),
+        backbone: Backbone::Causal(Box::new(decoder)),
         tokenizer: Some(tokenizer),
         path: path.to_path_buf(),
         device: device.clone(),
@@ -47,8 +77,69 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
 }
 
 /// Reads the tensors (dequantised to f32 on `device`), the config and the tokenizer of the
-/// GGUF Llama file `path`.
+/// GGUF Llama file `path` (a sliding-window Mistral file is refused: its window has no place
+/// in a Llama config).
 pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
+    let (content, mut reader) = open(path)?;
+    let meta = Meta {
+        path,
+        map: &content.metadata,
+    };
+    let (llama, window) = read_llama(&meta, &content, &mut reader, device)?;
+    if let Some(w) = window {
+        return Err(Error::config(
+            path,
+            "attention.sliding_window",
+            format!("a sliding window ({w}) is not supported here (Llama without a window only)"),
+        ));
+    }
+    Ok(llama)
+}
+
+/// The Llama-layout file of `meta` (`llama` or `mistral` architecture) and its sliding window.
+fn read_llama(
+    meta: &Meta,
+    content: &Content,
+    reader: &mut BufReader<File>,
+    device: &Device,
+) -> Result<(GgufLlama, Option<usize>)> {
+    let path = meta.path;
+    let arch = meta.string("general.architecture")?;
+    if arch != "llama" && arch != "mistral" {
+        return Err(Error::config(
+            path,
+            "general.architecture",
+            format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
+        ));
+    }
+    let config = config(meta, &arch, vocab_size(path, content)?)?;
+    let window = meta.opt(&format!("{arch}.attention.sliding_window"), Meta::usize)?;
+    let tensors = read_tensors(path, content, reader, device, hf_name, |w| {
+        let family = mistral::Config { llama: config.clone(), sliding_window: window };
+        mistral::Mistral::new(&family, w, String::new())
+    })?;
+    let eos = config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+    let tokenizer = tokenizer(meta, &arch, config.bos_token_id, eos)?;
+    Ok((
+        GgufLlama {
+            tensors,
+            config,
+            tokenizer,
+        },
+        window,
+    ))
+}
+
+/// The rows of `token_embd.weight` (read from the tensor table: nothing is decoded yet).
+fn vocab_size(path: &Path, content: &Content) -> Result<usize> {
+    match content.tensor_infos.get("token_embd.weight") {
+        Some(info) => Ok(info.shape.dims().first().copied().unwrap_or(0)),
+        None => Err(Error::format(path, "missing tensor `token_embd.weight`")),
+    }
+}
+
+/// The header of the GGUF file `path`, checked, and a reader positioned anywhere.
+fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
     let corrupt = |e: &dyn std::fmt::Display| {
         Error::format(
             path,
@@ -77,55 +168,81 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
                 None => corrupt(&e),
             },
         )?;
+    super::gguf_checks::check_extents(path, &content, file_size)?;
     let meta = Meta {
         path,
         map: &content.metadata,
     };
     let arch = meta.string("general.architecture")?;
-    if arch != SUPPORTED {
+    if !SUPPORTED.split(", ").any(|s| s == arch) {
         return Err(Error::config(
             path,
             "general.architecture",
             format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
         ));
     }
+    Ok((content, reader))
+}
 
-    let vocab_size = match content.tensor_infos.get("token_embd.weight") {
-        Some(info) => info.shape.dims().first().copied().unwrap_or(0),
-        None => return Err(Error::format(path, "missing tensor `token_embd.weight`")),
-    };
-    let config = config(&meta, vocab_size)?;
-    // Before anything is decoded: extents, overlaps, and every tensor taken by the family.
-    super::gguf_checks::check_tensors(path, &content, file_size, hf_name, |w| {
-        llama::Llama::new(&config, w, String::new())
-    })?;
-
-    // Tensors, renamed to Hugging Face names and dequantized to f32.
+/// The tensors `rename` gives a Hugging Face name, dequantised to f32 on `device`, after
+/// checking (`gguf_checks::check_referenced`, nothing decoded yet) that `build`, the family's
+/// builder with the parsed config, takes every tensor of the file with its shape.
+fn read_tensors<T>(
+    path: &Path,
+    content: &Content,
+    reader: &mut BufReader<File>,
+    device: &Device,
+    rename: impl Fn(&str) -> Option<String>,
+    build: impl FnOnce(&Weights) -> Result<T>,
+) -> Result<HashMap<String, Tensor>> {
+    super::gguf_checks::check_referenced(path, content, &rename, build)?;
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else {
-            continue; // none left: `check_tensors` refused tensors without a name
+        let Some(hf) = rename(name) else {
+            continue; // none left: `check_referenced` refused tensors without a name
         };
         let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
-            let q = content.tensor(&mut reader, name, &Device::Cpu)?;
+            let q = content.tensor(reader, name, &Device::Cpu)?;
             q.dequantize(&Device::Cpu)?
                 .to_dtype(DType::F32)?
                 .to_device(device)
         }))
-        .map_err(|_| corrupt(&format!("tensor `{name}` cannot be decoded")))?
+        .map_err(|_| {
+            let msg = format!("not a valid GGUF file (truncated or corrupt): tensor `{name}` cannot be decoded");
+            Error::format(path, msg)
+        })?
         .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", first_line(&e))))?;
         tensors.insert(hf, t);
     }
-    let tokenizer = tokenizer(&meta, &config)?;
-    Ok(GgufLlama {
-        tensors,
-        config,
-        tokenizer,
+    Ok(tensors)
+}
+
+/// GGUF tensor name -> Hugging Face name of a Llama-layout model (`None` for tensors the
+/// model does not use).
+fn hf_name(gguf: &str) -> Option<String> {
+    hf_tensor_name(gguf, |part| {
+        Some(match part {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            _ => return None,
+        })
     })
 }
 
-/// GGUF tensor name -> Hugging Face name (`None` for tensors the model does not use).
-fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name -> Hugging Face name: the embedding, final norm and head, and layer
+/// tensors `blk.{i}.{part}` with `layer_part` naming the part in the layer (`None` for
+/// tensors the model does not use).
+pub(crate) fn hf_tensor_name(
+    gguf: &str,
+    layer_part: fn(&str) -> Option<&'static str>,
+) -> Option<String> {
     let (base, kind) = gguf.rsplit_once('.')?; // kind: weight / bias
     let fixed = match base {
         "token_embd" => Some("model.embed_tokens"),
@@ -136,27 +253,14 @@ fn hf_name(gguf: &str) -> Option<String> {
     if let Some(f) = fixed {
         return Some(format!("{f}.{kind}"));
     }
-    let rest = base.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
+    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    Some(format!("model.layers.{layer}.{}.{kind}", layer_part(part)?))
 }
 
 /// Typed access to the metadata, with errors naming the file and the key.
-struct Meta<'a> {
-    path: &'a Path,
+pub(crate) struct Meta<'a> {
+    pub path: &'a Path,
     map: &'a HashMap<String, Value>,
 }
 
@@ -175,14 +279,14 @@ impl Meta<'_> {
         )
     }
 
-    fn string(&self, key: &str) -> Result<String> {
+    pub(crate) fn string(&self, key: &str) -> Result<String> {
         match self.get(key)? {
             Value::String(s) => Ok(s.clone()),
             v => Err(self.wrong(key, "a string", v)),
         }
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
         let v = self.get(key)?;
         let n: Option<i128> = match *v {
             Value::U8(x) => Some(x.into()),
@@ -199,7 +303,7 @@ impl Meta<'_> {
             .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
     }
 
-    fn f64(&self, key: &str) -> Result<f64> {
+    pub(crate) fn f64(&self, key: &str) -> Result<f64> {
         match *self.get(key)? {
             Value::F32(x) => Ok(x as f64),
             Value::F64(x) => Ok(x),
@@ -207,14 +311,14 @@ impl Meta<'_> {
         }
     }
 
-    fn bool(&self, key: &str) -> Result<bool> {
+    pub(crate) fn bool(&self, key: &str) -> Result<bool> {
         match *self.get(key)? {
             Value::Bool(b) => Ok(b),
             ref v => Err(self.wrong(key, "a bool", v)),
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Vec<&str>> {
+    pub(crate) fn strings(&self, key: &str) -> Result<Vec<&str>> {
         let v = self.get(key)?;
         let Value::Array(items) = v else {
             return Err(self.wrong(key, "an array of strings", v));
@@ -228,12 +332,52 @@ impl Meta<'_> {
             .collect()
     }
 
-    fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         self.map.contains_key(key)
     }
 
+    /// An array of floats (`tokenizer.ggml.scores`).
+    pub(crate) fn f32s(&self, key: &str) -> Result<Vec<f32>> {
+        let v = self.get(key)?;
+        let Value::Array(items) = v else {
+            return Err(self.wrong(key, "an array of floats", v));
+        };
+        items
+            .iter()
+            .map(|x| match *x {
+                Value::F32(f) => Ok(f),
+                Value::F64(f) => Ok(f as f32),
+                ref other => Err(self.wrong(key, "an array of floats", other)),
+            })
+            .collect()
+    }
+
+    /// An array of integers (`tokenizer.ggml.token_type`), when the key is present.
+    pub(crate) fn ints_opt(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
+        let Value::Array(items) = v else {
+            return Err(self.wrong(key, "an array of integers", v));
+        };
+        items
+            .iter()
+            .map(|x| match *x {
+                Value::I8(i) => Ok(i.into()),
+                Value::U8(i) => Ok(i.into()),
+                Value::I16(i) => Ok(i.into()),
+                Value::U16(i) => Ok(i.into()),
+                Value::I32(i) => Ok(i.into()),
+                Value::U32(i) => Ok(i.into()),
+                Value::I64(i) => Ok(i),
+                ref other => Err(self.wrong(key, "an array of integers", other)),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// `Some(value)` when the key is present, `None` when absent; a wrong type is an error.
-    fn opt<T>(&self, key: &str, f: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
+    pub(crate) fn opt<T>(&self, key: &str, f: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
         if self.has(key) {
             f(self, key).map(Some)
         } else {
@@ -242,8 +386,8 @@ impl Meta<'_> {
     }
 }
 
-fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
-    let key = |k: &str| format!("{SUPPORTED}.{k}");
+fn config(meta: &Meta, arch: &str, vocab_size: usize) -> Result<llama::Config> {
+    let key = |k: &str| format!("{arch}.{k}");
     let hidden = meta.usize(&key("embedding_length"))?;
     let heads = meta.usize(&key("attention.head_count"))?;
     if heads == 0 || hidden % heads != 0 {
@@ -301,20 +445,37 @@ fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
     })
 }
 
+/// The tokenizer of the metadata, by `tokenizer.ggml.model`: `gpt2` (byte-level BPE, here)
+/// or `llama` (SentencePiece-style, [`super::gguf_spm`]); `arch` is the file's architecture.
+fn tokenizer(meta: &Meta, arch: &str, bos: Option<u32>, eos: Option<u32>) -> Result<Tokenizer> {
+    if meta.opt("tokenizer.ggml.add_bos_token", Meta::bool)? == Some(true) && bos.is_none() {
+        return Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.bos_token_id",
+            "missing, but add_bos_token is true",
+        ));
+    }
+    let model = meta.string("tokenizer.ggml.model")?;
+    match model.as_str() {
+        "gpt2" => byte_level_tokenizer(meta, bos, eos),
+        "llama" => super::gguf_spm::tokenizer(meta, arch, bos, eos),
+        other => Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.model",
+            format!(
+                "unsupported tokenizer `{other}` (supported: gpt2 = byte-level BPE, llama = \
+                 SentencePiece-style BPE)"
+            ),
+        )),
+    }
+}
+
 /// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the GGUF vocabulary and merges.
-fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
+fn byte_level_tokenizer(meta: &Meta, bos: Option<u32>, eos: Option<u32>) -> Result<Tokenizer> {
     use tokenizers::models::bpe::{Vocab, BPE};
     use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
     use tokenizers::{AddedToken, PreTokenizerWrapper};
 
-    let model = meta.string("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.model",
-            format!("unsupported tokenizer `{model}` (supported: gpt2, byte-level BPE)"),
-        ));
-    }
     let pre = meta
         .opt("tokenizer.ggml.pre", Meta::string)?
         .unwrap_or_else(|| "default".into());
@@ -386,18 +547,7 @@ fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
     let add_bos = meta
         .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
         .unwrap_or(false);
-    let eos = cfg
-        .eos_token_id
-        .as_ref()
-        .and_then(|e| e.to_vec().first().copied());
-    if add_bos && cfg.bos_token_id.is_none() {
-        return Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.bos_token_id",
-            "missing, but add_bos_token is true",
-        ));
-    }
-    Ok(Tokenizer::new(inner, add_bos, cfg.bos_token_id, eos))
+    Ok(Tokenizer::new(inner, add_bos, bos, eos))
 }
 
 /// The first line of an error message (candle appends a backtrace when RUST_BACKTRACE is set).

@@ -18,20 +18,6 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Runs every check of the module doc. `rename` maps a GGUF tensor name to the name the
-/// family's builder asks for (`None`: a tensor the loader does not know); `build` is the
-/// family's builder with the config parsed from the metadata.
-pub(crate) fn check_tensors<T>(
-    path: &Path,
-    content: &Content,
-    file_size: u64,
-    rename: impl Fn(&str) -> Option<String>,
-    build: impl FnOnce(&Weights) -> Result<T>,
-) -> Result<()> {
-    check_extents(path, content, file_size)?;
-    check_referenced(path, content, rename, build)
-}
-
 /// `[start, end)` of a tensor's bytes in the file; `None` when its size overflows or its
 /// element count is not a whole number of blocks.
 fn extent(content: &Content, info: &TensorInfo) -> Option<(u64, u64)> {
@@ -46,7 +32,7 @@ fn extent(content: &Content, info: &TensorInfo) -> Option<(u64, u64)> {
 }
 
 /// Every tensor has elements and lies inside the file; no two overlap.
-fn check_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
+pub(crate) fn check_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
     let mut extents: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
         let dims = info.shape.dims();
@@ -82,8 +68,10 @@ fn check_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Every tensor is taken by the family's builder with its file shape (module doc).
-fn check_referenced<T>(
+/// Every tensor is taken by the family's builder with its file shape (module doc). `rename`
+/// maps a GGUF tensor name to the name the builder asks for (`None`: a tensor the loader does
+/// not know); `build` is the family's builder with the config parsed from the metadata.
+pub(crate) fn check_referenced<T>(
     path: &Path,
     content: &Content,
     rename: impl Fn(&str) -> Option<String>,

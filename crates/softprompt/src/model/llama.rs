@@ -7,7 +7,9 @@
 //! the GGUF loader renames GGUF tensors to these.
 
 use super::decoder::{Block, Decoder, Positions};
-use super::layers::{Attention, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm};
+use super::layers::{
+    Attention, AttentionOptions, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm,
+};
 use super::ops::Activation;
 use super::{Arch, ModelInfo};
 use crate::kernels::Kernels;
@@ -178,6 +180,7 @@ impl Llama {
                     kv_heads,
                     head_dim: hd,
                     scale: 1.0 / (hd as f64).sqrt(),
+                    options: AttentionOptions::default(),
                 },
                 feed_forward: FeedForward {
                     norm: norm("post_attention_layernorm")?,
@@ -187,6 +190,7 @@ impl Llama {
                     },
                     act: Activation::Silu,
                     down: mlp("down_proj", [d, ff])?,
+                    output_norm: None,
                 },
             });
         }
@@ -224,6 +228,7 @@ impl Llama {
             blocks,
             final_norm: Norm::rms(w.get("model.norm.weight", &[d])?, eps),
             head: LmHead::new(lm_head, None),
+            sliding_rope_theta: None,
             kernels: Kernels::fast(),
         })
     }
