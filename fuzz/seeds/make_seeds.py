@@ -247,11 +247,13 @@ put("bigbench", "text.json", json.dumps({
 }))
 
 # ---------------------------------------------------------------- server request bodies
-# First byte: control (see fuzz_targets/server_request_input.rs): 0 POST /v1/generate,
-# 1 POST /v1/classify, 2 PUT /v1/tasks/{name} (then 1 byte name length, the name). The rest
-# is the JSON body. The server serves gguf/tiny_f32_f16.gguf (hidden size 8, 64 positions,
-# vocabulary <|endoftext|> <|im_start|> a b c ab \u0120 \u0120a) with the tasks `plain`
-# (no labels), `cls` (template, two labels) and `ens` (two prompts, three labels).
+# First byte: control (see fuzz_targets/server_request_input.rs): % 4: 0 POST /v1/generate,
+# 1 POST /v1/classify, 2 (or 3) PUT /v1/tasks/{name} (then 1 byte name length, the name);
+# bit 2 (+4): the T5 model instead of the GGUF one. The rest is the JSON body. The GGUF
+# server is gguf/tiny_f32_f16.gguf (hidden size 8, 64 positions, vocabulary <|endoftext|>
+# <|im_start|> a b c ab \u0120 \u0120a), the T5 one the t5-tiny fixture (hidden size 32,
+# words w3..w255), each with the tasks `plain` (no labels), `cls` (template, two labels) and
+# `ens` (two prompts, three labels). An upload named `swap` is kept (and so replaced).
 def body(control, obj, name=None):
     head = bytes([control])
     if name is not None:
@@ -281,3 +283,15 @@ put("server_request", "upload_safetensors", body(2, {
     "prompt": base64.b64encode(st).decode(),
     "adapter_config": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM",
                        "num_virtual_tokens": 2, "token_dim": 8}}, name="st"))
+put("server_request", "upload_swap", body(2, {"prompt": rows(3, 8)}, name="swap"))
+put("server_request", "t5_generate", body(4, {"task": "ens", "input": "w7 w8 w9", "max_new_tokens": 3}))
+put("server_request", "t5_generate_plain", body(4, {"task": "plain", "input": "w10"}))
+put("server_request", "t5_classify", body(5, {"task": "cls", "input": "w11 w12"}))
+put("server_request", "t5_classify_ensemble", body(5, {"task": "ens", "input": "w13"}))
+t5_rows = [values(32, 9 + i) for i in range(2)]
+put("server_request", "t5_upload_peft_layout", body(6, {
+    "prompt": t5_rows + t5_rows,
+    "adapter_config": {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM",
+                       "num_virtual_tokens": 2, "token_dim": 32, "num_transformer_submodules": 2},
+    "task": {"template": "w3 {text}", "labels": ["x", "y"], "verbalizer": ["w4", "w5 w6"]}}, name="t5up"))
+put("server_request", "t5_upload_ensemble", body(6, {"prompts": [[values(32, 10)], [values(32, 11)] * 3]}, name="t5ens"))

@@ -72,6 +72,16 @@ pub struct ServeArgs {
     /// Restrict each batch to one task (no cross-task batching).
     #[arg(long)]
     pub one_task_per_batch: bool,
+    /// Most tasks served; uploading one more is refused (409).
+    #[arg(long, default_value_t = 1000)]
+    pub max_tasks: usize,
+    /// Most prompt rows (soft tokens) of one task, ensemble members together.
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_tokens: usize,
+    /// Most bytes of cached prompt keys/values; least recently used prompts are evicted
+    /// (and recomputed when next used).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub kv_cache_bytes: usize,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -83,6 +93,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     if args.header_timeout_ms == 0 || args.body_timeout_ms == 0 {
         anyhow::bail!("--header-timeout-ms and --body-timeout-ms must be at least 1");
+    }
+    if args.max_tasks == 0 || args.max_prompt_tokens == 0 {
+        anyhow::bail!("--max-tasks and --max-prompt-tokens must be at least 1");
     }
     let device = crate::common::device()?;
     let model = crate::common::load(&args.model, &device)?;
@@ -104,6 +117,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     cfg.connections.max_connections = args.max_connections;
     cfg.connections.header_timeout = Duration::from_millis(args.header_timeout_ms);
     cfg.connections.body_timeout = Duration::from_millis(args.body_timeout_ms);
+    cfg.store.max_tasks = args.max_tasks;
+    cfg.store.max_prompt_tokens = args.max_prompt_tokens;
+    cfg.store.kv_cache_bytes = args.kv_cache_bytes;
     if !args.addr.ip().is_loopback() && cfg.token.is_none() {
         eprintln!("warning: listening on {} without a token (--token or SOFTPROMPT_TOKEN)", args.addr);
         if cfg.allow_writes {

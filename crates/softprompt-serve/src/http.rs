@@ -13,7 +13,7 @@ use crate::limits::{check_cost, check_stop, Cost};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Task, Upload};
 use crate::ServeConfig;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -293,7 +293,10 @@ pub fn classify_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, ClsItem), A
     Ok((task, item))
 }
 
-async fn list_tasks(State(s): State<Arc<AppState>>) -> AppResult {
+async fn list_tasks(State(s): State<Arc<AppState>>, RawQuery(query): RawQuery) -> AppResult {
+    if query.as_deref() == Some("errors") {
+        return Ok(Json(s.registry.errors_json()).into_response());
+    }
     let tasks: Vec<serde_json::Value> = s.registry.list().iter().map(|t| t.summary()).collect();
     Ok(Json(tasks).into_response())
 }

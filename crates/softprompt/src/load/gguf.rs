@@ -10,7 +10,7 @@ use super::{model_name, Model, Weights};
 use crate::model::{gemma, llama, mistral, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
@@ -47,9 +47,12 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
                 _ => gemma::Version::Gemma3,
             };
             let rename = |n: &str| hf_tensor_name(n, gemma::gguf_layer_part);
-            let tensors = read_tensors(path, &content, &mut reader, device, rename)?;
-            let mut config = gemma::gguf_config(&meta, version, vocab_size(path, &tensors)?)?;
-            config.base.tie_word_embeddings = Some(!tensors.contains_key("lm_head.weight"));
+            let mut config = gemma::gguf_config(&meta, version, vocab_size(path, &content)?)?;
+            let has_head = content.tensor_infos.keys().any(|n| rename(n).as_deref() == Some("lm_head.weight"));
+            config.base.tie_word_embeddings = Some(!has_head);
+            let tensors = read_tensors(path, &content, &mut reader, device, rename, |w| {
+                gemma::Gemma::new(version, &config, w, String::new())
+            })?;
             let eos = config.base.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
             let tokenizer = tokenizer(&meta, &arch, config.base.bos_token_id, eos)?;
             let weights = Weights::new(tensors, path);
@@ -109,9 +112,12 @@ fn read_llama(
             format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
         ));
     }
-    let tensors = read_tensors(path, content, reader, device, hf_name)?;
-    let config = config(meta, &arch, vocab_size(path, &tensors)?)?;
+    let config = config(meta, &arch, vocab_size(path, content)?)?;
     let window = meta.opt(&format!("{arch}.attention.sliding_window"), Meta::usize)?;
+    let tensors = read_tensors(path, content, reader, device, hf_name, |w| {
+        let family = mistral::Config { llama: config.clone(), sliding_window: window };
+        mistral::Mistral::new(&family, w, String::new())
+    })?;
     let eos = config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
     let tokenizer = tokenizer(meta, &arch, config.bos_token_id, eos)?;
     Ok((
@@ -124,10 +130,10 @@ fn read_llama(
     ))
 }
 
-/// The rows of `model.embed_tokens.weight`.
-fn vocab_size(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<usize> {
-    match tensors.get("model.embed_tokens.weight") {
-        Some(t) => Ok(t.dim(0)?),
+/// The rows of `token_embd.weight` (read from the tensor table: nothing is decoded yet).
+fn vocab_size(path: &Path, content: &Content) -> Result<usize> {
+    match content.tensor_infos.get("token_embd.weight") {
+        Some(info) => Ok(info.shape.dims().first().copied().unwrap_or(0)),
         None => Err(Error::format(path, "missing tensor `token_embd.weight`")),
     }
 }
@@ -162,7 +168,7 @@ fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
                 None => corrupt(&e),
             },
         )?;
-    check_tensor_extents(path, &content, file_size)?;
+    super::gguf_checks::check_extents(path, &content, file_size)?;
     let meta = Meta {
         path,
         map: &content.metadata,
@@ -178,18 +184,22 @@ fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
     Ok((content, reader))
 }
 
-/// The tensors `rename` gives a Hugging Face name, dequantised to f32 on `device`.
-fn read_tensors(
+/// The tensors `rename` gives a Hugging Face name, dequantised to f32 on `device`, after
+/// checking (`gguf_checks::check_referenced`, nothing decoded yet) that `build`, the family's
+/// builder with the parsed config, takes every tensor of the file with its shape.
+fn read_tensors<T>(
     path: &Path,
     content: &Content,
     reader: &mut BufReader<File>,
     device: &Device,
     rename: impl Fn(&str) -> Option<String>,
+    build: impl FnOnce(&Weights) -> Result<T>,
 ) -> Result<HashMap<String, Tensor>> {
+    super::gguf_checks::check_referenced(path, content, &rename, build)?;
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
     for name in content.tensor_infos.keys() {
         let Some(hf) = rename(name) else {
-            continue; // e.g. rope_freqs: not used by plain RoPE
+            continue; // none left: `check_referenced` refused tensors without a name
         };
         let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
             let q = content.tensor(reader, name, &Device::Cpu)?;
@@ -205,58 +215,6 @@ fn read_tensors(
         tensors.insert(hf, t);
     }
     Ok(tensors)
-}
-
-/// Every tensor must fit in the file: catches truncated downloads before any work.
-fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
-    for (name, info) in &content.tensor_infos {
-        let TensorInfo {
-            ggml_dtype,
-            shape,
-            offset,
-        } = info;
-        let elems = shape
-            .dims()
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
-        let (block, type_size) = (
-            ggml_dtype.block_size() as u64,
-            ggml_dtype.type_size() as u64,
-        );
-        let bytes = elems
-            .filter(|e| e % block == 0)
-            .and_then(|e| (e / block).checked_mul(type_size));
-        let end = bytes.and_then(|b| {
-            b.checked_add(content.tensor_data_offset)?
-                .checked_add(*offset)
-        });
-        // An empty tensor is no model weight (and candle's decoder would build a slice from
-        // the dangling pointer of an empty buffer).
-        if elems == Some(0) {
-            return Err(Error::format(
-                path,
-                format!("not a valid GGUF file: tensor `{name}` has no elements (shape {:?})", shape.dims()),
-            ));
-        }
-        match end {
-            None => {
-                return Err(Error::format(
-                    path,
-                    format!("not a valid GGUF file: tensor `{name}` has a bad shape {:?}", shape.dims()),
-                ))
-            }
-            Some(end) if end > file_size => {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "GGUF file is truncated: tensor `{name}` ends at byte {end}, the file has {file_size}"
-                    ),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
 }
 
 /// GGUF tensor name -> Hugging Face name of a Llama-layout model (`None` for tensors the

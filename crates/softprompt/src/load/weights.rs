@@ -2,13 +2,16 @@
 
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
     /// File (or folder) the tensors came from, for error messages.
     source: PathBuf,
+    /// Names a family asked for ([`Weights::get`]): what the architecture references.
+    taken: Mutex<BTreeSet<String>>,
 }
 
 impl Weights {
@@ -16,7 +19,16 @@ impl Weights {
         Weights {
             tensors,
             source: source.into(),
+            taken: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// The names no [`Weights::get`] asked for, sorted: tensors the model does not use.
+    pub fn untaken(&self) -> Vec<&String> {
+        let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<&String> = self.tensors.keys().filter(|n| !taken.contains(*n)).collect();
+        names.sort();
+        names
     }
 
     /// Reads one or more safetensors files (memory-mapped) as f32 on `device`.
@@ -57,6 +69,7 @@ impl Weights {
             .tensors
             .get(name)
             .ok_or_else(|| Error::format(&self.source, format!("missing tensor `{name}`")))?;
+        self.taken.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
         if t.dims() != shape {
             return Err(Error::format(
                 &self.source,

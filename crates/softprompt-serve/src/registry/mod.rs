@@ -8,21 +8,59 @@
 //! and `prompt_after_bos` (`softprompt train --prompt-after-bos`: the model sees
 //! `[embed(BOS); P; embed(X)]`, X without its own BOS, as `softprompt eval` does).
 //!
-//! Each prompt's keys/values are computed once, on first use, and kept with its task
-//! ([`PromptKv`]); replacing or deleting a task drops them with it.
+//! Each prompt's keys/values are computed on first use and kept with its task
+//! ([`PromptKv`]) within the store's byte budget ([`PromptKvStore`]: least recently used
+//! prompts are evicted and computed again when next used); replacing or deleting a task
+//! drops them with it.
+//!
+//! Limits ([`StoreLimits`], the server's flags): at most `max_tasks` tasks, at most
+//! `max_prompt_tokens` prompt rows per task (all ensemble members together), a template of at
+//! most [`MAX_TEMPLATE_BYTES`] with `{text}` exactly once; every adapter is checked against
+//! the model (`PeftAdapter::validate_within`) whether uploaded or found at start-up.
+//!
+//! Start-up never fails on one task: a folder that cannot be served is skipped, logged and
+//! listed by [`Registry::errors`] (`GET /v1/tasks?errors`). Before loading, what an
+//! interrupted upload or deletion left is cleaned up, and a replaced task whose new version
+//! never landed is restored (`recovery.rs`).
 
-use crate::engine::PromptKv;
+mod recovery;
+mod upload;
+
+pub use upload::{PromptData, Upload};
+
+use crate::engine::{PromptKv, PromptKvStore};
 use crate::error::ApiError;
-use base64::Engine as _;
+use axum::http::StatusCode;
 use candle_core::{Device, Tensor};
-use serde::Deserialize;
 use softprompt::load::Model;
-use softprompt::prompt::peft::{AdapterConfig, PeftAdapter, CONFIG_FILE, TENSOR_NAME};
+use softprompt::prompt::peft::{AdapterConfig, PeftAdapter, CONFIG_FILE, DEFAULT_MAX_PROMPT_TOKENS};
 pub use softprompt::task::TaskMeta;
 use softprompt::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+
+/// Longest template a served task may have, in bytes: every request's input is formatted
+/// with it and tokenized.
+pub const MAX_TEMPLATE_BYTES: usize = 4096;
+
+/// Limits of the task store (`softprompt serve` flags).
+#[derive(Clone, Debug)]
+pub struct StoreLimits {
+    /// Most tasks served (`--max-tasks`): an upload of one more is refused (409); at start-up
+    /// the folders past it (in name order) are skipped.
+    pub max_tasks: usize,
+    /// Most prompt rows of one task, its ensemble members together (`--max-prompt-tokens`).
+    pub max_prompt_tokens: usize,
+    /// Most bytes of cached prompt keys/values, all tasks together (`--kv-cache-bytes`).
+    pub kv_cache_bytes: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits { max_tasks: 1000, max_prompt_tokens: DEFAULT_MAX_PROMPT_TOKENS, kv_cache_bytes: 1 << 30 }
+    }
+}
 
 /// One served task.
 pub struct Task {
@@ -87,7 +125,13 @@ impl Task {
 /// All tasks, and the folder they live in.
 pub struct Registry {
     pub dir: PathBuf,
+    limits: StoreLimits,
     tasks: RwLock<BTreeMap<String, Arc<Task>>>,
+    /// Folders that could not be served at start-up, with why; an upload or deletion of the
+    /// name clears its entry.
+    errors: RwLock<BTreeMap<String, String>>,
+    /// Where every task's prompt keys/values are cached.
+    kv: Arc<PromptKvStore>,
     /// Serialises uploads and deletions (file system changes).
     write_lock: Mutex<()>,
 }
@@ -101,11 +145,18 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 impl Registry {
-    /// Loads every task folder under `dir` (created when missing). Hidden folders are skipped;
-    /// a folder that holds no adapter is skipped with a warning; a bad adapter is an error.
-    pub fn load(dir: &Path, model: &Model) -> softprompt::Result<Registry> {
+    /// Loads every task folder under `dir` (created when missing), after cleaning up what an
+    /// interrupted upload or deletion left (module doc). Hidden folders are skipped; a folder
+    /// that cannot be served is skipped with a logged error and listed by [`Registry::errors`].
+    /// Fails only when `dir` itself cannot be created or read.
+    pub fn load(dir: &Path, model: &Model, limits: StoreLimits) -> softprompt::Result<Registry> {
         std::fs::create_dir_all(dir).map_err(|e| softprompt::Error::io(dir, e))?;
+        for action in recovery::recover(dir) {
+            tracing::warn!("{action}");
+        }
+        let kv = Arc::new(PromptKvStore::new(limits.kv_cache_bytes));
         let mut tasks = BTreeMap::new();
+        let mut errors = BTreeMap::new();
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| softprompt::Error::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -117,20 +168,29 @@ impl Registry {
             if name.starts_with('.') {
                 continue;
             }
-            if !valid_name(&name) {
-                tracing::warn!("skipping {}: not a valid task name", path.display());
-                continue;
-            }
-            match load_task(&path, &name, model)? {
-                Some(task) => {
-                    tasks.insert(name, Arc::new(task));
+            let error = if !valid_name(&name) {
+                "not a valid task name (letters, digits, `-`, `_`, `.`)".to_string()
+            } else if tasks.len() >= limits.max_tasks {
+                format!("over the server's --max-tasks {}", limits.max_tasks)
+            } else {
+                match load_task(&path, &name, model, &limits, &kv) {
+                    Ok(Some(task)) => {
+                        tasks.insert(name, Arc::new(task));
+                        continue;
+                    }
+                    Ok(None) => "no adapter_config.json in it or its subfolders".to_string(),
+                    Err(e) => e.to_string(),
                 }
-                None => tracing::warn!("skipping {}: no adapter_config.json in it or its subfolders", path.display()),
-            }
+            };
+            tracing::error!("skipping task folder {}: {error}", path.display());
+            errors.insert(name, error);
         }
         Ok(Registry {
             dir: dir.to_path_buf(),
+            limits,
             tasks: RwLock::new(tasks),
+            errors: RwLock::new(errors),
+            kv,
             write_lock: Mutex::new(()),
         })
     }
@@ -151,8 +211,30 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Validates an upload, writes it into `dir/<name>` atomically (staged in a hidden folder,
-    /// then renamed into place) and serves it. Returns the task and whether it replaced one.
+    /// The folders that could not be served, `(folder name, why)`, in name order.
+    pub fn errors(&self) -> Vec<(String, String)> {
+        let errors = self.errors.read().unwrap_or_else(|e| e.into_inner());
+        errors.iter().map(|(n, e)| (n.clone(), e.clone())).collect()
+    }
+
+    /// The errors as the JSON of `GET /v1/tasks?errors`: `[{"name", "error"}]`.
+    pub fn errors_json(&self) -> serde_json::Value {
+        self.errors().into_iter().map(|(name, error)| serde_json::json!({"name": name, "error": error})).collect()
+    }
+
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    /// The cache of every task's prompt keys/values.
+    pub fn kv_store(&self) -> &Arc<PromptKvStore> {
+        &self.kv
+    }
+
+    /// Validates an upload, writes it into `dir/<name>` (staged in a hidden folder, then
+    /// renamed into place; crash-safe with the start-up recovery, module doc) and serves it.
+    /// Returns the task and whether it replaced a served one. A new task beyond `max_tasks` is refused
+    /// with 409.
     pub fn put(&self, name: &str, upload: Upload, model: &Model) -> Result<(Arc<Task>, bool), ApiError> {
         if !valid_name(name) {
             return Err(ApiError::bad_request(format!(
@@ -160,11 +242,18 @@ impl Registry {
             )));
         }
         let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let served = self.get(name).is_some();
+        if !served && self.len() >= self.limits.max_tasks {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("the server holds its maximum of {} tasks (--max-tasks); delete one first", self.limits.max_tasks),
+            ));
+        }
         let nonce = format!("{}-{}", std::process::id(), rand::random::<u64>());
-        let staging = self.dir.join(format!(".{name}.upload-{nonce}"));
+        let staging = self.dir.join(recovery::upload_dir(name, &nonce));
         let result = (|| {
-            stage(&staging, &upload, model)?;
-            let task = load_task(&staging, name, model)
+            upload::stage(&staging, &upload, model, &self.limits)?;
+            let task = load_task(&staging, name, model, &self.limits, &self.kv)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?
                 .ok_or_else(|| ApiError::bad_request("the upload holds no prompt"))?;
             Ok::<_, ApiError>(task)
@@ -177,8 +266,9 @@ impl Registry {
             }
         };
         let target = self.dir.join(name);
+        // A folder that could not be served is replaced the same way (but is no task).
         let replaced = target.exists();
-        let old = self.dir.join(format!(".{name}.old-{nonce}"));
+        let old = self.dir.join(recovery::old_dir(name, &nonce));
         let swap = (|| {
             if replaced {
                 std::fs::rename(&target, &old)?;
@@ -204,20 +294,23 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), task.clone());
-        Ok((task, replaced))
+        self.errors.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        Ok((task, served))
     }
 
-    /// Stops serving `name` and removes its folder. `false` when there is no such task.
+    /// Stops serving `name` (or forgets a folder that could not be served) and removes its
+    /// folder. `false` when there is no such task or folder.
     pub fn delete(&self, name: &str) -> Result<bool, ApiError> {
         let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let removed = self.tasks.write().unwrap_or_else(|e| e.into_inner()).remove(name);
-        if removed.is_none() {
+        let failed = self.errors.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if removed.is_none() && failed.is_none() {
             return Ok(false);
         }
         let target = self.dir.join(name);
         if target.exists() {
             // Rename first so a crash never leaves a half-deleted task that would load.
-            let trash = self.dir.join(format!(".{name}.deleted-{}", rand::random::<u64>()));
+            let trash = self.dir.join(recovery::deleted_dir(name, &rand::random::<u64>().to_string()));
             std::fs::rename(&target, &trash)
                 .map_err(|e| ApiError::internal(format!("removing {}: {e}", target.display())))?;
             let _ = std::fs::remove_dir_all(&trash);
@@ -226,8 +319,26 @@ impl Registry {
     }
 }
 
+/// A served template: at most [`MAX_TEMPLATE_BYTES`], `{text}` exactly once (so an input is
+/// never copied more than once into the model's input).
+pub(crate) fn check_template(meta: &TaskMeta) -> Result<(), String> {
+    let Some(t) = &meta.template else {
+        return Ok(());
+    };
+    if t.len() > MAX_TEMPLATE_BYTES {
+        return Err(format!("{} bytes; a served task's template has at most {MAX_TEMPLATE_BYTES}", t.len()));
+    }
+    let n = t.matches("{text}").count();
+    if n != 1 {
+        return Err(format!("`{{text}}` must appear exactly once, found {n} times"));
+    }
+    Ok(())
+}
+
 /// Reads a task folder: a single adapter, or adapters in subfolders (an ensemble).
-fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option<Task>> {
+/// Every adapter is checked against the model and `limits` (prompt rows of all members
+/// together, template); its keys/values will be cached in `kv`.
+fn load_task(dir: &Path, name: &str, model: &Model, limits: &StoreLimits, kv: &Arc<PromptKvStore>) -> softprompt::Result<Option<Task>> {
     let device = &model.device;
     let info = model.backbone.info();
     let mut member_dirs: Vec<(String, PathBuf)> = Vec::new();
@@ -252,9 +363,21 @@ fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option
     }
     let mut prompts = Vec::new();
     let mut members = Vec::new();
+    let mut rows = 0usize;
     for (n, p) in &member_dirs {
         let adapter = PeftAdapter::load(p, device)?;
-        adapter.validate(info, p)?;
+        adapter.validate_within(info, limits.max_prompt_tokens, p)?;
+        rows += adapter.config.num_virtual_tokens;
+        if rows > limits.max_prompt_tokens {
+            return Err(softprompt::Error::config(
+                p.join(CONFIG_FILE),
+                "num_virtual_tokens",
+                format!(
+                    "the task's prompts have more than {} rows together (the server's --max-prompt-tokens)",
+                    limits.max_prompt_tokens
+                ),
+            ));
+        }
         prompts.push(adapter.prompt);
         members.push(n.clone());
     }
@@ -266,6 +389,10 @@ fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option
         Some(d) => TaskMeta::read(d)?.unwrap_or_default(),
         None => TaskMeta::default(),
     };
+    if let Err(e) = check_template(&meta) {
+        let at = meta_dir.unwrap_or(dir).join(softprompt::task::TASK_FILE);
+        return Err(softprompt::Error::config(at, "template", e));
+    }
     let verbalizer = meta.label_texts().to_vec();
     let label_targets = if meta.labels.is_empty() {
         Vec::new()
@@ -283,7 +410,7 @@ fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option
         })?;
     Ok(Some(Task {
         name: name.to_string(),
-        prompt_kv: prompts.iter().map(|_| Arc::new(PromptKv::default())).collect(),
+        prompt_kv: prompts.iter().map(|_| Arc::new(PromptKv::new(kv))).collect(),
         prompts,
         prompt_after_bos: meta.prompt_after_bos,
         members,
@@ -292,137 +419,6 @@ fn load_task(dir: &Path, name: &str, model: &Model) -> softprompt::Result<Option
         verbalizer,
         label_targets,
     }))
-}
-
-/// Body of `PUT /v1/tasks/{name}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Upload {
-    /// One prompt.
-    #[serde(default)]
-    pub prompt: Option<PromptData>,
-    /// Or an ensemble of prompts (members `p0`, `p1`, ...).
-    #[serde(default)]
-    pub prompts: Option<Vec<PromptData>>,
-    /// PEFT `adapter_config.json`; default: a PROMPT_TUNING config for the served model.
-    /// Its `num_virtual_tokens` is set from each prompt's row count.
-    #[serde(default)]
-    pub adapter_config: Option<serde_json::Value>,
-    /// `task.json` content: `template`, `labels`, `verbalizer` (and anything else, kept).
-    #[serde(default)]
-    pub task: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-/// A prompt as `N` rows of `D` floats, or a base64-encoded `adapter_model.safetensors`.
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub enum PromptData {
-    Rows(Vec<Vec<f32>>),
-    Safetensors(String),
-}
-
-/// Writes the upload as adapter folders (+ `task.json`) into `staging`, validated.
-fn stage(staging: &Path, upload: &Upload, model: &Model) -> Result<(), ApiError> {
-    let info = model.backbone.info();
-    let prompts: Vec<&PromptData> = match (&upload.prompt, &upload.prompts) {
-        (Some(p), None) => vec![p],
-        (None, Some(ps)) if !ps.is_empty() => ps.iter().collect(),
-        (None, Some(_)) => return Err(ApiError::bad_request("`prompts` is empty")),
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("give either `prompt` or `prompts`, not both")),
-        (None, None) => return Err(ApiError::bad_request("missing `prompt` (or `prompts` for an ensemble)")),
-    };
-    let single = prompts.len() == 1 && upload.prompt.is_some();
-    for (i, data) in prompts.iter().enumerate() {
-        let what = if single { "prompt".to_string() } else { format!("prompts[{i}]") };
-        let tensor = match data {
-            PromptData::Rows(rows) => {
-                let n = rows.len();
-                let d = rows.first().map(Vec::len).unwrap_or(0);
-                if n == 0 || d == 0 {
-                    return Err(ApiError::bad_request(format!("{what} is empty")));
-                }
-                if rows.iter().any(|r| r.len() != d) {
-                    return Err(ApiError::bad_request(format!("{what}: rows have different lengths")));
-                }
-                let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-                Tensor::from_vec(flat, (n, d), &Device::Cpu).map_err(|e| ApiError::bad_request(e.to_string()))?
-            }
-            PromptData::Safetensors(b64) => {
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .map_err(|e| ApiError::bad_request(format!("{what}: not base64: {e}")))?;
-                let st = safetensors::SafeTensors::deserialize(&bytes)
-                    .map_err(|e| ApiError::bad_request(format!("{what}: not a safetensors file: {e}")))?;
-                let view = st
-                    .tensor(TENSOR_NAME)
-                    .map_err(|_| ApiError::bad_request(format!("{what}: no tensor named `{TENSOR_NAME}`")))?;
-                let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
-                    .and_then(|t| t.to_dtype(candle_core::DType::F32))
-                    .map_err(|e| ApiError::bad_request(format!("{what}: {e}")))?;
-                if t.rank() != 2 {
-                    return Err(ApiError::bad_request(format!("{what}: `{TENSOR_NAME}` must be [N, D], got {:?}", t.dims())));
-                }
-                t
-            }
-        };
-        let given: Option<AdapterConfig> = match &upload.adapter_config {
-            Some(v) => Some(
-                serde_json::from_value::<AdapterConfig>(v.clone())
-                    .map_err(|e| ApiError::bad_request(format!("adapter_config: {e}")))?,
-            ),
-            None => None,
-        };
-        // PEFT's seq2seq layout: `[num_virtual_tokens * num_transformer_submodules, D]`, of
-        // which prompt tuning uses the first `num_virtual_tokens` rows (as PeftAdapter::load).
-        let tensor = match &given {
-            Some(c) if c.num_transformer_submodules.unwrap_or(1) > 1
-                && c.num_virtual_tokens > 0
-                && tensor.dim(0).ok() == Some(c.num_virtual_tokens * c.num_transformer_submodules.unwrap_or(1)) =>
-            {
-                tensor
-                    .narrow(0, 0, c.num_virtual_tokens)
-                    .and_then(|t| t.contiguous())
-                    .map_err(|e| ApiError::internal(e.to_string()))?
-            }
-            _ => tensor,
-        };
-        let (n, d) = tensor.dims2().map_err(|e| ApiError::bad_request(e.to_string()))?;
-        if d != info.d_model {
-            return Err(ApiError::bad_request(format!(
-                "{what} is [{n}, {d}] but the model's hidden size is {}",
-                info.d_model
-            )));
-        }
-        let values = tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| ApiError::internal(e.to_string()))?;
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(ApiError::bad_request(format!("{what} holds NaN or infinite values")));
-        }
-        let mut config = given.unwrap_or_else(|| AdapterConfig::new(info, n, "RANDOM"));
-        if config.peft_type != "PROMPT_TUNING" {
-            return Err(ApiError::bad_request(format!(
-                "adapter_config: peft_type `{}` is not PROMPT_TUNING",
-                config.peft_type
-            )));
-        }
-        if config.token_dim != d {
-            return Err(ApiError::bad_request(format!(
-                "adapter_config: token_dim {} does not match {what} [{n}, {d}]",
-                config.token_dim
-            )));
-        }
-        config.num_virtual_tokens = n;
-        let adapter = PeftAdapter::new(config, tensor).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        let dir = if single { staging.to_path_buf() } else { staging.join(format!("p{i}")) };
-        adapter.validate(info, &dir).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        adapter.save(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
-    }
-    std::fs::create_dir_all(staging).map_err(|e| ApiError::internal(e.to_string()))?;
-    if let Some(task) = &upload.task {
-        let meta = TaskMeta::from_value(serde_json::Value::Object(task.clone()))
-            .map_err(|e| ApiError::bad_request(format!("task: {e}")))?;
-        meta.write(staging).map_err(|e| ApiError::internal(e.to_string()))?;
-    }
-    Ok(())
 }
 
 /// Writes a prompt `[N, D]` (+ optional task.json fields) as a task folder `dir/name`; used
