@@ -1,11 +1,14 @@
-//! GGUF files (llama.cpp): weights dequantized to f32, a Llama config and a byte-level BPE
-//! tokenizer built from the metadata.
+//! GGUF files (llama.cpp): weights dequantized to f32, a Llama-layout config and a byte-level
+//! BPE tokenizer ([`super::gguf_bpe`]) built from the metadata; the family of
+//! `general.architecture` (llama, qwen2, qwen3, phi3) builds the model.
 //!
-//! The q/k weights stay in GGUF's permuted row order, so the model uses GGML's adjacent-pair
-//! RoPE (`rope_interleaved`), which gives the same numbers as un-permuting them.
+//! The q/k weights of `llama` files stay in GGUF's permuted row order, so the model uses
+//! GGML's adjacent-pair RoPE (`rope_interleaved`), which gives the same numbers as
+//! un-permuting them; the other families' converters do not permute.
 
-use super::{model_name, Model, Weights};
-use crate::model::{llama, Backbone};
+use super::{gguf_bpe, model_name, Model, Weights};
+use crate::model::rope::RopeFrequencies;
+use crate::model::{llama, phi3, qwen2, qwen3, Backbone, CausalLm};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
@@ -17,7 +20,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 /// Architectures (`general.architecture`) this loader knows.
-const SUPPORTED: &str = "llama";
+const SUPPORTED: &str = "llama, qwen2, qwen3, phi3";
 
 /// A GGUF Llama file read into memory.
 pub struct GgufLlama {
@@ -31,15 +34,26 @@ pub struct GgufLlama {
 }
 
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
-    let GgufLlama {
-        tensors,
-        config,
-        tokenizer,
-    } = read(path, device)?;
+    let GgufFile {
+        arch,
+        sliding_window,
+        model:
+            GgufLlama {
+                tensors,
+                config,
+                tokenizer,
+            },
+    } = read_file(path, device)?;
     let weights = Weights::new(tensors, path);
-    let llama = llama::Llama::new(&config, &weights, model_name(path))?;
+    let name = model_name(path);
+    let model: Box<dyn CausalLm> = match arch.as_str() {
+        "qwen2" => Box::new(qwen2::Qwen2::new(&qwen2::Config::from(config), &weights, name)?),
+        "qwen3" => Box::new(qwen3::Qwen3::new(&qwen3::Config::from(config), &weights, name)?),
+        "phi3" => Box::new(phi3::Phi3::new(&phi3::Config::gguf(config, sliding_window), &weights, name)?),
+        _ => Box::new(llama::Llama::new(&config, &weights, name)?),
+    };
     Ok(Model {
-        backbone: Backbone::Causal(Box::new(llama)),
+        backbone: Backbone::Causal(model),
         tokenizer: Some(tokenizer),
         path: path.to_path_buf(),
         device: device.clone(),
@@ -47,8 +61,28 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
 }
 
 /// Reads the tensors (dequantised to f32 on `device`), the config and the tokenizer of the
-/// GGUF Llama file `path`.
+/// GGUF Llama file `path` (`general.architecture = llama`; other families are an error).
 pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
+    let file = read_file(path, device)?;
+    if file.arch != "llama" {
+        return Err(Error::config(
+            path,
+            "general.architecture",
+            format!("`{}`: only llama GGUF files can be read as a Llama model", file.arch),
+        ));
+    }
+    Ok(file.model)
+}
+
+/// A GGUF file of any known family: its tensors, Llama-layout config and tokenizer, the
+/// architecture, and the attention window when the metadata gives one.
+struct GgufFile {
+    arch: String,
+    sliding_window: Option<usize>,
+    model: GgufLlama,
+}
+
+fn read_file(path: &Path, device: &Device) -> Result<GgufFile> {
     let corrupt = |e: &dyn std::fmt::Display| {
         Error::format(
             path,
@@ -84,19 +118,28 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
         map: &content.metadata,
     };
     let arch = meta.string("general.architecture")?;
-    if arch != SUPPORTED {
-        return Err(Error::config(
-            path,
-            "general.architecture",
-            format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
-        ));
-    }
+    let extra_names: &[(&str, &str)] = match arch.as_str() {
+        "llama" | "qwen2" => &[],
+        "qwen3" => qwen3::GGUF_TENSORS,
+        "phi3" => phi3::GGUF_TENSORS,
+        _ => {
+            return Err(Error::config(
+                path,
+                "general.architecture",
+                format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
+            ))
+        }
+    };
 
-    // Tensors, renamed to Hugging Face names and dequantized to f32.
+    // Tensors, renamed to Hugging Face names and dequantized to f32. A tensor no family
+    // reads is an error: loading without it would drop a feature of the model.
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else {
-            continue; // e.g. rope_freqs: not used by plain RoPE
+        let Some(hf) = hf_name(name, extra_names) else {
+            return Err(Error::format(
+                path,
+                format!("tensor `{name}` is not supported for architecture `{arch}`"),
+            ));
         };
         let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
             let q = content.tensor(&mut reader, name, &Device::Cpu)?;
@@ -113,14 +156,27 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
         None => return Err(Error::format(path, "missing tensor `token_embd.weight`")),
     };
 
-    let config = config(&meta, vocab_size)?;
-    let tokenizer = tokenizer(&meta, &config)?;
-    Ok(GgufLlama {
-        tensors,
-        config,
-        tokenizer,
+    let divisors = match tensors.remove(ROPE_FREQS) {
+        Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let config = config(&meta, &arch, vocab_size, divisors.as_deref())?;
+    let tokenizer = gguf_bpe::tokenizer(&meta, &config)?;
+    let sliding_window = meta.opt(&format!("{arch}.attention.sliding_window"), Meta::usize)?;
+    Ok(GgufFile {
+        arch,
+        sliding_window,
+        model: GgufLlama {
+            tensors,
+            config,
+            tokenizer,
+        },
     })
 }
+
+/// llama.cpp's per-frequency RoPE divisors (llama3 scaling), kept under this name until the
+/// config reads them.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// Every tensor must fit in the file: catches truncated downloads before any work.
 fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
@@ -174,8 +230,12 @@ fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Resul
     Ok(())
 }
 
-/// GGUF tensor name -> Hugging Face name (`None` for tensors the model does not use).
-fn hf_name(gguf: &str) -> Option<String> {
+/// GGUF tensor name -> Hugging Face name (`None` for tensors no family reads): llama.cpp's
+/// Llama names, with a family's `extra` block names (GGUF part -> HF part) taking precedence.
+fn hf_name(gguf: &str, extra: &[(&str, &str)]) -> Option<String> {
+    if gguf == ROPE_FREQS {
+        return Some(ROPE_FREQS.into());
+    }
     let (base, kind) = gguf.rsplit_once('.')?; // kind: weight / bias
     let fixed = match base {
         "token_embd" => Some("model.embed_tokens"),
@@ -189,6 +249,9 @@ fn hf_name(gguf: &str) -> Option<String> {
     let rest = base.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    if let Some((_, hf)) = extra.iter().find(|(g, _)| *g == part) {
+        return Some(format!("model.layers.{layer}.{hf}.{kind}"));
+    }
     let hf = match part {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -205,19 +268,19 @@ fn hf_name(gguf: &str) -> Option<String> {
 }
 
 /// Typed access to the metadata, with errors naming the file and the key.
-struct Meta<'a> {
-    path: &'a Path,
-    map: &'a HashMap<String, Value>,
+pub(super) struct Meta<'a> {
+    pub path: &'a Path,
+    pub map: &'a HashMap<String, Value>,
 }
 
 impl Meta<'_> {
-    fn get(&self, key: &str) -> Result<&Value> {
+    pub(super) fn get(&self, key: &str) -> Result<&Value> {
         self.map
             .get(key)
             .ok_or_else(|| Error::config(self.path, key, "missing from the GGUF metadata"))
     }
 
-    fn wrong(&self, key: &str, want: &str, v: &Value) -> Error {
+    pub(super) fn wrong(&self, key: &str, want: &str, v: &Value) -> Error {
         Error::config(
             self.path,
             key,
@@ -225,14 +288,14 @@ impl Meta<'_> {
         )
     }
 
-    fn string(&self, key: &str) -> Result<String> {
+    pub(super) fn string(&self, key: &str) -> Result<String> {
         match self.get(key)? {
             Value::String(s) => Ok(s.clone()),
             v => Err(self.wrong(key, "a string", v)),
         }
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
+    pub(super) fn usize(&self, key: &str) -> Result<usize> {
         let v = self.get(key)?;
         let n: Option<i128> = match *v {
             Value::U8(x) => Some(x.into()),
@@ -249,7 +312,7 @@ impl Meta<'_> {
             .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
     }
 
-    fn f64(&self, key: &str) -> Result<f64> {
+    pub(super) fn f64(&self, key: &str) -> Result<f64> {
         match *self.get(key)? {
             Value::F32(x) => Ok(x as f64),
             Value::F64(x) => Ok(x),
@@ -257,14 +320,14 @@ impl Meta<'_> {
         }
     }
 
-    fn bool(&self, key: &str) -> Result<bool> {
+    pub(super) fn bool(&self, key: &str) -> Result<bool> {
         match *self.get(key)? {
             Value::Bool(b) => Ok(b),
             ref v => Err(self.wrong(key, "a bool", v)),
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Vec<&str>> {
+    pub(super) fn strings(&self, key: &str) -> Result<Vec<&str>> {
         let v = self.get(key)?;
         let Value::Array(items) = v else {
             return Err(self.wrong(key, "an array of strings", v));
@@ -278,12 +341,12 @@ impl Meta<'_> {
             .collect()
     }
 
-    fn has(&self, key: &str) -> bool {
+    pub(super) fn has(&self, key: &str) -> bool {
         self.map.contains_key(key)
     }
 
     /// `Some(value)` when the key is present, `None` when absent; a wrong type is an error.
-    fn opt<T>(&self, key: &str, f: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
+    pub(super) fn opt<T>(&self, key: &str, f: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
         if self.has(key) {
             f(self, key).map(Some)
         } else {
@@ -292,8 +355,15 @@ impl Meta<'_> {
     }
 }
 
-fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
-    let key = |k: &str| format!("{SUPPORTED}.{k}");
+/// The Llama-layout config of the metadata keys `{arch}.*`; `divisors` is the `rope_freqs`
+/// tensor when the file has one.
+fn config(
+    meta: &Meta,
+    arch: &str,
+    vocab_size: usize,
+    divisors: Option<&[f32]>,
+) -> Result<llama::Config> {
+    let key = |k: &str| format!("{arch}.{k}");
     let hidden = meta.usize(&key("embedding_length"))?;
     let heads = meta.usize(&key("attention.head_count"))?;
     if heads == 0 || hidden % heads != 0 {
@@ -315,6 +385,23 @@ fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
             ));
         }
     }
+    if let Some(v) = meta.opt(&key("attention.value_length"), Meta::usize)? {
+        if v != head_dim {
+            return Err(Error::config(
+                meta.path,
+                key("attention.value_length"),
+                format!("{v}: a value width other than the key width {head_dim} is not supported"),
+            ));
+        }
+    }
+    let theta = meta.opt(&key("rope.freq_base"), Meta::f64)?.unwrap_or(10000.0);
+    let rope = RopeFrequencies::from_gguf(
+        meta.path,
+        head_dim,
+        theta,
+        divisors,
+        rope_linear_factor(meta, arch)?,
+    )?;
     let eos = meta.opt("tokenizer.ggml.eos_token_id", Meta::usize)?;
     let eot = meta.opt("tokenizer.ggml.eot_token_id", Meta::usize)?;
     let mut eos_ids: Vec<u32> = eos.into_iter().chain(eot).map(|i| i as u32).collect();
@@ -330,12 +417,10 @@ fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
         ),
         head_dim: Some(head_dim),
         rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: Some(
-            meta.opt(&key("rope.freq_base"), Meta::f64)?
-                .unwrap_or(10000.0),
-        ),
+        rope_theta: Some(theta),
         rope_parameters: None,
         rope_scaling: None,
+        hidden_act: None,
         vocab_size,
         max_position_embeddings: Some(meta.usize(&key("context_length"))?),
         // Without `output.weight` the head is the embedding.
@@ -347,107 +432,38 @@ fn config(meta: &Meta, vocab_size: usize) -> Result<llama::Config> {
         pad_token_id: meta
             .opt("tokenizer.ggml.padding_token_id", Meta::usize)?
             .map(|i| i as u32),
-        rope_interleaved: true,
+        rope_interleaved: arch == "llama",
+        rope_frequencies: Some(rope),
     })
 }
 
-/// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the GGUF vocabulary and merges.
-fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
-    use tokenizers::models::bpe::{Vocab, BPE};
-    use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
-    use tokenizers::{AddedToken, PreTokenizerWrapper};
-
-    let model = meta.string("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.model",
-            format!("unsupported tokenizer `{model}` (supported: gpt2, byte-level BPE)"),
-        ));
-    }
-    let pre = meta
-        .opt("tokenizer.ggml.pre", Meta::string)?
-        .unwrap_or_else(|| "default".into());
-    let byte_level = ByteLevel::new(false, true, true);
-    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-        "default" | "gpt2" => byte_level.into(),
-        // llama.cpp splits every digit off before the GPT-2 regex for these.
-        "smollm" | "starcoder" | "refact" | "codeshell" => {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        }
-        other => return Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.pre",
-            format!(
-                "unsupported pre-tokenizer `{other}` (supported: default, gpt2, smollm, starcoder)"
-            ),
-        )),
+/// The linear RoPE factor of `{arch}.rope.scaling.*` (llama.cpp's default type is linear; a
+/// factor of 0 means none); any other scaling type is an error.
+fn rope_linear_factor(meta: &Meta, arch: &str) -> Result<f64> {
+    let type_key = format!("{arch}.rope.scaling.type");
+    let kind = meta.opt(&type_key, Meta::string)?;
+    let factor = match meta.opt(&format!("{arch}.rope.scaling.factor"), Meta::f64)? {
+        Some(f) => Some(f),
+        None => meta.opt(&format!("{arch}.rope.scale_linear"), Meta::f64)?,
     };
-
-    let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
-    let merges = meta
-        .strings("tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| {
-                    Error::config(
-                        meta.path,
-                        "tokenizer.ggml.merges",
-                        format!("bad merge `{m}`"),
-                    )
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| Error::config(meta.path, "tokenizer.ggml.merges", e.to_string()))?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
-    inner.with_pre_tokenizer(Some(pre_tokenizer));
-    inner.with_decoder(Some(ByteLevel::default()));
-
-    // Control tokens (type 3: <|im_start|>, <|endoftext|>, ...) match whole and are skipped
-    // when decoding; user-defined ones (type 4) match whole.
-    if let Some(Value::Array(types)) = meta.map.get("tokenizer.ggml.token_type") {
-        let mut special = Vec::new();
-        let mut user = Vec::new();
-        for (tok, ty) in tokens.iter().zip(types) {
-            match ty {
-                Value::I32(3) | Value::U32(3) => {
-                    special.push(AddedToken::from(tok.to_string(), true))
-                }
-                Value::I32(4) | Value::U32(4) => {
-                    user.push(AddedToken::from(tok.to_string(), false))
-                }
-                _ => {}
-            }
-        }
-        inner.add_special_tokens(&special);
-        inner.add_tokens(&user);
-    }
-
-    let add_bos = meta
-        .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
-        .unwrap_or(false);
-    let eos = cfg
-        .eos_token_id
-        .as_ref()
-        .and_then(|e| e.to_vec().first().copied());
-    if add_bos && cfg.bos_token_id.is_none() {
-        return Err(Error::config(
+    match kind.as_deref() {
+        Some("none") => Ok(1.0),
+        None | Some("linear") => match factor {
+            None => Ok(1.0),
+            Some(f) if f == 0.0 => Ok(1.0),
+            Some(f) if f.is_finite() && f > 0.0 => Ok(f),
+            Some(f) => Err(Error::config(
+                meta.path,
+                format!("{arch}.rope.scaling.factor"),
+                format!("{f}: must be a positive number"),
+            )),
+        },
+        Some(other) => Err(Error::config(
             meta.path,
-            "tokenizer.ggml.bos_token_id",
-            "missing, but add_bos_token is true",
-        ));
+            type_key,
+            format!("unsupported rope scaling `{other}` (supported: none, linear)"),
+        )),
     }
-    Ok(Tokenizer::new(inner, add_bos, cfg.bos_token_id, eos))
 }
 
 /// The first line of an error message (candle appends a backtrace when RUST_BACKTRACE is set).

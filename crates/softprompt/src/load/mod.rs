@@ -2,6 +2,7 @@
 
 pub(crate) mod export;
 pub mod gguf;
+mod gguf_bpe;
 pub mod hf;
 mod weights;
 

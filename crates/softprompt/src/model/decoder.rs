@@ -3,6 +3,7 @@
 //! its config and weights: the layers, the position scheme and the facts in [`ModelInfo`].
 
 use super::layers::{Attention, AttentionContext, Embedding, FeedForward, LmHead, Norm, Rotary};
+use super::rope::RopeFrequencies;
 use super::{attention_bias, ops, CausalLm, KvCache, LogitsAt, ModelInfo};
 use crate::kernels::Kernels;
 use crate::Result;
@@ -18,11 +19,12 @@ pub struct Block {
 /// How positions enter the model.
 #[derive(Clone, Debug)]
 pub enum Positions {
-    /// Rotary embeddings of queries and keys (Llama family): `theta`, head dim, pair layout
-    /// (`interleaved`: GGML's adjacent pairs, for q/k weights as stored in GGUF files).
+    /// Rotary embeddings of queries and keys (Llama family): head dim, frequencies (plain or
+    /// scaled), pair layout (`interleaved`: GGML's adjacent pairs, for q/k weights as stored
+    /// in GGUF files).
     Rotary {
         head_dim: usize,
-        theta: f64,
+        frequencies: RopeFrequencies,
         interleaved: bool,
     },
     /// A learned table `[n_positions, D]` added to the input embeddings (GPT-2).
@@ -50,11 +52,12 @@ impl Decoder {
     ) -> Result<Option<Rotary>> {
         Ok(match &self.positions {
             Positions::Rotary {
-                head_dim,
-                theta,
+                frequencies,
                 interleaved,
+                ..
             } => {
-                let (cos, sin) = ops::rope_tables(*head_dim, *theta, start, t, device)?;
+                let inv_freq = frequencies.inv_freq(start + t);
+                let (cos, sin) = ops::rope_tables_for(&inv_freq, start, t, device)?;
                 Some(Rotary {
                     cos,
                     sin,
@@ -154,12 +157,15 @@ impl CausalLm for Decoder {
     fn shift_cache(&self, cache: &mut KvCache, by: usize) -> Result<bool> {
         let Positions::Rotary {
             head_dim,
+            ref frequencies,
             interleaved,
-            ..
         } = self.positions
         else {
             return Ok(false);
         };
+        if !frequencies.shift_invariant() {
+            return Ok(false);
+        }
         let p = cache.seq_len();
         let device = match cache.layers.iter().flatten().next() {
             Some((k, _)) if by > 0 && p > 0 => k.device().clone(),

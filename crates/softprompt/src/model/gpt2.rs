@@ -143,6 +143,7 @@ impl Gpt2 {
                     kv_heads: cfg.n_head,
                     head_dim,
                     scale,
+                    options: Default::default(),
                 },
                 feed_forward: FeedForward {
                     norm: layer_norm(w, &format!("{p}.ln_2"), d, eps)?,

@@ -218,6 +218,7 @@ impl T5 {
                 kv_heads: cfg.num_heads,
                 head_dim: cfg.d_kv,
                 scale: 1.0,
+                options: Default::default(),
             })
         };
         let ff = cfg.feed_forward_proj;

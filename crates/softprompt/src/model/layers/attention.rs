@@ -1,6 +1,7 @@
 //! The attention sub-block of a pre-norm layer, `x + o(attention(q(n), k(n), v(n)))` with
 //! `n = norm(x)`: grouped-query heads, optional q/k/v/o biases, rotary positions or none, an
-//! additive bias (causal mask, padding, T5's position bias), and the KV cache.
+//! additive bias (causal mask, padding, T5's position bias), and the KV cache; the options of
+//! [`AttentionOptions`] (per-head q/k norms).
 
 use super::{Linear, Norm};
 use crate::kernels::attention::{attention_block, attention_block_kv, AttentionArgs, RopeTables};
@@ -35,6 +36,20 @@ pub struct AttentionContext<'a> {
     pub kernels: Kernels,
 }
 
+/// Per-head norms `[Dh]` of the queries and keys, applied before the rotation (Qwen3).
+#[derive(Clone, Debug)]
+pub struct HeadNorms {
+    pub q: Norm,
+    pub k: Norm,
+}
+
+/// What a family can switch on beyond the plain sub-block; all off by default. The fused op
+/// implements none of them: a layer with an option on runs the composite path.
+#[derive(Clone, Debug, Default)]
+pub struct AttentionOptions {
+    pub head_norms: Option<HeadNorms>,
+}
+
 /// `q [H*Dh, D]`, `k`, `v [H_kv*Dh, D]`, `o [D, H*Dh]`; `scale` multiplies the scores.
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -51,6 +66,7 @@ pub struct Attention {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f64,
+    pub options: AttentionOptions,
 }
 
 impl Attention {
@@ -74,8 +90,7 @@ impl Attention {
             Some((c, i)) => !x.track_op() && c.layers.get(*i).is_none_or(Option::is_none),
         };
         if fresh {
-            let args = self.kernel_args(ctx);
-            if args.applies(x, ctx.kernels) {
+            if let Some(args) = self.kernel_args(ctx).filter(|a| a.applies(x, ctx.kernels)) {
                 return match cache {
                     None => Ok(attention_block(x, args, rows)?),
                     Some((c, i)) => {
@@ -125,6 +140,10 @@ impl Attention {
         let q = split_heads(&q, self.heads)?; // [B, H, T, Dh]
         let k = split_heads(&k, self.kv_heads)?; // [B, Hkv, T, Dh]
         let v = split_heads(&v, self.kv_heads)?;
+        let (q, k) = match &self.options.head_norms {
+            Some(n) => (n.q.forward(kernels, &q)?, n.k.forward(kernels, &k)?),
+            None => (q, k),
+        };
         let (q, k) = match ctx.rotary {
             Some(r) => (r.apply(kernels, &q)?, r.apply(kernels, &k)?),
             None => (q, k),
@@ -169,12 +188,16 @@ impl Attention {
     /// Whether the fused op runs on `x` in this context (tests check the fast path is taken).
     #[cfg(test)]
     pub(crate) fn fused_applies(&self, x: &Tensor, ctx: &AttentionContext) -> bool {
-        self.kernel_args(ctx).applies(x, ctx.kernels)
+        self.kernel_args(ctx).is_some_and(|a| a.applies(x, ctx.kernels))
     }
 
-    /// The operands of the fused op (shared tensors, no copy).
-    fn kernel_args(&self, ctx: &AttentionContext) -> AttentionArgs {
-        AttentionArgs {
+    /// The operands of the fused op (shared tensors, no copy); `None` when an option the op
+    /// does not implement is on.
+    fn kernel_args(&self, ctx: &AttentionContext) -> Option<AttentionArgs> {
+        if self.options.head_norms.is_some() {
+            return None;
+        }
+        Some(AttentionArgs {
             norm: self.norm.weights(),
             q: self.q.weights(),
             k: self.k.weights(),
@@ -190,6 +213,6 @@ impl Attention {
             }),
             bias: ctx.bias.clone(),
             scale: self.scale,
-        }
+        })
     }
 }

@@ -91,6 +91,7 @@ fn attention(
         kv_heads: hkv,
         head_dim: dh,
         scale,
+        options: AttentionOptions::default(),
     }
 }
 
