@@ -33,7 +33,10 @@ fn lm(m: &Model) -> &dyn CausalLm {
 fn both(name: &str) -> [(&'static str, Model); 2] {
     let dir = fixture_dir(name);
     let load = |p: PathBuf| load_model(&p, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
-    [("hf", load(dir.clone())), ("gguf", load(dir.join("model.gguf")))]
+    [
+        ("hf", load(dir.clone())),
+        ("gguf", load(dir.join("model.gguf"))),
+    ]
 }
 
 fn get<'a>(t: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
@@ -41,11 +44,20 @@ fn get<'a>(t: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
 }
 
 /// `[P ; embed(ids)]` `[B, N+S, D]` and `[1]*N + mask` `[B, N+S]`.
-fn with_prompt(lm: &dyn CausalLm, prompt: &Tensor, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+fn with_prompt(
+    lm: &dyn CausalLm,
+    prompt: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> (Tensor, Tensor) {
     let b = ids.dim(0).unwrap();
     let (n, d) = prompt.dims2().unwrap();
     let tok = lm.embed(&as_u32(ids)).unwrap();
-    let p = prompt.unsqueeze(0).unwrap().broadcast_as((b, n, d)).unwrap();
+    let p = prompt
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_as((b, n, d))
+        .unwrap();
     let embeds = Tensor::cat(&[&p, &tok], 1).unwrap();
     let ones = Tensor::ones((b, n), DType::F32, &Device::Cpu).unwrap();
     let mask = Tensor::cat(&[&ones, &mask.to_dtype(DType::F32).unwrap()], 1).unwrap();
@@ -59,7 +71,9 @@ fn loss(lm: &dyn CausalLm, t: &HashMap<String, Tensor>, prompt: &Tensor) -> Tens
     let (embeds, mask) = with_prompt(lm, prompt, get(t, "input_ids"), get(t, "attention_mask"));
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
     for (b, row) in to_vec2_i64(get(t, "labels")).iter().enumerate() {
-        let full: Vec<i64> = std::iter::repeat_n(-100, n).chain(row.iter().copied()).collect();
+        let full: Vec<i64> = std::iter::repeat_n(-100, n)
+            .chain(row.iter().copied())
+            .collect();
         for i in 0..full.len() - 1 {
             if full[i + 1] != -100 {
                 rows.push((b * full.len() + i) as u32);
@@ -70,26 +84,51 @@ fn loss(lm: &dyn CausalLm, t: &HashMap<String, Tensor>, prompt: &Tensor) -> Tens
     let m = rows.len();
     let rows = Tensor::from_vec(rows, m, &Device::Cpu).unwrap();
     let targets = Tensor::from_vec(targets, m, &Device::Cpu).unwrap();
-    let picked = lm.forward(&embeds, &mask, None, LogitsAt::Rows(&rows)).unwrap();
-    ops::token_nll(&picked, &targets).unwrap().mean_all().unwrap()
+    let picked = lm
+        .forward(&embeds, &mask, None, LogitsAt::Rows(&rows))
+        .unwrap();
+    ops::token_nll(&picked, &targets)
+        .unwrap()
+        .mean_all()
+        .unwrap()
 }
 
 fn scalar(t: &Tensor) -> f32 {
-    t.flatten_all().unwrap().get(0).unwrap().to_scalar::<f32>().unwrap()
+    t.flatten_all()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// KV-cached greedy decoding of `steps` tokens from `[prompt ; embed(ids)]`: the tokens
 /// `[B, steps]` and the logits of each step `[steps, B, V]`.
-fn greedy(lm: &dyn CausalLm, prompt: &Tensor, ids: &Tensor, mask: &Tensor, steps: usize) -> (Vec<Vec<i64>>, Tensor) {
+fn greedy(
+    lm: &dyn CausalLm,
+    prompt: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    steps: usize,
+) -> (Vec<Vec<i64>>, Tensor) {
     let (embeds, mut mask) = with_prompt(lm, prompt, ids, mask);
     let b = embeds.dim(0).unwrap();
     let mut cache = KvCache::new(lm.info().n_layers);
-    let mut logits = lm.forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last).unwrap();
+    let mut logits = lm
+        .forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last)
+        .unwrap();
     let (mut tokens, mut all) = (vec![Vec::new(); b], Vec::new());
     for step in 0..steps {
         all.push(logits.clone());
         let next = logits.argmax_keepdim(D::Minus1).unwrap(); // [B, 1]
-        for (row, id) in next.flatten_all().unwrap().to_vec1::<u32>().unwrap().into_iter().enumerate() {
+        for (row, id) in next
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+            .into_iter()
+            .enumerate()
+        {
             tokens[row].push(id as i64);
         }
         if step + 1 == steps {
@@ -98,7 +137,9 @@ fn greedy(lm: &dyn CausalLm, prompt: &Tensor, ids: &Tensor, mask: &Tensor, steps
         let ones = Tensor::ones((b, 1), DType::F32, &Device::Cpu).unwrap();
         mask = Tensor::cat(&[&mask, &ones], 1).unwrap();
         let emb = lm.embed(&next).unwrap(); // [B, 1, D]
-        logits = lm.forward(&emb, &mask, Some(&mut cache), LogitsAt::Last).unwrap();
+        logits = lm
+            .forward(&emb, &mask, Some(&mut cache), LogitsAt::Last)
+            .unwrap();
     }
     (tokens, Tensor::stack(&all, 0).unwrap())
 }
@@ -111,7 +152,11 @@ fn info_of_each_family() {
         for (how, m) in both(name) {
             let info = lm(&m).info();
             assert_eq!(info.arch, arch, "{name} ({how})");
-            assert_eq!((info.d_model, info.vocab_size, info.n_layers), (32, vocab, 2), "{name} ({how})");
+            assert_eq!(
+                (info.d_model, info.vocab_size, info.n_layers),
+                (32, vocab, 2),
+                "{name} ({how})"
+            );
             assert_eq!(info.eos_token_ids, vec![0], "{name} ({how})");
         }
     }
@@ -125,7 +170,8 @@ fn logits_loss_and_gradient_match_transformers() {
         for (how, m) in both(name) {
             let lm = lm(&m);
             let what = |q: &str| format!("{name} ({how}): {q}");
-            let (embeds, mask) = with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
+            let (embeds, mask) =
+                with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
             let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
             assert_close(&what("logits"), &logits, get(&t, "logits"), TOL_LOGITS);
             let states = lm.hidden_states(&embeds, &mask).unwrap();
@@ -137,7 +183,12 @@ fn logits_loss_and_gradient_match_transformers() {
             let var = Var::from_tensor(prompt).unwrap();
             let l = loss(lm, &t, var.as_tensor());
             let want = scalar(get(&t, "loss"));
-            assert!((scalar(&l) - want).abs() <= TOL_LOSS, "{}: {} vs {want}", what("loss"), scalar(&l));
+            assert!(
+                (scalar(&l) - want).abs() <= TOL_LOSS,
+                "{}: {} vs {want}",
+                what("loss"),
+                scalar(&l)
+            );
             let grads = l.backward().unwrap();
             let g = grads.get(var.as_tensor()).expect("prompt gradient");
             let want = get(&t, "grad_prompt");
@@ -154,12 +205,24 @@ fn logits_without_prompt_at_real_positions() {
         for (how, m) in both(name) {
             let lm = lm(&m);
             let embeds = lm.embed(&as_u32(get(&t, "input_ids"))).unwrap();
-            let logits = lm.forward(&embeds, &mask.to_dtype(DType::F32).unwrap(), None, LogitsAt::All).unwrap();
+            let logits = lm
+                .forward(
+                    &embeds,
+                    &mask.to_dtype(DType::F32).unwrap(),
+                    None,
+                    LogitsAt::All,
+                )
+                .unwrap();
             for (b, row) in to_vec2_i64(mask).iter().enumerate() {
                 for (i, _) in row.iter().enumerate().filter(|(_, &real)| real == 1) {
                     let got = logits.get(b).unwrap().get(i).unwrap();
                     let want = get(&t, "logits_no_prompt").get(b).unwrap().get(i).unwrap();
-                    assert_close(&format!("{name} ({how}): logits_no_prompt[{b}, {i}]"), &got, &want, TOL_LOGITS);
+                    assert_close(
+                        &format!("{name} ({how}): logits_no_prompt[{b}, {i}]"),
+                        &got,
+                        &want,
+                        TOL_LOGITS,
+                    );
                 }
             }
         }
@@ -172,7 +235,10 @@ fn greedy_generation_with_kv_cache() {
         let t = expected_tensors(name);
         let want = to_vec2_i64(get(&t, "generate.new_tokens"));
         for (how, m) in both(name) {
-            let (ids, mask) = (get(&t, "generate.input_ids"), get(&t, "generate.attention_mask"));
+            let (ids, mask) = (
+                get(&t, "generate.input_ids"),
+                get(&t, "generate.attention_mask"),
+            );
             let (tokens, steps) = greedy(lm(&m), get(&t, "prompt"), ids, mask, want[0].len());
             let what = format!("{name} ({how}): generate.step_logits");
             assert_close(&what, &steps, get(&t, "generate.step_logits"), TOL_LOGITS);
@@ -196,8 +262,16 @@ fn fast_kernels_equal_the_reference_path() {
         let (fast_loss, fast_grad) = run(&m);
         m.backbone.set_kernels(Kernels::reference());
         let (ref_loss, ref_grad) = run(&m);
-        assert!((fast_loss - ref_loss).abs() <= 1e-5, "{name}: loss {fast_loss} vs {ref_loss}");
-        assert_close(&format!("{name}: gradient"), &fast_grad, &ref_grad, 1e-5 * max_abs(&ref_grad));
+        assert!(
+            (fast_loss - ref_loss).abs() <= 1e-5,
+            "{name}: loss {fast_loss} vs {ref_loss}"
+        );
+        assert_close(
+            &format!("{name}: gradient"),
+            &fast_grad,
+            &ref_grad,
+            1e-5 * max_abs(&ref_grad),
+        );
     }
 }
 
@@ -211,7 +285,13 @@ fn grad_prompt_finite_differences() {
         let prompt = get(&t, "prompt");
         let var = Var::from_tensor(prompt).unwrap();
         let grads = loss(lm, &t, var.as_tensor()).backward().unwrap();
-        let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let gmax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
         let mut order: Vec<usize> = (0..g.len()).collect();
         order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
@@ -219,7 +299,11 @@ fn grad_prompt_finite_differences() {
         let loss_at = |i: usize, delta: f32| -> f64 {
             let mut p = p0.clone();
             p[i] += delta;
-            scalar(&loss(lm, &t, &Tensor::from_slice(&p, prompt.dims(), &Device::Cpu).unwrap())) as f64
+            scalar(&loss(
+                lm,
+                &t,
+                &Tensor::from_slice(&p, prompt.dims(), &Device::Cpu).unwrap(),
+            )) as f64
         };
         let h = 1e-2f32;
         for &i in order.iter().take(3).chain(order.iter().rev().take(1)) {
@@ -227,7 +311,11 @@ fn grad_prompt_finite_differences() {
             let d2 = (loss_at(i, 2.0 * h) - loss_at(i, -2.0 * h)) / (4.0 * h as f64);
             let fd = (4.0 * d1 - d2) / 3.0;
             let err = (fd - g[i] as f64).abs();
-            assert!(err <= 5e-4 * gmax as f64, "{name}: entry {i}: finite difference {fd} vs autodiff {}", g[i]);
+            assert!(
+                err <= 5e-4 * gmax as f64,
+                "{name}: entry {i}: finite difference {fd} vs autodiff {}",
+                g[i]
+            );
         }
     }
 }
@@ -240,8 +328,17 @@ fn tokenizer_ids_from_folder_and_gguf() {
             let tok = m.tokenizer().unwrap();
             for s in json["tokenizer"]["sentences"].as_array().unwrap() {
                 let text = s["text"].as_str().unwrap();
-                let want: Vec<u32> = s["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-                assert_eq!(tok.encode_input(text).unwrap(), want, "{name} ({how}): {text:?}");
+                let want: Vec<u32> = s["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect();
+                assert_eq!(
+                    tok.encode_input(text).unwrap(),
+                    want,
+                    "{name} ({how}): {text:?}"
+                );
             }
         }
     }
@@ -272,17 +369,30 @@ fn linear_and_dynamic_rope_scaling() {
     for variant in ["linear", "dynamic"] {
         let tmp = tempdir();
         let update = &json["results"]["variants"][variant]["config_update"];
-        let m = load_model(&variant_folder(tmp.path(), "llama3-tiny", update), &Device::Cpu).unwrap();
+        let m = load_model(
+            &variant_folder(tmp.path(), "llama3-tiny", update),
+            &Device::Cpu,
+        )
+        .unwrap();
         let lm = lm(&m);
         let prompt = get(&t, "prompt");
-        let (embeds, mask) = with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
+        let (embeds, mask) =
+            with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
         let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
         let key = |k: &str| format!("variant.{variant}.{k}");
         assert_close(&key("logits"), &logits, get(&t, &key("logits")), TOL_LOGITS);
         let want = to_vec2_i64(get(&t, &key("new_tokens")));
-        let (ids, gen_mask) = (get(&t, "generate.input_ids"), get(&t, "generate.attention_mask"));
+        let (ids, gen_mask) = (
+            get(&t, "generate.input_ids"),
+            get(&t, "generate.attention_mask"),
+        );
         let (tokens, steps) = greedy(lm, prompt, ids, gen_mask, want[0].len());
-        assert_close(&key("step_logits"), &steps, get(&t, &key("step_logits")), TOL_LOGITS);
+        assert_close(
+            &key("step_logits"),
+            &steps,
+            get(&t, &key("step_logits")),
+            TOL_LOGITS,
+        );
         assert_eq!(tokens, want, "{}", key("new_tokens"));
     }
 }
@@ -291,13 +401,26 @@ fn linear_and_dynamic_rope_scaling() {
 fn dynamic_ntk_keeps_the_kv_cache_in_place() {
     let tmp = tempdir();
     let update = serde_json::json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}, "max_position_embeddings": 8});
-    let m = load_model(&variant_folder(tmp.path(), "llama3-tiny", &update), &Device::Cpu).unwrap();
-    assert_eq!(lm(&m).info().max_positions, Some(32), "dynamic NTK runs to factor x the trained length");
+    let m = load_model(
+        &variant_folder(tmp.path(), "llama3-tiny", &update),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        lm(&m).info().max_positions,
+        Some(32),
+        "dynamic NTK runs to factor x the trained length"
+    );
     let mut cache = KvCache::new(2);
     let x = Tensor::ones((1, 3, 32), DType::F32, &Device::Cpu).unwrap();
     let mask = Tensor::ones((1, 3), DType::F32, &Device::Cpu).unwrap();
-    lm(&m).forward(&x, &mask, Some(&mut cache), LogitsAt::Last).unwrap();
-    assert!(!lm(&m).shift_cache(&mut cache, 2).unwrap(), "keys rotated at one length cannot be moved");
+    lm(&m)
+        .forward(&x, &mask, Some(&mut cache), LogitsAt::Last)
+        .unwrap();
+    assert!(
+        !lm(&m).shift_cache(&mut cache, 2).unwrap(),
+        "keys rotated at one length cannot be moved"
+    );
 }
 
 // ---- refused variants: each an error naming the field and the value ----
@@ -320,45 +443,69 @@ fn assert_names(err: &str, parts: &[&str]) {
 
 #[test]
 fn unknown_rope_type_is_refused() {
-    let err = refused_folder("llama3-tiny", serde_json::json!({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}));
+    let err = refused_folder(
+        "llama3-tiny",
+        serde_json::json!({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}),
+    );
     assert_names(&err, &["rope_parameters.rope_type", "yarn"]);
 }
 
 #[test]
 fn rope_scaling_of_transformers_4_is_read_and_checked() {
-    let err = refused_folder("llama3-tiny", serde_json::json!({"rope_parameters": null, "rope_theta": 10000.0, "rope_scaling": {"type": "longrope", "factor": 2.0}}));
+    let err = refused_folder(
+        "llama3-tiny",
+        serde_json::json!({"rope_parameters": null, "rope_theta": 10000.0, "rope_scaling": {"type": "longrope", "factor": 2.0}}),
+    );
     assert_names(&err, &["rope_scaling.type", "longrope"]);
 }
 
 #[test]
 fn unknown_rope_field_is_refused() {
-    let err = refused_folder("llama3-tiny", serde_json::json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "beta_fast": 32}}));
+    let err = refused_folder(
+        "llama3-tiny",
+        serde_json::json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "beta_fast": 32}}),
+    );
     assert_names(&err, &["rope_parameters.beta_fast", "32", "linear"]);
 }
 
 #[test]
 fn llama3_rope_without_its_fields_is_refused() {
-    let err = refused_folder("llama3-tiny", serde_json::json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}}));
+    let err = refused_folder(
+        "llama3-tiny",
+        serde_json::json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}}),
+    );
     assert_names(&err, &["low_freq_factor", "missing"]);
 }
 
 #[test]
 fn partial_rotary_factor_is_refused() {
-    let err = refused_folder("phi3-tiny", serde_json::json!({"partial_rotary_factor": 0.75}));
+    let err = refused_folder(
+        "phi3-tiny",
+        serde_json::json!({"partial_rotary_factor": 0.75}),
+    );
     assert_names(&err, &["partial_rotary_factor", "0.75"]);
 }
 
 #[test]
 fn phi3_longrope_is_refused() {
-    let err = refused_folder("phi3-tiny", serde_json::json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0], "long_factor": [2.0]}}));
+    let err = refused_folder(
+        "phi3-tiny",
+        serde_json::json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0], "long_factor": [2.0]}}),
+    );
     assert_names(&err, &["rope_parameters.rope_type", "longrope"]);
 }
 
 #[test]
 fn qwen_sliding_window_layers_are_refused() {
-    let err = refused_folder("qwen2-tiny", serde_json::json!({"use_sliding_window": true}));
+    let err = refused_folder(
+        "qwen2-tiny",
+        serde_json::json!({"use_sliding_window": true}),
+    );
     assert_names(&err, &["use_sliding_window", "true"]);
-    let err = refused_folder("qwen3-tiny", serde_json::json!({"layer_types": ["full_attention", "sliding_attention"]}));
+    let err = refused_folder(
+        "qwen3-tiny",
+        serde_json::json!({"layer_types": ["full_attention", "sliding_attention"]}),
+    );
     assert_names(&err, &["layer_types[1]", "sliding_attention"]);
 }
 
@@ -372,7 +519,11 @@ fn other_activations_are_refused() {
 fn phi3_sliding_window_caps_the_length() {
     let tmp = tempdir();
     let update = serde_json::json!({"sliding_window": 100});
-    let m = load_model(&variant_folder(tmp.path(), "phi3-tiny", &update), &Device::Cpu).unwrap();
+    let m = load_model(
+        &variant_folder(tmp.path(), "phi3-tiny", &update),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(lm(&m).info().max_positions, Some(100));
 }
 
@@ -380,7 +531,11 @@ fn phi3_sliding_window_caps_the_length() {
 
 /// The fixture's GGUF rewritten with `edit` applied to its metadata and `extra` tensors added
 /// (replacing those of the same name); the load error.
-fn refused_gguf(base: &str, edit: impl FnOnce(&mut HashMap<String, Value>), extra: &[(&str, Tensor)]) -> String {
+fn refused_gguf(
+    base: &str,
+    edit: impl FnOnce(&mut HashMap<String, Value>),
+    extra: &[(&str, Tensor)],
+) -> String {
     let src = fixture_dir(base).join("model.gguf");
     let mut f = std::fs::File::open(&src).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
@@ -393,7 +548,10 @@ fn refused_gguf(base: &str, edit: impl FnOnce(&mut HashMap<String, Value>), extr
         .collect();
     for (n, t) in extra {
         tensors.retain(|(name, _)| name != n);
-        tensors.push((n.to_string(), QTensor::quantize(t, candle_core::quantized::GgmlDType::F32).unwrap()));
+        tensors.push((
+            n.to_string(),
+            QTensor::quantize(t, candle_core::quantized::GgmlDType::F32).unwrap(),
+        ));
     }
     let tmp = tempdir();
     let path = tmp.path().join("m.gguf");
@@ -408,32 +566,57 @@ fn refused_gguf(base: &str, edit: impl FnOnce(&mut HashMap<String, Value>), extr
 
 #[test]
 fn gguf_unknown_pre_tokenizer_is_refused() {
-    let err = refused_gguf("qwen2-tiny", |m| {
-        m.insert("tokenizer.ggml.pre".into(), Value::String("chatglm-bpe".into()));
-    }, &[]);
+    let err = refused_gguf(
+        "qwen2-tiny",
+        |m| {
+            m.insert(
+                "tokenizer.ggml.pre".into(),
+                Value::String("chatglm-bpe".into()),
+            );
+        },
+        &[],
+    );
     assert_names(&err, &["tokenizer.ggml.pre", "chatglm-bpe"]);
 }
 
 #[test]
 fn gguf_yarn_rope_scaling_is_refused() {
-    let err = refused_gguf("qwen3-tiny", |m| {
-        m.insert("qwen3.rope.scaling.type".into(), Value::String("yarn".into()));
-    }, &[]);
+    let err = refused_gguf(
+        "qwen3-tiny",
+        |m| {
+            m.insert(
+                "qwen3.rope.scaling.type".into(),
+                Value::String("yarn".into()),
+            );
+        },
+        &[],
+    );
     assert_names(&err, &["qwen3.rope.scaling.type", "yarn"]);
 }
 
 #[test]
 fn gguf_phi3_longrope_factors_are_refused() {
     let factors = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
-    let err = refused_gguf("phi3-tiny", |_| {}, &[("rope_factors_long.weight", factors)]);
+    let err = refused_gguf(
+        "phi3-tiny",
+        |_| {},
+        &[("rope_factors_long.weight", factors)],
+    );
     assert_names(&err, &["rope_factors_long.weight", "phi3"]);
 }
 
 #[test]
 fn gguf_unknown_architecture_is_refused() {
-    let err = refused_gguf("qwen2-tiny", |m| {
-        m.insert("general.architecture".into(), Value::String("falcon".into()));
-    }, &[]);
+    let err = refused_gguf(
+        "qwen2-tiny",
+        |m| {
+            m.insert(
+                "general.architecture".into(),
+                Value::String("falcon".into()),
+            );
+        },
+        &[],
+    );
     assert_names(&err, &["general.architecture", "falcon"]);
 }
 

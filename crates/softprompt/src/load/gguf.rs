@@ -449,8 +449,7 @@ fn rope_linear_factor(meta: &Meta, arch: &str) -> Result<f64> {
     match kind.as_deref() {
         Some("none") => Ok(1.0),
         None | Some("linear") => match factor {
-            None => Ok(1.0),
-            Some(f) if f == 0.0 => Ok(1.0),
+            None | Some(0.0) => Ok(1.0),
             Some(f) if f.is_finite() && f > 0.0 => Ok(f),
             Some(f) => Err(Error::config(
                 meta.path,

@@ -137,4 +137,3 @@ pub(super) fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
     }
     Ok(Tokenizer::new(inner, add_bos, cfg.bos_token_id, eos))
 }
-

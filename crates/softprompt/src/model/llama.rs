@@ -212,11 +212,12 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
         let (q, k, v, qkv) = if layout.fused_projections {
             // Rows: q, then k, then v (transformers' Phi3Attention split).
             let qkv = linear("self_attn.qkv_proj", [nq + 2 * nkv, d], layout.qkv_bias)?;
-            let part = |start: usize, len: usize| -> Result<Linear> {
-                let b = qkv.b.as_ref().map(|b| b.narrow(0, start, len)).transpose()?;
-                Ok(Linear::new(qkv.w.narrow(0, start, len)?, b))
-            };
-            (part(0, nq)?, part(nq, nkv)?, part(nq + nkv, nkv)?, Some(qkv))
+            (
+                qkv.rows(0, nq)?,
+                qkv.rows(nq, nkv)?,
+                qkv.rows(nq + nkv, nkv)?,
+                Some(qkv),
+            )
         } else {
             (
                 linear("self_attn.q_proj", [nq, d], layout.qkv_bias)?,
@@ -235,13 +236,9 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
         let inner = if layout.fused_projections {
             // Rows: gate, then up (transformers' Phi3MLP `chunk(2)`).
             let gate_up = linear("mlp.gate_up_proj", [2 * ff, d], false)?;
-            let half = |start: usize| -> Result<Linear> {
-                let b = gate_up.b.as_ref().map(|b| b.narrow(0, start, ff)).transpose()?;
-                Ok(Linear::new(gate_up.w.narrow(0, start, ff)?, b))
-            };
             FfnInner::Gated {
-                gate: half(0)?,
-                up: half(ff)?,
+                gate: gate_up.rows(0, ff)?,
+                up: gate_up.rows(ff, ff)?,
             }
         } else {
             FfnInner::Gated {

@@ -46,7 +46,11 @@ impl Qwen2 {
     /// The model of `cfg` with the weights `w` (fast kernels).
     #[allow(clippy::new_ret_no_self)]
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
-        check_full_attention(w.source(), cfg.use_sliding_window, cfg.layer_types.as_deref())?;
+        check_full_attention(
+            w.source(),
+            cfg.use_sliding_window,
+            cfg.layer_types.as_deref(),
+        )?;
         llama::build(&cfg.base, w, name, Self::LAYOUT)
     }
 }

@@ -54,7 +54,11 @@ impl Qwen3 {
     /// composite path, the fused op has no q/k norm).
     #[allow(clippy::new_ret_no_self)]
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
-        check_full_attention(w.source(), cfg.use_sliding_window, cfg.layer_types.as_deref())?;
+        check_full_attention(
+            w.source(),
+            cfg.use_sliding_window,
+            cfg.layer_types.as_deref(),
+        )?;
         llama::build(&cfg.base, w, name, Self::LAYOUT)
     }
 }

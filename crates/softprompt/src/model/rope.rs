@@ -160,7 +160,9 @@ impl RopeFrequencies {
             freqs.iter_mut().zip(div).for_each(|(f, d)| *f /= d);
         }
         let factor = factor as f32;
-        Ok(RopeFrequencies::Fixed(freqs.iter().map(|f| f / factor).collect()))
+        Ok(RopeFrequencies::Fixed(
+            freqs.iter().map(|f| f / factor).collect(),
+        ))
     }
 }
 
