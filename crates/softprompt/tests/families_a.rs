@@ -8,10 +8,10 @@ mod common;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use softprompt::load::{load_model, Model};
-use softprompt::model::{ops, Arch, Backbone, CausalLm, Kernels, KvCache, LogitsAt};
+use softprompt::model::{Arch, Backbone, CausalLm, Kernels, KvCache, LogitsAt};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -43,105 +43,11 @@ fn get<'a>(t: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
     t.get(key).unwrap_or_else(|| panic!("fixture tensor {key}"))
 }
 
-/// `[P ; embed(ids)]` `[B, N+S, D]` and `[1]*N + mask` `[B, N+S]`.
-fn with_prompt(
-    lm: &dyn CausalLm,
-    prompt: &Tensor,
-    ids: &Tensor,
-    mask: &Tensor,
-) -> (Tensor, Tensor) {
-    let b = ids.dim(0).unwrap();
-    let (n, d) = prompt.dims2().unwrap();
-    let tok = lm.embed(&as_u32(ids)).unwrap();
-    let p = prompt
-        .unsqueeze(0)
-        .unwrap()
-        .broadcast_as((b, n, d))
-        .unwrap();
-    let embeds = Tensor::cat(&[&p, &tok], 1).unwrap();
-    let ones = Tensor::ones((b, n), DType::F32, &Device::Cpu).unwrap();
-    let mask = Tensor::cat(&[&ones, &mask.to_dtype(DType::F32).unwrap()], 1).unwrap();
-    (embeds, mask)
-}
-
 /// Mean cross-entropy of the fixture batch with `prompt`: position `t` predicts label `t+1`
 /// of `[-100]*N + labels`, logits at those rows only.
 fn loss(lm: &dyn CausalLm, t: &HashMap<String, Tensor>, prompt: &Tensor) -> Tensor {
-    let n = prompt.dim(0).unwrap();
-    let (embeds, mask) = with_prompt(lm, prompt, get(t, "input_ids"), get(t, "attention_mask"));
-    let (mut rows, mut targets) = (Vec::new(), Vec::new());
-    for (b, row) in to_vec2_i64(get(t, "labels")).iter().enumerate() {
-        let full: Vec<i64> = std::iter::repeat_n(-100, n)
-            .chain(row.iter().copied())
-            .collect();
-        for i in 0..full.len() - 1 {
-            if full[i + 1] != -100 {
-                rows.push((b * full.len() + i) as u32);
-                targets.push(full[i + 1] as u32);
-            }
-        }
-    }
-    let m = rows.len();
-    let rows = Tensor::from_vec(rows, m, &Device::Cpu).unwrap();
-    let targets = Tensor::from_vec(targets, m, &Device::Cpu).unwrap();
-    let picked = lm
-        .forward(&embeds, &mask, None, LogitsAt::Rows(&rows))
-        .unwrap();
-    ops::token_nll(&picked, &targets)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-}
-
-fn scalar(t: &Tensor) -> f32 {
-    t.flatten_all()
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// KV-cached greedy decoding of `steps` tokens from `[prompt ; embed(ids)]`: the tokens
-/// `[B, steps]` and the logits of each step `[steps, B, V]`.
-fn greedy(
-    lm: &dyn CausalLm,
-    prompt: &Tensor,
-    ids: &Tensor,
-    mask: &Tensor,
-    steps: usize,
-) -> (Vec<Vec<i64>>, Tensor) {
-    let (embeds, mut mask) = with_prompt(lm, prompt, ids, mask);
-    let b = embeds.dim(0).unwrap();
-    let mut cache = KvCache::new(lm.info().n_layers);
-    let mut logits = lm
-        .forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last)
-        .unwrap();
-    let (mut tokens, mut all) = (vec![Vec::new(); b], Vec::new());
-    for step in 0..steps {
-        all.push(logits.clone());
-        let next = logits.argmax_keepdim(D::Minus1).unwrap(); // [B, 1]
-        for (row, id) in next
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap()
-            .into_iter()
-            .enumerate()
-        {
-            tokens[row].push(id as i64);
-        }
-        if step + 1 == steps {
-            break;
-        }
-        let ones = Tensor::ones((b, 1), DType::F32, &Device::Cpu).unwrap();
-        mask = Tensor::cat(&[&mask, &ones], 1).unwrap();
-        let emb = lm.embed(&next).unwrap(); // [B, 1, D]
-        logits = lm
-            .forward(&emb, &mask, Some(&mut cache), LogitsAt::Last)
-            .unwrap();
-    }
-    (tokens, Tensor::stack(&all, 0).unwrap())
+    let (ids, mask, labels) = (get(t, "input_ids"), get(t, "attention_mask"), get(t, "labels"));
+    causal::prompted_loss(lm, prompt, ids, mask, labels)
 }
 
 #[test]
@@ -171,7 +77,7 @@ fn logits_loss_and_gradient_match_transformers() {
             let lm = lm(&m);
             let what = |q: &str| format!("{name} ({how}): {q}");
             let (embeds, mask) =
-                with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
+                causal::with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
             let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
             assert_close(&what("logits"), &logits, get(&t, "logits"), TOL_LOGITS);
             let states = lm.hidden_states(&embeds, &mask).unwrap();
@@ -182,12 +88,12 @@ fn logits_loss_and_gradient_match_transformers() {
 
             let var = Var::from_tensor(prompt).unwrap();
             let l = loss(lm, &t, var.as_tensor());
-            let want = scalar(get(&t, "loss"));
+            let want = causal::scalar(get(&t, "loss"));
             assert!(
-                (scalar(&l) - want).abs() <= TOL_LOSS,
+                (causal::scalar(&l) - want).abs() <= TOL_LOSS,
                 "{}: {} vs {want}",
                 what("loss"),
-                scalar(&l)
+                causal::scalar(&l)
             );
             let grads = l.backward().unwrap();
             let g = grads.get(var.as_tensor()).expect("prompt gradient");
@@ -239,7 +145,8 @@ fn greedy_generation_with_kv_cache() {
                 get(&t, "generate.input_ids"),
                 get(&t, "generate.attention_mask"),
             );
-            let (tokens, steps) = greedy(lm(&m), get(&t, "prompt"), ids, mask, want[0].len());
+            let (tokens, steps) =
+                causal::greedy(lm(&m), get(&t, "prompt"), ids, mask, want[0].len());
             let what = format!("{name} ({how}): generate.step_logits");
             assert_close(&what, &steps, get(&t, "generate.step_logits"), TOL_LOGITS);
             assert_eq!(tokens, want, "{name} ({how}): generate.new_tokens");
@@ -257,7 +164,7 @@ fn fast_kernels_equal_the_reference_path() {
             let var = Var::from_tensor(get(&t, "prompt")).unwrap();
             let l = loss(lm(m), &t, var.as_tensor());
             let g = l.backward().unwrap().get(var.as_tensor()).unwrap().clone();
-            (scalar(&l), g)
+            (causal::scalar(&l), g)
         };
         let (fast_loss, fast_grad) = run(&m);
         m.backbone.set_kernels(Kernels::reference());
@@ -275,48 +182,13 @@ fn fast_kernels_equal_the_reference_path() {
     }
 }
 
-/// Central differences on a few prompt entries, Richardson-extrapolated from steps h and 2h.
+/// Central differences on the 3 largest and the smallest prompt entry of each family.
 #[test]
 fn grad_prompt_finite_differences() {
     for (name, _) in FAMILIES {
         let t = expected_tensors(name);
         let m = load_model(&fixture_dir(name), &Device::Cpu).unwrap();
-        let lm = lm(&m);
-        let prompt = get(&t, "prompt");
-        let var = Var::from_tensor(prompt).unwrap();
-        let grads = loss(lm, &t, var.as_tensor()).backward().unwrap();
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let gmax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let mut order: Vec<usize> = (0..g.len()).collect();
-        order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-        let p0 = prompt.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let loss_at = |i: usize, delta: f32| -> f64 {
-            let mut p = p0.clone();
-            p[i] += delta;
-            scalar(&loss(
-                lm,
-                &t,
-                &Tensor::from_slice(&p, prompt.dims(), &Device::Cpu).unwrap(),
-            )) as f64
-        };
-        let h = 1e-2f32;
-        for &i in order.iter().take(3).chain(order.iter().rev().take(1)) {
-            let d1 = (loss_at(i, h) - loss_at(i, -h)) / (2.0 * h as f64);
-            let d2 = (loss_at(i, 2.0 * h) - loss_at(i, -2.0 * h)) / (4.0 * h as f64);
-            let fd = (4.0 * d1 - d2) / 3.0;
-            let err = (fd - g[i] as f64).abs();
-            assert!(
-                err <= 5e-4 * gmax as f64,
-                "{name}: entry {i}: finite difference {fd} vs autodiff {}",
-                g[i]
-            );
-        }
+        causal::check_prompt_gradient(name, get(&t, "prompt"), |p| loss(lm(&m), &t, p), 3, 1);
     }
 }
 
@@ -377,7 +249,7 @@ fn linear_and_dynamic_rope_scaling() {
         let lm = lm(&m);
         let prompt = get(&t, "prompt");
         let (embeds, mask) =
-            with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
+            causal::with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
         let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
         let key = |k: &str| format!("variant.{variant}.{k}");
         assert_close(&key("logits"), &logits, get(&t, &key("logits")), TOL_LOGITS);
@@ -386,7 +258,7 @@ fn linear_and_dynamic_rope_scaling() {
             get(&t, "generate.input_ids"),
             get(&t, "generate.attention_mask"),
         );
-        let (tokens, steps) = greedy(lm, prompt, ids, gen_mask, want[0].len());
+        let (tokens, steps) = causal::greedy(lm, prompt, ids, gen_mask, want[0].len());
         assert_close(
             &key("step_logits"),
             &steps,

@@ -26,55 +26,18 @@ fn causal(model: &Model) -> &dyn CausalLm {
 
 /// `[P ; embed(ids)]` and `[1]*N + mask`: PEFT's causal prompt-tuning input.
 fn with_prompt(m: &dyn CausalLm, prompt: &Tensor, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
-    let b = ids.dim(0).unwrap();
-    let (n, d) = prompt.dims2().unwrap();
-    let p = prompt
-        .unsqueeze(0)
-        .unwrap()
-        .broadcast_as((b, n, d))
-        .unwrap(); // [B, N, D]
-    let embeds = Tensor::cat(&[&p, &m.embed(ids).unwrap()], 1).unwrap(); // [B, N+S, D]
-    let ones = Tensor::ones((b, n), DType::F32, &Device::Cpu).unwrap();
-    let mask = Tensor::cat(&[&ones, &mask.to_dtype(DType::F32).unwrap()], 1).unwrap(); // [B, N+S]
-    (embeds, mask)
+    causal::with_prompt(m, prompt, ids, mask)
 }
 
-/// Rows of the flattened `[B * (N+S)]` logits that are scored, and their targets: position
-/// `t` predicts `labels[t+1]` of the labels with `N` x -100 prepended.
+/// Rows of the flattened `[B * (N+S)]` logits that are scored, and their targets.
 fn loss_rows(labels: &Tensor) -> (Tensor, Tensor) {
-    let labels = to_vec2_i64(labels);
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for (b, row) in labels.iter().enumerate() {
-        let full: Vec<i64> = std::iter::repeat_n(-100, N)
-            .chain(row.iter().copied())
-            .collect();
-        let len = full.len();
-        for t in 0..len - 1 {
-            if full[t + 1] != -100 {
-                rows.push((b * len + t) as u32);
-                targets.push(full[t + 1] as u32);
-            }
-        }
-    }
-    let m = rows.len();
-    (
-        Tensor::from_vec(rows, m, &Device::Cpu).unwrap(),
-        Tensor::from_vec(targets, m, &Device::Cpu).unwrap(),
-    )
+    causal::loss_rows(labels, N)
 }
 
 /// Mean cross-entropy of the batch with the given prompt, logits computed only where scored.
 fn loss_with(m: &dyn CausalLm, prompt: &Tensor, ex: &HashMap<String, Tensor>) -> Tensor {
-    let (embeds, mask) = with_prompt(m, prompt, &as_u32(&ex["input_ids"]), &ex["attention_mask"]);
-    let (rows, targets) = loss_rows(&ex["labels"]);
-    let logits = m
-        .forward(&embeds, &mask, None, LogitsAt::Rows(&rows))
-        .unwrap(); // [M, V]
-    ops::token_nll(&logits, &targets)
-        .unwrap()
-        .mean_all()
-        .unwrap()
+    let (ids, mask) = (&ex["input_ids"], &ex["attention_mask"]);
+    causal::prompted_loss(m, prompt, ids, mask, &ex["labels"])
 }
 
 fn scalar(t: &Tensor) -> f32 {

@@ -3,10 +3,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use softprompt::load::{load_model, Model};
-use softprompt::model::{ops, Backbone, CausalLm, KvCache, LogitsAt};
+use softprompt::model::{ops, Backbone, CausalLm, LogitsAt};
 use std::collections::HashMap;
 
 const NAME: &str = "llama-tiny";
@@ -42,43 +42,13 @@ impl Fixture {
 
     /// `[P ; embed(ids)]` `[B, N+S, D]` and `[1]*N + mask` `[B, N+S]`.
     fn with_prompt(&self, prompt: &Tensor, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
-        let (b, _) = ids.dims2().unwrap();
-        let (n, d) = prompt.dims2().unwrap();
-        let tok = self.lm().embed(&as_u32(ids)).unwrap();
-        let p = prompt
-            .unsqueeze(0)
-            .unwrap()
-            .broadcast_as((b, n, d))
-            .unwrap();
-        let embeds = Tensor::cat(&[&p, &tok], 1).unwrap();
-        let ones = Tensor::ones((b, n), DType::F32, &Device::Cpu).unwrap();
-        let mask = Tensor::cat(&[&ones, &mask.to_dtype(DType::F32).unwrap()], 1).unwrap();
-        (embeds, mask)
+        causal::with_prompt(self.lm(), prompt, ids, mask)
     }
 
     /// Rows (of the flattened `[B*(N+S)]` positions) and targets of the loss: position `t`
     /// predicts label `t+1` of `[-100]*N + labels`.
     fn loss_rows(&self, n: usize) -> (Tensor, Tensor) {
-        let labels = to_vec2_i64(self.get("labels"));
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        for (b, row) in labels.iter().enumerate() {
-            let full: Vec<i64> = std::iter::repeat_n(-100, n)
-                .chain(row.iter().copied())
-                .collect();
-            let len = full.len();
-            for t in 0..len - 1 {
-                if full[t + 1] != -100 {
-                    rows.push((b * len + t) as u32);
-                    targets.push(full[t + 1] as u32);
-                }
-            }
-        }
-        let m = rows.len();
-        (
-            Tensor::from_vec(rows, m, &Device::Cpu).unwrap(),
-            Tensor::from_vec(targets, m, &Device::Cpu).unwrap(),
-        )
+        causal::loss_rows(self.get("labels"), n)
     }
 
     /// Mean cross-entropy of the batch with `prompt` (via all logits or via `Rows`).
@@ -258,101 +228,26 @@ fn grad_prompt() {
     }
 }
 
-/// Central differences on a few prompt entries, in f32, Richardson-extrapolated from steps
-/// h and 2h (truncation error O(h^4)); the rounding error of a loss of ~10 is ~1e-6 / h.
+/// Central differences on the 4 largest and the 2 smallest prompt entries.
 #[test]
 fn grad_prompt_finite_differences() {
     let f = fixture();
-    let prompt = f.get("prompt").clone();
-    let var = Var::from_tensor(&prompt).unwrap();
-    let grads = f.loss(var.as_tensor(), true).backward().unwrap();
-    let g = grads
-        .get(var.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let gmax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
-
-    let mut order: Vec<usize> = (0..g.len()).collect();
-    order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
-    let p0 = prompt.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let loss_at = |i: usize, delta: f32| -> f64 {
-        let mut p = p0.clone();
-        p[i] += delta;
-        let t = Tensor::from_slice(&p, prompt.dims(), &Device::Cpu).unwrap();
-        scalar(&f.loss(&t, true)) as f64
-    };
-    let h = 1e-2f32;
-    // The 4 largest entries and the 2 smallest.
-    for &i in order.iter().take(4).chain(order.iter().rev().take(2)) {
-        let d1 = (loss_at(i, h) - loss_at(i, -h)) / (2.0 * h as f64);
-        let d2 = (loss_at(i, 2.0 * h) - loss_at(i, -2.0 * h)) / (4.0 * h as f64);
-        let fd = (4.0 * d1 - d2) / 3.0;
-        let err = (fd - g[i] as f64).abs();
-        assert!(
-            err <= 5e-4 * gmax as f64,
-            "prompt entry {i}: finite difference {fd} vs autodiff {} (max |g| {gmax})",
-            g[i]
-        );
-    }
+    causal::check_prompt_gradient(NAME, f.get("prompt"), |p| f.loss(p, true), 4, 2);
 }
 
 #[test]
 fn greedy_generation_with_kv_cache() {
     let f = fixture();
-    let lm = f.lm();
-    let (embeds, mut mask) = f.with_prompt(
-        f.get("prompt"),
-        f.get("generate.input_ids"),
-        f.get("generate.attention_mask"),
-    );
-    let b = embeds.dim(0).unwrap();
     let want_tokens = to_vec2_i64(f.get("generate.new_tokens"));
-    let steps = want_tokens[0].len();
-    let step_logits = f.get("generate.step_logits");
-
-    let mut cache = KvCache::new(lm.info().n_layers);
-    let mut logits = lm
-        .forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last)
-        .unwrap(); // [B, V]
-    assert_eq!(cache.seq_len(), 5 + 7);
-    let mut got: Vec<Vec<i64>> = vec![Vec::new(); b];
-    for step in 0..steps {
-        assert_close(
-            &format!("step_logits[{step}]"),
-            &logits,
-            &step_logits.get(step).unwrap(),
-            TOL_LOGITS,
-        );
-        let next = logits.argmax_keepdim(D::Minus1).unwrap(); // [B, 1] u32
-        for (row, id) in next
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap()
-            .into_iter()
-            .enumerate()
-        {
-            got[row].push(id as i64);
-        }
-        if step + 1 == steps {
-            break;
-        }
-        let emb = lm.embed(&next).unwrap(); // [B, 1, D]
-        mask = Tensor::cat(
-            &[
-                &mask,
-                &Tensor::ones((b, 1), DType::F32, &Device::Cpu).unwrap(),
-            ],
-            1,
-        )
-        .unwrap();
-        logits = lm
-            .forward(&emb, &mask, Some(&mut cache), LogitsAt::Last)
-            .unwrap();
-    }
+    let (ids, mask) = (f.get("generate.input_ids"), f.get("generate.attention_mask"));
+    let (got, step_logits) =
+        causal::greedy(f.lm(), f.get("prompt"), ids, mask, want_tokens[0].len());
+    assert_close(
+        "step_logits",
+        &step_logits,
+        f.get("generate.step_logits"),
+        TOL_LOGITS,
+    );
     assert_eq!(got, want_tokens, "generate.new_tokens");
     assert_eq!(
         f.json["results"]["generate"]["new_tokens"],

@@ -9,7 +9,8 @@ use crate::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
 
-/// `config.json` of a Qwen2 model: the Llama fields and the sliding-window switches.
+/// `config.json` of a Qwen2 (and Qwen3) model: the Llama fields and the sliding-window
+/// switches.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Config {
     #[serde(flatten)]

@@ -9,35 +9,15 @@ use super::qwen2::check_full_attention;
 use super::Arch;
 use crate::load::Weights;
 use crate::Result;
-use serde::Deserialize;
 
-/// `config.json` of a Qwen3 model: the Llama fields and the sliding-window switches.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Config {
-    #[serde(flatten)]
-    pub base: llama::Config,
-    #[serde(default)]
-    pub use_sliding_window: Option<bool>,
-    #[serde(default)]
-    pub layer_types: Option<Vec<String>>,
-}
+/// `config.json` of a Qwen3 model: the same fields as Qwen2's (the q/k norms have none).
+pub use super::qwen2::Config;
 
 /// GGUF block tensor names beyond the Llama ones (GGUF part -> Hugging Face part).
 pub(crate) const GGUF_TENSORS: &[(&str, &str)] = &[
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
 ];
-
-impl From<llama::Config> for Config {
-    /// The config of a GGUF file (whose metadata has no sliding-window switches).
-    fn from(base: llama::Config) -> Self {
-        Config {
-            base,
-            use_sliding_window: None,
-            layer_types: None,
-        }
-    }
-}
 
 /// The Qwen3 family description: builds a [`Decoder`].
 pub struct Qwen3;

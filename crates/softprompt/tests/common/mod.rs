@@ -2,6 +2,7 @@
 //! transformers + PEFT, see tests/fixtures/README.md) and comparisons.
 #![allow(dead_code)]
 
+pub mod causal;
 pub mod word_level;
 
 use candle_core::{DType, Device, Tensor};
