@@ -143,7 +143,9 @@ pub fn prompted_loss(
 ) -> Tensor {
     let (embeds, mask) = with_prompt(lm, prompt, ids, mask);
     let (rows, targets) = loss_rows(labels, prompt.dim(0).unwrap());
-    let logits = lm.forward(&embeds, &mask, None, LogitsAt::Rows(&rows)).unwrap(); // [M, V]
+    let logits = lm
+        .forward(&embeds, &mask, None, LogitsAt::Rows(&rows))
+        .unwrap(); // [M, V]
     softprompt::model::ops::token_nll(&logits, &targets)
         .unwrap()
         .mean_all()
@@ -152,5 +154,10 @@ pub fn prompted_loss(
 
 /// The first element of `t` as f32.
 pub fn scalar(t: &Tensor) -> f32 {
-    t.flatten_all().unwrap().get(0).unwrap().to_scalar::<f32>().unwrap()
+    t.flatten_all()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
