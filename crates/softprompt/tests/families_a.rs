@@ -535,3 +535,19 @@ fn gguf_rope_freqs_of_the_wrong_length_are_refused() {
     let err = refused_gguf("llama3-tiny", |_| {}, &[("rope_freqs.weight", divisors)]);
     assert_names(&err, &["rope_freqs.weight", "found 3"]);
 }
+
+#[test]
+fn crafted_head_width_is_refused_before_any_allocation() {
+    let err = refused_folder("qwen2-tiny", serde_json::json!({"head_dim": 1u64 << 40}));
+    assert_names(&err, &["head_dim", "1099511627776"]);
+    let err = refused_gguf(
+        "qwen2-tiny",
+        |m| {
+            m.insert("qwen2.attention.key_length".into(), Value::U64(1 << 40));
+            m.insert("qwen2.attention.value_length".into(), Value::U64(1 << 40));
+            m.insert("qwen2.rope.dimension_count".into(), Value::U64(1 << 40));
+        },
+        &[],
+    );
+    assert_names(&err, &["head width 1099511627776"]);
+}

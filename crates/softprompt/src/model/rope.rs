@@ -11,6 +11,11 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The widest head the constructors accept: the frequencies are built from the config
+/// before any weight shows the real width, and a crafted `head_dim` must not allocate
+/// without bound.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
 /// How the inverse frequencies `[Dh/2]` of the rotation are obtained.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeFrequencies {
@@ -76,6 +81,13 @@ impl RopeFrequencies {
         head_dim: usize,
         max_positions: Option<usize>,
     ) -> Result<Self> {
+        if head_dim > MAX_HEAD_DIM {
+            return Err(Error::config(
+                source,
+                "head_dim",
+                format!("{head_dim} is wider than the largest supported ({MAX_HEAD_DIM})"),
+            ));
+        }
         let fields = RopeFields::collect(source, sections)?;
         let kind = fields.kind()?;
         let allowed: &[&str] = match kind.as_str() {
@@ -145,6 +157,14 @@ impl RopeFrequencies {
         divisors: Option<&[f32]>,
         factor: f64,
     ) -> Result<Self> {
+        if head_dim > MAX_HEAD_DIM {
+            return Err(Error::format(
+                source,
+                format!(
+                    "head width {head_dim} is wider than the largest supported ({MAX_HEAD_DIM})"
+                ),
+            ));
+        }
         let mut freqs = plain_inv_freq(head_dim, theta);
         if let Some(div) = divisors {
             if div.len() != freqs.len() || div.iter().any(|d| !d.is_finite() || *d <= 0.0) {
