@@ -72,15 +72,8 @@ pub struct EvalArgs {
     /// [default: rank for classification and multiple choice, generate for text]
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
-    /// Beams for generation (1: greedy).
-    #[arg(long, default_value_t = 1)]
-    pub beams: usize,
-    /// Rank beams by log-probability / length^alpha.
-    #[arg(long)]
-    pub length_penalty: Option<f64>,
-    /// [default: the longest label's tokens for classification, else 32]
-    #[arg(long)]
-    pub max_new_tokens: Option<usize>,
+    #[command(flatten)]
+    pub decode: DecodeSpec,
     /// Evaluate only the first N examples of the split.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -118,12 +111,7 @@ impl EvalArgs {
         if self.limit == Some(0) {
             bail!("--limit must be at least 1");
         }
-        if self.beams == 0 {
-            bail!("--beams must be at least 1");
-        }
-        if self.max_new_tokens == Some(0) {
-            bail!("--max-new-tokens must be at least 1");
-        }
+        self.decode.check()?;
         Ok(method)
     }
 
@@ -177,12 +165,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let device = common::device()?;
     let mut model = common::load(&args.model, &device)?;
     let prompts = adapters.load_prompts(&mut model)?;
-    let decode = DecodeSpec {
-        beams: args.beams,
-        max_new_tokens: args.max_new_tokens,
-        length_penalty: args.length_penalty,
-    };
-    let outcome = evaluate_plan(&model, &prompts, plan, mode, &decode, args.batch_size)?;
+    let outcome = evaluate_plan(&model, &prompts, plan, mode, &args.decode, args.batch_size)?;
     if let Some(w) = out.as_mut() {
         for line in outcome.prediction_lines()? {
             writeln!(w, "{line}")?;

@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use softprompt::eval::classify::{evaluate, ClassificationReport};
-use softprompt::recipe::MainJob;
+use softprompt::recipe::{Factoring, MainJob};
 use softprompt::task::movie;
 use softprompt::train::trainer::train;
 use std::path::PathBuf;
@@ -33,6 +33,12 @@ pub struct RunArgs {
     /// Learning rate (Adafactor, constant).
     #[arg(long, default_value_t = 0.3)]
     pub lr: f64,
+    /// Seed of the prompt's sampled slots and the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Adafactor's second-moment factoring (see `softprompt train --help`).
+    #[arg(long, value_enum, default_value_t = Factoring::Auto)]
+    pub adafactor_factored: Factoring,
     /// Evaluate on only the first N test examples (default: the whole test split).
     #[arg(long)]
     pub test_limit: Option<usize>,
@@ -74,7 +80,15 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     // 2. Prompt tuning.
     let steps = args.steps.unwrap_or(MainJob::default_steps(args.full));
-    let job = MainJob { n_tokens: args.n_tokens, lr: args.lr, steps, batch_size: args.batch_size, full: args.full };
+    let job = MainJob {
+        n_tokens: args.n_tokens,
+        lr: args.lr,
+        steps,
+        batch_size: args.batch_size,
+        full: args.full,
+        seed: args.seed,
+        factoring: args.adafactor_factored,
+    };
     let (mut cfg, train_examples, dev_examples) = job.config(&args.output, &task, &model)?;
     cfg.resume = args.resume;
     cfg.quiet = args.quiet;
@@ -110,6 +124,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         "zero_shot": {"accuracy": zero_shot.accuracy, "macro_f1": zero_shot.macro_f1, "confusion": zero_shot.confusion, "seconds": zero_shot_time},
         "prompt_tuning": {"accuracy": tuned.accuracy, "macro_f1": tuned.macro_f1, "confusion": tuned.confusion,
             "n_tokens": args.n_tokens, "steps": report.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "seed": args.seed, "adafactor_factored": format!("{:?}", args.adafactor_factored).to_lowercase(),
             "trainable_params": params, "train_seconds": train_time, "eval_seconds": tuned_time,
             "best_dev_loss": report.best_dev_loss, "best_step": report.best_step},
     });

@@ -2,30 +2,12 @@
 
 use crate::common;
 use anyhow::{bail, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use softprompt::prompt::EncoderKind;
-use softprompt::recipe::{
-    self, DataSpec, DevClasses, InitSpec, Method, MethodFlags, OptimizerKind, ScheduleKind, TrainData, BUILTIN_TASK,
-};
+use softprompt::recipe::{self, DataSpec, DevClasses, InitSpec, Method, MethodFlags, OptimizerSpec, TrainData, BUILTIN_TASK};
 use softprompt::train::trainer::SelectBy;
 use softprompt::train::{model_tuning, p_tuning, train, TrainConfig};
 use std::path::PathBuf;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum EncoderArg {
-    /// Linear-ReLU-Linear-ReLU-Linear (PEFT's MLP).
-    Mlp,
-    /// A 2-layer bidirectional LSTM followed by an MLP (PEFT's LSTM).
-    Lstm,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SelectByArg {
-    /// The lowest dev loss.
-    Loss,
-    /// The highest dev accuracy (rank classification over --labels; ties: the lower dev loss).
-    Accuracy,
-}
 
 /// Defaults are the prompt-tuning paper's recipe (Lester et al. 2021).
 #[derive(Args)]
@@ -40,7 +22,7 @@ pub struct TrainArgs {
     pub method: Method,
     /// The prompt encoder of --method p-tuning.
     #[arg(long, value_enum)]
-    pub encoder: Option<EncoderArg>,
+    pub encoder: Option<EncoderKind>,
     /// Hidden size of the prompt encoder of --method p-tuning [default: the model's width].
     #[arg(long)]
     pub encoder_hidden: Option<usize>,
@@ -48,8 +30,8 @@ pub struct TrainArgs {
     pub data: DataSpec,
     /// The dev metric that picks the exported prompt and drives --patience; accuracy needs
     /// --labels (or a built-in task) and every dev target to be one of them.
-    #[arg(long, value_enum, default_value_t = SelectByArg::Loss)]
-    pub select_by: SelectByArg,
+    #[arg(long, value_enum, default_value_t = SelectBy::Loss)]
+    pub select_by: SelectBy,
     /// With --data movie-sentiment: also write the task's seeded train/dev/test splits to
     /// this folder as `train.jsonl`, `dev.jsonl`, `test.jsonl` ({"input": template applied,
     /// "target": verbalizer}, the format --data and `softprompt eval --data` read).
@@ -61,21 +43,8 @@ pub struct TrainArgs {
     pub n_tokens: Option<usize>,
     #[command(flatten)]
     pub init: InitSpec,
-    /// Optimizer [default: adafactor; adamw for model tuning and P-tuning].
-    #[arg(long, value_enum)]
-    pub optimizer: Option<OptimizerKind>,
-    /// Learning rate [default: 0.3; model tuning 1e-4; P-tuning 1e-3].
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long, value_enum, default_value_t = ScheduleKind::Constant)]
-    pub schedule: ScheduleKind,
-    /// Linear warmup steps before the schedule.
-    #[arg(long, default_value_t = 0)]
-    pub warmup_steps: usize,
-    /// Weight decay (Adafactor: per step, not scaled by the learning rate; AdamW: decoupled)
-    /// [default: 1e-5; model tuning and P-tuning 0.01].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
+    #[command(flatten)]
+    pub optimizer: OptimizerSpec,
     /// Total optimizer steps (a resumed run continues up to this many).
     #[arg(long, default_value_t = 30_000)]
     pub steps: usize,
@@ -120,16 +89,12 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn select_by(&self) -> SelectBy {
-        if self.select_by == SelectByArg::Accuracy { SelectBy::Accuracy } else { SelectBy::Loss }
-    }
-
     fn method_flags(&self) -> MethodFlags<'_> {
         MethodFlags {
             encoder: self.encoder.is_some(),
             encoder_hidden: self.encoder_hidden,
             prompt_after_bos: self.prompt_after_bos,
-            select_by: self.select_by(),
+            select_by: self.select_by,
             init: &self.init,
             labels: &self.data.labels,
             n_tokens: self.n_tokens,
@@ -145,7 +110,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let data = TrainData::resolve(args.data.clone())?;
     let init = recipe::prompt_init(&args.init, &data.labels)?;
-    let lr = recipe::learning_rate(args.method, args.lr)?;
+    let lr = args.optimizer.learning_rate(args.method)?;
     if let (Some(dir), Some(t)) = (&args.write_splits, &data.task) {
         recipe::write_splits(dir, t)?;
         let (train, dev, test) = (t.train.len(), t.dev.len(), t.test.len());
@@ -154,7 +119,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = common::device()?;
     let model = common::load(&args.model, &device)?;
     let (train_set, dev_set) = data.examples(&model)?;
-    let classes = match data.dev_classes(args.select_by(), dev_set.as_deref(), &model)? {
+    let classes = match data.dev_classes(args.select_by, dev_set.as_deref(), &model)? {
         DevClasses::None(Some(note)) => {
             eprintln!("note: {note}");
             None
@@ -165,8 +130,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut cfg = TrainConfig::paper(&args.output);
     cfg.n_tokens = recipe::prompt_length(args.n_tokens, &init, &device)?;
     cfg.init = init;
-    cfg.optimizer = recipe::optimizer(args.method, args.optimizer, args.weight_decay);
-    cfg.schedule = recipe::schedule(args.schedule, lr, args.warmup_steps, args.steps);
+    cfg.optimizer = args.optimizer.optimizer(args.method);
+    cfg.schedule = args.optimizer.schedule(lr, args.steps);
     cfg.steps = args.steps;
     cfg.batch_size = args.batch_size;
     cfg.grad_accum = args.grad_accum;
@@ -180,7 +145,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.quiet = args.quiet;
     cfg.prompt_after_bos = args.prompt_after_bos;
     cfg.classes = classes;
-    cfg.select_by = args.select_by();
+    cfg.select_by = args.select_by;
     cfg.task = data.meta(cfg.select_by);
 
     match args.method {
@@ -198,10 +163,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             println!("{}\ntuned model folder written to {}", report.summary(), args.output.display());
         }
         Method::PTuning => {
-            let kind = match args.encoder.unwrap_or(EncoderArg::Mlp) {
-                EncoderArg::Mlp => EncoderKind::Mlp,
-                EncoderArg::Lstm => EncoderKind::Lstm,
-            };
+            let kind = args.encoder.unwrap_or(EncoderKind::Mlp);
             let hidden = args.encoder_hidden.unwrap_or(model.backbone.info().d_model);
             let (report, _) = p_tuning(&model, &train_set, dev_set.as_deref(), &cfg, kind, hidden)?;
             println!("{}\nadapter (the encoder's output) written to {}", report.summary(), args.output.display());

@@ -114,44 +114,97 @@ pub enum OptimizerKind {
 }
 
 /// Learning-rate decay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ScheduleKind {
+    #[default]
     Constant,
     Linear,
     Cosine,
 }
 
-/// `method`'s learning rate (`lr` when given), checked.
-pub fn learning_rate(method: Method, lr: Option<f64>) -> Result<f64> {
-    let lr = lr.unwrap_or(method.default_lr());
-    if !(lr.is_finite() && lr > 0.0) {
-        bail!("--lr must be a positive number, got {lr}");
-    }
-    Ok(lr)
+/// The optimizer options a user gave (with the `clap` feature, `softprompt train`'s optimizer
+/// flags); unset ones take the method's defaults.
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct OptimizerSpec {
+    /// Optimizer [default: adafactor; adamw for model tuning and P-tuning].
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    pub optimizer: Option<OptimizerKind>,
+    /// Learning rate [default: 0.3; model tuning 1e-4; P-tuning 1e-3].
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub lr: Option<f64>,
+    /// Learning-rate decay after the warmup.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = ScheduleKind::Constant))]
+    pub schedule: ScheduleKind,
+    /// Linear warmup steps before the schedule.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    pub warmup_steps: usize,
+    /// Weight decay (Adafactor: per step, not scaled by the learning rate; AdamW: decoupled)
+    /// [default: 1e-5; model tuning and P-tuning 0.01].
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub weight_decay: Option<f64>,
+    /// Adafactor's second moment of a 2-D variable: `auto` factors it when its smaller axis has
+    /// at least 128 elements (T5X/optax, the paper's: a 20- or 100-token prompt keeps a full
+    /// second moment); `always` factors every 2-D variable (transformers' Adafactor); `never`.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = Factoring::Auto))]
+    pub adafactor_factored: Factoring,
 }
 
-/// The optimizer: `kind` (default by method) with `weight_decay` (default by method).
-pub fn optimizer(method: Method, kind: Option<OptimizerKind>, weight_decay: Option<f64>) -> OptimizerConfig {
-    let baseline = method.is_baseline();
-    let weight_decay = weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
-    let kind = kind.unwrap_or(if baseline { OptimizerKind::AdamW } else { OptimizerKind::Adafactor });
-    match kind {
-        OptimizerKind::Adafactor => OptimizerConfig::Adafactor(AdafactorConfig {
-            weight_decay,
-            ..AdafactorConfig::default()
-        }),
-        OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
-    }
+/// When Adafactor factors a 2-D second moment into row and column statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Factoring {
+    /// When the second largest axis has at least 128 elements (T5X, optax).
+    #[default]
+    Auto,
+    /// Every variable of 2 or more axes (transformers' Adafactor).
+    Always,
+    /// Never: a full second moment, like Adam without momentum.
+    Never,
 }
 
-/// The schedule of `kind` peaking at `lr` after `warmup_steps`, over `steps`.
-pub fn schedule(kind: ScheduleKind, lr: f64, warmup_steps: usize, steps: usize) -> Schedule {
-    match kind {
-        ScheduleKind::Constant if warmup_steps > 0 => Schedule::warmup_constant(lr, warmup_steps),
-        ScheduleKind::Constant => Schedule::constant(lr),
-        ScheduleKind::Linear => Schedule::linear(lr, warmup_steps, steps),
-        ScheduleKind::Cosine => Schedule::cosine(lr, warmup_steps, steps),
+impl OptimizerSpec {
+    /// `method`'s learning rate (`lr` when given), checked.
+    pub fn learning_rate(&self, method: Method) -> Result<f64> {
+        let lr = self.lr.unwrap_or(method.default_lr());
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr must be a positive number, got {lr}");
+        }
+        Ok(lr)
+    }
+
+    /// The optimizer: the kind (default by method) with the weight decay (default by method).
+    pub fn optimizer(&self, method: Method) -> OptimizerConfig {
+        let baseline = method.is_baseline();
+        let weight_decay = self.weight_decay.unwrap_or(if baseline { 0.01 } else { 1e-5 });
+        let kind = self.optimizer.unwrap_or(if baseline { OptimizerKind::AdamW } else { OptimizerKind::Adafactor });
+        match kind {
+            OptimizerKind::Adafactor => {
+                let defaults = AdafactorConfig::default();
+                OptimizerConfig::Adafactor(AdafactorConfig {
+                    weight_decay,
+                    factored: self.adafactor_factored != Factoring::Never,
+                    min_dim_size_to_factor: match self.adafactor_factored {
+                        Factoring::Always => 1,
+                        _ => defaults.min_dim_size_to_factor,
+                    },
+                    ..defaults
+                })
+            }
+            OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig::new(weight_decay)),
+        }
+    }
+
+    /// The schedule peaking at `lr` after the warmup, over `steps`.
+    pub fn schedule(&self, lr: f64, steps: usize) -> Schedule {
+        let warmup = self.warmup_steps;
+        match self.schedule {
+            ScheduleKind::Constant if warmup > 0 => Schedule::warmup_constant(lr, warmup),
+            ScheduleKind::Constant => Schedule::constant(lr),
+            ScheduleKind::Linear => Schedule::linear(lr, warmup, steps),
+            ScheduleKind::Cosine => Schedule::cosine(lr, warmup, steps),
+        }
     }
 }
 
@@ -430,6 +483,10 @@ pub struct MainJob {
     pub batch_size: usize,
     /// The longer recipe: the whole dev split for model selection (else its first 200).
     pub full: bool,
+    /// Seed of the prompt's sampled slots and the data order.
+    pub seed: u64,
+    /// Adafactor's factoring rule.
+    pub factoring: Factoring,
 }
 
 impl MainJob {
@@ -458,6 +515,9 @@ impl MainJob {
         cfg.init = PromptInit::ClassLabels(task.verbalizer.clone());
         cfg.classes = Some(task.label_targets(tokenizer, info)?);
         cfg.schedule = Schedule::constant(self.lr);
+        let optimizer = OptimizerSpec { adafactor_factored: self.factoring, ..OptimizerSpec::default() };
+        cfg.optimizer = optimizer.optimizer(Method::PromptTuning);
+        cfg.seed = self.seed;
         cfg.steps = self.steps;
         cfg.batch_size = self.batch_size;
         cfg.eval_every = (self.steps / 4).max(1);
@@ -473,11 +533,20 @@ mod tests {
 
     #[test]
     fn method_defaults() {
-        assert_eq!(learning_rate(Method::PromptTuning, None).unwrap(), 0.3);
-        assert_eq!(learning_rate(Method::ModelTuning, None).unwrap(), 1e-4);
-        assert!(learning_rate(Method::PTuning, Some(f64::NAN)).is_err());
-        assert!(matches!(optimizer(Method::PromptTuning, None, None), OptimizerConfig::Adafactor(c) if c.weight_decay == 1e-5));
-        assert!(matches!(optimizer(Method::PTuning, None, None), OptimizerConfig::AdamW(_)));
+        let unset = OptimizerSpec::default();
+        assert_eq!(unset.learning_rate(Method::PromptTuning).unwrap(), 0.3);
+        assert_eq!(unset.learning_rate(Method::ModelTuning).unwrap(), 1e-4);
+        let nan = OptimizerSpec { lr: Some(f64::NAN), ..unset.clone() };
+        assert!(nan.learning_rate(Method::PTuning).is_err());
+        assert!(matches!(unset.optimizer(Method::PromptTuning), OptimizerConfig::Adafactor(c) if c.weight_decay == 1e-5));
+        assert!(matches!(unset.optimizer(Method::PTuning), OptimizerConfig::AdamW(_)));
+        let factored = |f| match (OptimizerSpec { adafactor_factored: f, ..OptimizerSpec::default() }).optimizer(Method::PromptTuning) {
+            OptimizerConfig::Adafactor(c) => c.factored_dims(&[20, 576]),
+            OptimizerConfig::AdamW(_) => unreachable!(),
+        };
+        assert_eq!(factored(Factoring::Auto), None, "a 20-token prompt keeps a full second moment");
+        assert_eq!(factored(Factoring::Always), Some((0, 1)));
+        assert_eq!(factored(Factoring::Never), None);
     }
 
     #[test]

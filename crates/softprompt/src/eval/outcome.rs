@@ -12,13 +12,33 @@ use crate::{Error, Result};
 use candle_core::Tensor;
 use serde_json::{json, Map, Value};
 
-/// Generation settings of an evaluation.
+/// Generation settings of an evaluation (with the `clap` feature, `softprompt eval`'s
+/// generation flags).
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct DecodeSpec {
+    /// Beams for generation (1: greedy).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1))]
     pub beams: usize,
-    /// `None`: the longest label's tokens for classification, else 32.
+    /// [default: the longest label's tokens for classification, else 32]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub max_new_tokens: Option<usize>,
+    /// Rank beams by log-probability / length^alpha.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub length_penalty: Option<f64>,
+}
+
+impl DecodeSpec {
+    /// Rejects settings that would generate nothing.
+    pub fn check(&self) -> Result<()> {
+        if self.beams == 0 {
+            return Err(Error::invalid("--beams must be at least 1"));
+        }
+        if self.max_new_tokens == Some(0) {
+            return Err(Error::invalid("--max-new-tokens must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 /// The result of an evaluation.

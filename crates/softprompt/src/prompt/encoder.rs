@@ -20,8 +20,11 @@ const LSTM_LAYERS: usize = 2;
 /// Which reparameterisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum EncoderKind {
+    /// Linear-ReLU-Linear-ReLU-Linear (PEFT's MLP).
     Mlp,
+    /// A 2-layer bidirectional LSTM followed by an MLP (PEFT's LSTM).
     Lstm,
 }
 

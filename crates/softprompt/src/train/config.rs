@@ -9,12 +9,13 @@ use std::path::PathBuf;
 
 /// Which dev metric chooses the exported prompt and drives early stopping.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum SelectBy {
-    /// The lowest mean target-token NLL.
+    /// The lowest dev loss (mean target-token NLL).
     #[default]
     Loss,
-    /// The highest rank-classification accuracy (needs [`TrainConfig::classes`]); among equal
-    /// accuracies the lower dev loss wins.
+    /// The highest dev accuracy (rank classification over the labels, the training
+    /// configuration's `classes`); among equal accuracies the lower dev loss wins.
     Accuracy,
 }
 
