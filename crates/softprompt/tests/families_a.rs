@@ -221,8 +221,8 @@ fn tokenizer_ids_from_folder_and_gguf() {
     }
 }
 
-/// Prompt tuning learns the toy mapping of tests/trainer.rs on every family (the composite
-/// attention of Qwen3 and the stacked projections of Phi-3 included): the loss falls by more
+/// Prompt tuning learns the toy mapping of tests/trainer.rs on every family (the head norms
+/// of Qwen3 and the stacked projections of Phi-3 included): the loss falls by more
 /// than an order of magnitude (to about 0.02 - 0.2 on these random models).
 #[test]
 fn prompt_tuning_learns_a_toy_mapping() {

@@ -242,17 +242,36 @@ impl NormLock<'_> {
         dy: &[f32],
         d: usize,
     ) -> Result<Vec<f32>> {
+        self.backward_rows_with(x, dn, Some(dy), d)
+    }
+
+    /// `norm'(x)^T dn` row by row (`x`, `dn` `[R, D]`).
+    pub(crate) fn backward_rows(&self, x: &[f32], dn: &[f32], d: usize) -> Result<Vec<f32>> {
+        self.backward_rows_with(x, dn, None, d)
+    }
+
+    fn backward_rows_with(
+        &self,
+        x: &[f32],
+        dn: &[f32],
+        dy: Option<&[f32]>,
+        d: usize,
+    ) -> Result<Vec<f32>> {
         let (kind, w, _, eps) = self.data()?;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(dn.par_chunks(d)).zip(dy.par_chunks(d)))
+            .zip(x.par_chunks(d).zip(dn.par_chunks(d)))
+            .enumerate()
             .with_min_len(MIN_ROWS)
-            .for_each(|(dx, ((x, g), dy))| {
+            .for_each(|(i, (dx, (x, g)))| {
                 match kind {
                     NormKind::Layer => layer_norm_bwd_row(x, w, g, eps, dx),
                     NormKind::Rms => rms_norm_bwd_row(x, w, g, eps, dx),
                 }
-                dx.iter_mut().zip(dy).for_each(|(dx, dy)| *dx += dy);
+                if let Some(dy) = dy {
+                    let dy = &dy[i * d..(i + 1) * d];
+                    dx.iter_mut().zip(dy).for_each(|(dx, dy)| *dx += dy);
+                }
             });
         Ok(dx)
     }

@@ -37,19 +37,30 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
     let GgufFile {
         arch,
         sliding_window,
-        model:
-            GgufLlama {
-                tensors,
-                config,
-                tokenizer,
-            },
+        model: GgufLlama {
+            tensors,
+            config,
+            tokenizer,
+        },
     } = read_file(path, device)?;
     let weights = Weights::new(tensors, path);
     let name = model_name(path);
     let model: Box<dyn CausalLm> = match arch.as_str() {
-        "qwen2" => Box::new(qwen2::Qwen2::new(&qwen2::Config::from(config), &weights, name)?),
-        "qwen3" => Box::new(qwen3::Qwen3::new(&qwen3::Config::from(config), &weights, name)?),
-        "phi3" => Box::new(phi3::Phi3::new(&phi3::Config::gguf(config, sliding_window), &weights, name)?),
+        "qwen2" => Box::new(qwen2::Qwen2::new(
+            &qwen2::Config::from(config),
+            &weights,
+            name,
+        )?),
+        "qwen3" => Box::new(qwen3::Qwen3::new(
+            &qwen3::Config::from(config),
+            &weights,
+            name,
+        )?),
+        "phi3" => Box::new(phi3::Phi3::new(
+            &phi3::Config::gguf(config, sliding_window),
+            &weights,
+            name,
+        )?),
         _ => Box::new(llama::Llama::new(&config, &weights, name)?),
     };
     Ok(Model {
@@ -68,7 +79,10 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
         return Err(Error::config(
             path,
             "general.architecture",
-            format!("`{}`: only llama GGUF files can be read as a Llama model", file.arch),
+            format!(
+                "`{}`: only llama GGUF files can be read as a Llama model",
+                file.arch
+            ),
         ));
     }
     Ok(file.model)
@@ -346,7 +360,11 @@ impl Meta<'_> {
     }
 
     /// `Some(value)` when the key is present, `None` when absent; a wrong type is an error.
-    pub(super) fn opt<T>(&self, key: &str, f: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
+    pub(super) fn opt<T>(
+        &self,
+        key: &str,
+        f: impl Fn(&Self, &str) -> Result<T>,
+    ) -> Result<Option<T>> {
         if self.has(key) {
             f(self, key).map(Some)
         } else {
@@ -394,7 +412,9 @@ fn config(
             ));
         }
     }
-    let theta = meta.opt(&key("rope.freq_base"), Meta::f64)?.unwrap_or(10000.0);
+    let theta = meta
+        .opt(&key("rope.freq_base"), Meta::f64)?
+        .unwrap_or(10000.0);
     let rope = RopeFrequencies::from_gguf(
         meta.path,
         head_dim,

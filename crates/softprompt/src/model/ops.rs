@@ -106,7 +106,12 @@ pub fn rope_tables(
     t: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    rope_tables_for(&super::rope::plain_inv_freq(head_dim, theta), start, t, device)
+    rope_tables_for(
+        &super::rope::plain_inv_freq(head_dim, theta),
+        start,
+        t,
+        device,
+    )
 }
 
 /// Rotary tables for positions `start .. start+t` and inverse frequencies `inv_freq [Dh/2]`:

@@ -30,8 +30,7 @@ impl Qwen3 {
         fused_projections: false,
     };
 
-    /// The model of `cfg` with the weights `w` (fast kernels; the attention runs the
-    /// composite path, the fused op has no q/k norm).
+    /// The model of `cfg` with the weights `w` (fast kernels).
     #[allow(clippy::new_ret_no_self)]
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
         check_full_attention(

@@ -44,7 +44,7 @@ pub struct HeadNorms {
 }
 
 /// What a family can switch on beyond the plain sub-block; all off by default. The fused op
-/// implements none of them: a layer with an option on runs the composite path.
+/// implements each of them (head norms: forward and backward).
 #[derive(Clone, Debug, Default)]
 pub struct AttentionOptions {
     pub head_norms: Option<HeadNorms>,
@@ -90,7 +90,8 @@ impl Attention {
             Some((c, i)) => !x.track_op() && c.layers.get(*i).is_none_or(Option::is_none),
         };
         if fresh {
-            if let Some(args) = self.kernel_args(ctx).filter(|a| a.applies(x, ctx.kernels)) {
+            let args = self.kernel_args(ctx);
+            if args.applies(x, ctx.kernels) {
                 return match cache {
                     None => Ok(attention_block(x, args, rows)?),
                     Some((c, i)) => {
@@ -188,16 +189,12 @@ impl Attention {
     /// Whether the fused op runs on `x` in this context (tests check the fast path is taken).
     #[cfg(test)]
     pub(crate) fn fused_applies(&self, x: &Tensor, ctx: &AttentionContext) -> bool {
-        self.kernel_args(ctx).is_some_and(|a| a.applies(x, ctx.kernels))
+        self.kernel_args(ctx).applies(x, ctx.kernels)
     }
 
-    /// The operands of the fused op (shared tensors, no copy); `None` when an option the op
-    /// does not implement is on.
-    fn kernel_args(&self, ctx: &AttentionContext) -> Option<AttentionArgs> {
-        if self.options.head_norms.is_some() {
-            return None;
-        }
-        Some(AttentionArgs {
+    /// The operands of the fused op (shared tensors, no copy).
+    fn kernel_args(&self, ctx: &AttentionContext) -> AttentionArgs {
+        AttentionArgs {
             norm: self.norm.weights(),
             q: self.q.weights(),
             k: self.k.weights(),
@@ -211,8 +208,13 @@ impl Attention {
                 sin: r.sin.clone(),
                 interleaved: r.interleaved,
             }),
+            head_norms: self
+                .options
+                .head_norms
+                .as_ref()
+                .map(|n| [n.q.weights(), n.k.weights()]),
             bias: ctx.bias.clone(),
             scale: self.scale,
-        })
+        }
     }
 }

@@ -386,29 +386,45 @@ fn prefill_with_kv_matches_cache_path() {
     check_kv("gpt2-style", &attn, &ctx(&causal, None));
 }
 
-/// Per-head q/k norms (Qwen3): the fused op has none, so `forward` runs the composite path
-/// (the norms are applied, not dropped), with and without a KV cache.
+/// Per-head q/k norms (Qwen3) through the fused op: forward, gradient, at rows and filling a
+/// cache, against the composite path; the norms change the output (they are not dropped).
 #[test]
-fn head_norms_run_the_composite_path() {
-    let (b, t, d, dh) = (2, 5, 24, 4);
+fn attention_block_with_head_norms_matches_composite() {
+    let (b, t, d, dh) = (3, 7, 24, 4);
     let x = rand(&[b, t, d], 3, 1.0);
     let causal = attention_bias(&padded_mask(b, t), t, true).unwrap();
-    let r = rotary(dh, t, false);
-    let ctx = ctx(&causal, Some(&r));
-    let plain = attention(d, (6, 2, dh), 30, false, false, "rms", 0.5);
+    let plain = attention(d, (6, 2, dh), 30, true, false, "rms", 0.5);
     let mut normed = plain.clone();
     normed.options.head_norms = Some(HeadNorms {
         q: Norm::rms((rand(&[dh], 40, 0.3) + 1.0).unwrap(), 1e-6),
         k: Norm::rms((rand(&[dh], 41, 0.3) + 1.0).unwrap(), 1e-6),
     });
-    assert!(plain.fused_applies(&x, &ctx));
-    assert!(!normed.fused_applies(&x, &ctx), "the fused op has no head norms");
-    let y = normed.forward(&x, &ctx, None, None).unwrap();
-    let reference = normed.composite(&x, &ctx, None).unwrap();
-    assert_rel("head norms: forward vs composite", &y, &reference, 0.0);
-    let without = plain.forward(&x, &ctx, None, None).unwrap();
-    assert!(max_abs(&(&y - &without).unwrap()) > 1e-2, "the norms change the output");
-    let mut cache = KvCache::new(1);
-    let cached = normed.forward(&x, &ctx, None, Some((&mut cache, 0))).unwrap();
-    assert_rel("head norms: filling a cache", &cached, &reference, 0.0);
+    for interleaved in [false, true] {
+        let r = rotary(dh, t, interleaved);
+        let ctx = ctx(&causal, Some(&r));
+        check_attn(
+            &format!("head norms (interleaved {interleaved})"),
+            &x,
+            &normed,
+            &ctx,
+        );
+        let y = normed.forward(&x, &ctx, None, None).unwrap();
+        let without = plain.forward(&x, &ctx, None, None).unwrap();
+        assert!(
+            max_abs(&(&y - &without).unwrap()) > 1e-2,
+            "the norms change the output"
+        );
+        let mut cache = KvCache::new(1);
+        let cached = normed
+            .forward(&x, &ctx, None, Some((&mut cache, 0)))
+            .unwrap();
+        assert_rel("head norms: filling a cache", &cached, &y, 1e-6);
+        let mut reference_cache = KvCache::new(1);
+        normed
+            .composite(&x, &ctx, Some((&mut reference_cache, 0)))
+            .unwrap();
+        let (keys, want) = (&cache.layers[0], &reference_cache.layers[0]);
+        let (keys, want) = (keys.as_ref().unwrap(), want.as_ref().unwrap());
+        assert_rel("head norms: cached keys", &keys.0, &want.0, 1e-5);
+    }
 }
