@@ -288,13 +288,13 @@ pub(super) struct Meta<'a> {
 }
 
 impl Meta<'_> {
-    pub(super) fn get(&self, key: &str) -> Result<&Value> {
+    fn get(&self, key: &str) -> Result<&Value> {
         self.map
             .get(key)
             .ok_or_else(|| Error::config(self.path, key, "missing from the GGUF metadata"))
     }
 
-    pub(super) fn wrong(&self, key: &str, want: &str, v: &Value) -> Error {
+    fn wrong(&self, key: &str, want: &str, v: &Value) -> Error {
         Error::config(
             self.path,
             key,
@@ -309,7 +309,7 @@ impl Meta<'_> {
         }
     }
 
-    pub(super) fn usize(&self, key: &str) -> Result<usize> {
+    fn usize(&self, key: &str) -> Result<usize> {
         let v = self.get(key)?;
         let n: Option<i128> = match *v {
             Value::U8(x) => Some(x.into()),
@@ -326,7 +326,7 @@ impl Meta<'_> {
             .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
     }
 
-    pub(super) fn f64(&self, key: &str) -> Result<f64> {
+    fn f64(&self, key: &str) -> Result<f64> {
         match *self.get(key)? {
             Value::F32(x) => Ok(x as f64),
             Value::F64(x) => Ok(x),
@@ -355,7 +355,7 @@ impl Meta<'_> {
             .collect()
     }
 
-    pub(super) fn has(&self, key: &str) -> bool {
+    fn has(&self, key: &str) -> bool {
         self.map.contains_key(key)
     }
 
