@@ -438,39 +438,75 @@ fn phi3_sliding_window_caps_the_length() {
 
 // ---- refused GGUF variants ----
 
-/// The fixture's GGUF rewritten with `edit` applied to its metadata and `extra` tensors added
-/// (replacing those of the same name); the load error.
-fn refused_gguf(
+/// The fixture's GGUF loaded after `edit` was applied to its metadata and `tensors` replaced
+/// (`Some`: added or replaced, `None`: removed).
+fn edited_gguf(
     base: &str,
     edit: impl FnOnce(&mut HashMap<String, Value>),
-    extra: &[(&str, Tensor)],
-) -> String {
+    tensors: &[(&str, Option<Tensor>)],
+) -> softprompt::Result<Model> {
     let src = fixture_dir(base).join("model.gguf");
     let mut f = std::fs::File::open(&src).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
     let mut meta = content.metadata.clone();
     edit(&mut meta);
-    let mut tensors: Vec<(String, QTensor)> = content
+    let mut all: Vec<(String, QTensor)> = content
         .tensor_infos
         .keys()
         .map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap()))
         .collect();
-    for (n, t) in extra {
-        tensors.retain(|(name, _)| name != n);
-        tensors.push((
-            n.to_string(),
-            QTensor::quantize(t, candle_core::quantized::GgmlDType::F32).unwrap(),
-        ));
+    for (n, t) in tensors {
+        all.retain(|(name, _)| name != n);
+        if let Some(t) = t {
+            let q = QTensor::quantize(t, candle_core::quantized::GgmlDType::F32).unwrap();
+            all.push((n.to_string(), q));
+        }
     }
     let tmp = tempdir();
     let path = tmp.path().join("m.gguf");
     let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let qt: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let qt: Vec<(&str, &QTensor)> = all.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &qt).unwrap();
-    match load_model(&path, &Device::Cpu) {
+    load_model(&path, &Device::Cpu)
+}
+
+/// The error of loading the edited GGUF of [`edited_gguf`] (`extra` tensors added).
+fn refused_gguf(
+    base: &str,
+    edit: impl FnOnce(&mut HashMap<String, Value>),
+    extra: &[(&str, Tensor)],
+) -> String {
+    let extra: Vec<(&str, Option<Tensor>)> =
+        extra.iter().map(|(n, t)| (*n, Some(t.clone()))).collect();
+    match edited_gguf(base, edit, &extra) {
         Ok(_) => panic!("{base}: edited GGUF loaded"),
         Err(e) => e.to_string(),
     }
+}
+
+/// llama.cpp's linear scaling (`rope.scaling.type = linear`, factor 2) in place of the
+/// `rope_freqs` divisors: transformers' `linear` logits.
+#[test]
+fn gguf_linear_rope_scaling_matches_transformers() {
+    let m = edited_gguf(
+        "llama3-tiny",
+        |m| {
+            m.insert(
+                "llama.rope.scaling.type".into(),
+                Value::String("linear".into()),
+            );
+            m.insert("llama.rope.scaling.factor".into(), Value::F32(2.0));
+        },
+        &[("rope_freqs.weight", None)],
+    )
+    .unwrap();
+    let t = expected_tensors("llama3-tiny");
+    let lm = lm(&m);
+    let (ids, mask) = (get(&t, "input_ids"), get(&t, "attention_mask"));
+    let (embeds, mask) = causal::with_prompt(lm, get(&t, "prompt"), ids, mask);
+    let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
+    let want = get(&t, "variant.linear.logits");
+    assert_close("GGUF linear scaling", &logits, want, TOL_LOGITS);
 }
 
 #[test]
