@@ -185,13 +185,16 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
         || heads % kv_heads != 0
         || hd == 0
         || hd % 2 != 0
-        || heads.checked_mul(hd).is_none()
+        || heads.checked_mul(3 * hd).is_none()
     {
         return Err(bad(format!(
             "bad attention shape: {heads} heads, {kv_heads} kv heads, head_dim {hd}"
         )));
     }
     let (ff, v, eps) = (cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps);
+    if ff.checked_mul(2).is_none() {
+        return Err(bad(format!("bad intermediate_size {ff}")));
+    }
     let embed = w.get("model.embed_tokens.weight", &[v, d])?;
     let mut blocks = Vec::new(); // not with_capacity: the count comes from the file
     for i in 0..cfg.num_hidden_layers {
