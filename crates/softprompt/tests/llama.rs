@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use softprompt::load::{load_model, Model};
-use softprompt::model::{ops, Backbone, CausalLm, LogitsAt};
+use softprompt::model::{ops, Backbone, CausalLm, KvCache, LogitsAt};
 use std::collections::HashMap;
 
 const NAME: &str = "llama-tiny";
@@ -42,13 +42,12 @@ impl Fixture {
 
     /// `[P ; embed(ids)]` `[B, N+S, D]` and `[1]*N + mask` `[B, N+S]`.
     fn with_prompt(&self, prompt: &Tensor, ids: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
-        causal::with_prompt(self.lm(), prompt, ids, mask)
+        with_prompt(self.lm(), prompt, ids, mask)
     }
 
-    /// Rows (of the flattened `[B*(N+S)]` positions) and targets of the loss: position `t`
-    /// predicts label `t+1` of `[-100]*N + labels`.
+    /// Rows and targets of the loss (see [`common::loss_rows`]).
     fn loss_rows(&self, n: usize) -> (Tensor, Tensor) {
-        causal::loss_rows(self.get("labels"), n)
+        loss_rows(self.get("labels"), n)
     }
 
     /// Mean cross-entropy of the batch with `prompt` (via all logits or via `Rows`).
@@ -78,15 +77,6 @@ impl Fixture {
             .mean_all()
             .unwrap()
     }
-}
-
-fn scalar(t: &Tensor) -> f32 {
-    t.flatten_all()
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -228,26 +218,31 @@ fn grad_prompt() {
     }
 }
 
-/// Central differences on the 4 largest and the 2 smallest prompt entries.
+/// Central differences on a few prompt entries (see
+/// [`common::check_prompt_grad_by_finite_differences`]).
 #[test]
 fn grad_prompt_finite_differences() {
     let f = fixture();
-    causal::check_prompt_gradient(NAME, f.get("prompt"), |p| f.loss(p, true), 4, 2);
+    check_prompt_grad_by_finite_differences(f.get("prompt"), |p| f.loss(p, true));
 }
 
 #[test]
 fn greedy_generation_with_kv_cache() {
     let f = fixture();
-    let want_tokens = to_vec2_i64(f.get("generate.new_tokens"));
-    let (ids, mask) = (f.get("generate.input_ids"), f.get("generate.attention_mask"));
-    let (got, step_logits) =
-        causal::greedy(f.lm(), f.get("prompt"), ids, mask, want_tokens[0].len());
-    assert_close(
-        "step_logits",
-        &step_logits,
-        f.get("generate.step_logits"),
-        TOL_LOGITS,
+    let lm = f.lm();
+    let (embeds, mut mask) = f.with_prompt(
+        f.get("prompt"),
+        f.get("generate.input_ids"),
+        f.get("generate.attention_mask"),
     );
+    let want_tokens = to_vec2_i64(f.get("generate.new_tokens"));
+    let steps = want_tokens[0].len();
+    let step_logits = f.get("generate.step_logits");
+
+    let mut cache = KvCache::new(lm.info().n_layers);
+    let got = greedy_with_cache(lm, &embeds, &mut mask, &mut cache, step_logits);
+    // The prefill cached prompt + input (5 + 7), every step but the last one more.
+    assert_eq!(cache.seq_len(), 5 + 7 + steps - 1);
     assert_eq!(got, want_tokens, "generate.new_tokens");
     assert_eq!(
         f.json["results"]["generate"]["new_tokens"],

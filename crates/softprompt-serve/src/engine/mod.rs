@@ -37,6 +37,10 @@
 //!   (An ensemble whose prompts differ in length brings rows of several lengths by itself;
 //!   its generation on GPT-2 is left padded, so not exact: a known limitation.)
 //!
+//! - Sliding-window models (Mistral, Gemma): a window counts slots, pads included, so the
+//!   rotated layout is used only when no input is padded (no pads between a prompt and its
+//!   input); otherwise the layouts below, which keep every row contiguous.
+//!
 //! Without reuse (`Prefill::reuse` false, a row without a `PromptKv`, an empty input, or
 //! absolute positions with unequal lengths in generation) the whole row runs,
 //! `[P_i; embed(x_i)]` padded to the longest `N_i + S_i`: on the left for generation (with

@@ -90,10 +90,15 @@ fn tokens_of(emb: &Tensor, i: usize, s: usize) -> Result<Tensor> {
 }
 
 /// Rotary models: every row's whole prompt from the cache, its keys rotated so the prompt
-/// sits right before the row's input. `None` when the model cannot move positions.
+/// sits right before the row's input. `None` when the model cannot move positions, and for
+/// sliding-window models when an input is padded: the pads would sit between the prompt and
+/// the input, and a window counts slots, pads included.
 fn shifted(m: &dyn CausalLm, rows: &[RowSpec], kvs: &[Arc<KvCache>], emb: &Tensor, count: &mut Prefill) -> Result<Option<Start>> {
     let b = rows.len();
     let t = emb.dim(1)?;
+    if m.sliding_window().is_some() && rows.iter().any(|r| r.tokens.len() != t) {
+        return Ok(None);
+    }
     let mut n = Vec::with_capacity(b);
     for r in rows {
         n.push(r.prompt.dim(0)?);

@@ -1,14 +1,16 @@
-//! GGUF files (llama.cpp): weights dequantized to f32, a Llama-layout config and a byte-level
-//! BPE tokenizer ([`super::gguf_bpe`]) built from the metadata; the family of
-//! `general.architecture` (llama, qwen2, qwen3, phi3) builds the model.
+//! GGUF files (llama.cpp): weights dequantized to f32, a config and a tokenizer (byte-level
+//! BPE in [`super::gguf_bpe`], SentencePiece-style in [`super::gguf_spm`]) built from the
+//! metadata. Llama-layout files (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`) are read here,
+//! with a family's extra tensor names from its description; Gemma's metadata and tensor names
+//! are read by its description ([`crate::model::gemma`]).
 //!
-//! The q/k weights of `llama` files stay in GGUF's permuted row order, so the model uses
-//! GGML's adjacent-pair RoPE (`rope_interleaved`), which gives the same numbers as
+//! The q/k weights of `llama` / `mistral` files stay in GGUF's permuted row order, so the
+//! model uses GGML's adjacent-pair RoPE (`rope_interleaved`), which gives the same numbers as
 //! un-permuting them; the other families' converters do not permute.
 
 use super::{gguf_bpe, model_name, Model, Weights};
 use crate::model::rope::RopeFrequencies;
-use crate::model::{llama, phi3, qwen2, qwen3, Backbone, CausalLm};
+use crate::model::{gemma, llama, mistral, phi3, qwen2, qwen3, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
@@ -20,7 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 /// Architectures (`general.architecture`) this loader knows.
-const SUPPORTED: &str = "llama, qwen2, qwen3, phi3";
+const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3";
 
 /// A GGUF Llama file read into memory.
 pub struct GgufLlama {
@@ -34,37 +36,56 @@ pub struct GgufLlama {
 }
 
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
-    let GgufFile {
-        arch,
-        sliding_window,
-        model: GgufLlama {
-            tensors,
-            config,
-            tokenizer,
-        },
-    } = read_file(path, device)?;
-    let weights = Weights::new(tensors, path);
+    let (content, mut reader) = open(path)?;
+    let meta = Meta {
+        path,
+        map: &content.metadata,
+    };
+    let arch = meta.string("general.architecture")?;
     let name = model_name(path);
-    let model: Box<dyn CausalLm> = match arch.as_str() {
-        "qwen2" => Box::new(qwen2::Qwen2::new(
-            &qwen2::Config::from(config),
-            &weights,
-            name,
-        )?),
-        "qwen3" => Box::new(qwen3::Qwen3::new(
-            &qwen3::Config::from(config),
-            &weights,
-            name,
-        )?),
-        "phi3" => Box::new(phi3::Phi3::new(
-            &phi3::Config::gguf(config, sliding_window),
-            &weights,
-            name,
-        )?),
-        _ => Box::new(llama::Llama::new(&config, &weights, name)?),
+    let (decoder, tokenizer) = match arch.as_str() {
+        "gemma2" | "gemma3" => {
+            let version = match arch.as_str() {
+                "gemma2" => gemma::Version::Gemma2,
+                _ => gemma::Version::Gemma3,
+            };
+            let rename = gemma::hf_tensor_name;
+            let tensors = read_tensors(path, &arch, &content, &mut reader, device, rename)?;
+            let config = gemma::gguf_config(&meta, version, vocab_size(path, &tensors)?)?;
+            let config = gemma::Config {
+                tie_word_embeddings: Some(!tensors.contains_key("lm_head.weight")),
+                ..config
+            };
+            let eos = config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+            let tokenizer = tokenizer(&meta, &arch, config.bos_token_id, eos)?;
+            let weights = Weights::new(tensors, path);
+            (gemma::Gemma::new(version, &config, &weights, name)?, tokenizer)
+        }
+        "qwen2" | "qwen3" | "phi3" => {
+            let (llama, sliding_window) = read_llama(&meta, &content, &mut reader, device)?;
+            let (config, weights) = (llama.config, Weights::new(llama.tensors, path));
+            let decoder = match arch.as_str() {
+                "qwen2" => qwen2::Qwen2::new(&qwen2::Config::from(config), &weights, name)?,
+                "qwen3" => qwen3::Qwen3::new(&qwen3::Config::from(config), &weights, name)?,
+                _ => {
+                    let config = phi3::Config::gguf(config, sliding_window);
+                    phi3::Phi3::new(&config, &weights, name)?
+                }
+            };
+            (decoder, llama.tokenizer)
+        }
+        _ => {
+            let (llama, sliding_window) = read_llama(&meta, &content, &mut reader, device)?;
+            let config = mistral::Config {
+                llama: llama.config,
+                sliding_window,
+            };
+            let weights = Weights::new(llama.tensors, path);
+            (mistral::Mistral::new(&config, &weights, name)?, llama.tokenizer)
+        }
     };
     Ok(Model {
-        backbone: Backbone::Causal(model),
+        backbone: Backbone::Causal(Box::new(decoder)),
         tokenizer: Some(tokenizer),
         path: path.to_path_buf(),
         device: device.clone(),
@@ -72,31 +93,86 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
 }
 
 /// Reads the tensors (dequantised to f32 on `device`), the config and the tokenizer of the
-/// GGUF Llama file `path` (`general.architecture = llama`; other families are an error).
+/// GGUF Llama file `path` (a sliding-window Mistral file is refused: its window has no place
+/// in a Llama config; so are the other families).
 pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
-    let file = read_file(path, device)?;
-    if file.arch != "llama" {
+    let (content, mut reader) = open(path)?;
+    let meta = Meta {
+        path,
+        map: &content.metadata,
+    };
+    let arch = meta.string("general.architecture")?;
+    if arch != "llama" && arch != "mistral" {
         return Err(Error::config(
             path,
             "general.architecture",
-            format!(
-                "`{}`: only llama GGUF files can be read as a Llama model",
-                file.arch
-            ),
+            format!("`{arch}`: only llama GGUF files can be read as a Llama model"),
         ));
     }
-    Ok(file.model)
+    let (llama, window) = read_llama(&meta, &content, &mut reader, device)?;
+    if let Some(w) = window {
+        return Err(Error::config(
+            path,
+            "attention.sliding_window",
+            format!("a sliding window ({w}) is not supported here (Llama without a window only)"),
+        ));
+    }
+    Ok(llama)
 }
 
-/// A GGUF file of any known family: its tensors, Llama-layout config and tokenizer, the
-/// architecture, and the attention window when the metadata gives one.
-struct GgufFile {
-    arch: String,
-    sliding_window: Option<usize>,
-    model: GgufLlama,
+/// The Llama-layout file of `meta` (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`) and its
+/// sliding window.
+fn read_llama(
+    meta: &Meta,
+    content: &Content,
+    reader: &mut BufReader<File>,
+    device: &Device,
+) -> Result<(GgufLlama, Option<usize>)> {
+    let path = meta.path;
+    let arch = meta.string("general.architecture")?;
+    let extra_names: &[(&str, &str)] = match arch.as_str() {
+        "llama" | "mistral" | "qwen2" => &[],
+        "qwen3" => qwen3::GGUF_TENSORS,
+        "phi3" => phi3::GGUF_TENSORS,
+        _ => {
+            return Err(Error::config(
+                path,
+                "general.architecture",
+                format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
+            ))
+        }
+    };
+    let mut tensors = read_tensors(path, &arch, content, reader, device, |n| {
+        hf_name(n, extra_names)
+    })?;
+    let divisors = match tensors.remove(ROPE_FREQS) {
+        Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let config = config(meta, &arch, vocab_size(path, &tensors)?, divisors.as_deref())?;
+    let window = meta.opt(&format!("{arch}.attention.sliding_window"), Meta::usize)?;
+    let eos = config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+    let tokenizer = tokenizer(meta, &arch, config.bos_token_id, eos)?;
+    Ok((
+        GgufLlama {
+            tensors,
+            config,
+            tokenizer,
+        },
+        window,
+    ))
 }
 
-fn read_file(path: &Path, device: &Device) -> Result<GgufFile> {
+/// The rows of `model.embed_tokens.weight`.
+fn vocab_size(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<usize> {
+    match tensors.get("model.embed_tokens.weight") {
+        Some(t) => Ok(t.dim(0)?),
+        None => Err(Error::format(path, "missing tensor `token_embd.weight`")),
+    }
+}
+
+/// The header of the GGUF file `path`, checked, and a reader positioned anywhere.
+fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
     let corrupt = |e: &dyn std::fmt::Display| {
         Error::format(
             path,
@@ -126,71 +202,55 @@ fn read_file(path: &Path, device: &Device) -> Result<GgufFile> {
             },
         )?;
     check_tensor_extents(path, &content, file_size)?;
-
     let meta = Meta {
         path,
         map: &content.metadata,
     };
     let arch = meta.string("general.architecture")?;
-    let extra_names: &[(&str, &str)] = match arch.as_str() {
-        "llama" | "qwen2" => &[],
-        "qwen3" => qwen3::GGUF_TENSORS,
-        "phi3" => phi3::GGUF_TENSORS,
-        _ => {
-            return Err(Error::config(
-                path,
-                "general.architecture",
-                format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
-            ))
-        }
-    };
+    if !SUPPORTED.split(", ").any(|s| s == arch) {
+        return Err(Error::config(
+            path,
+            "general.architecture",
+            format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
+        ));
+    }
+    Ok((content, reader))
+}
 
-    // Tensors, renamed to Hugging Face names and dequantized to f32. A tensor no family
-    // reads is an error: loading without it would drop a feature of the model.
+/// The tensors of the file under the Hugging Face names `rename` gives, dequantised to f32 on
+/// `device`. A tensor `rename` has no name for is an error: loading without it would drop a
+/// feature of the model.
+fn read_tensors(
+    path: &Path,
+    arch: &str,
+    content: &Content,
+    reader: &mut BufReader<File>,
+    device: &Device,
+    rename: impl Fn(&str) -> Option<String>,
+) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name, extra_names) else {
+        let Some(hf) = rename(name) else {
             return Err(Error::format(
                 path,
                 format!("tensor `{name}` is not supported for architecture `{arch}`"),
             ));
         };
         let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
-            let q = content.tensor(&mut reader, name, &Device::Cpu)?;
+            let q = content.tensor(reader, name, &Device::Cpu)?;
             q.dequantize(&Device::Cpu)?
                 .to_dtype(DType::F32)?
                 .to_device(device)
         }))
-        .map_err(|_| corrupt(&format!("tensor `{name}` cannot be decoded")))?
+        .map_err(|_| {
+            let msg = format!("not a valid GGUF file (truncated or corrupt): tensor `{name}` cannot be decoded");
+            Error::format(path, msg)
+        })?
         .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", first_line(&e))))?;
         tensors.insert(hf, t);
     }
-    let vocab_size = match tensors.get("model.embed_tokens.weight") {
-        Some(t) => t.dim(0)?,
-        None => return Err(Error::format(path, "missing tensor `token_embd.weight`")),
-    };
-
-    let divisors = match tensors.remove(ROPE_FREQS) {
-        Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
-    };
-    let config = config(&meta, &arch, vocab_size, divisors.as_deref())?;
-    let tokenizer = gguf_bpe::tokenizer(&meta, &config)?;
-    let sliding_window = meta.opt(&format!("{arch}.attention.sliding_window"), Meta::usize)?;
-    Ok(GgufFile {
-        arch,
-        sliding_window,
-        model: GgufLlama {
-            tensors,
-            config,
-            tokenizer,
-        },
-    })
+    Ok(tensors)
 }
-
-/// llama.cpp's per-frequency RoPE divisors (llama3 scaling), kept under this name until the
-/// config reads them.
-const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// Every tensor must fit in the file: catches truncated downloads before any work.
 fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
@@ -244,8 +304,13 @@ fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Resul
     Ok(())
 }
 
-/// GGUF tensor name -> Hugging Face name (`None` for tensors no family reads): llama.cpp's
-/// Llama names, with a family's `extra` block names (GGUF part -> HF part) taking precedence.
+/// llama.cpp's per-frequency RoPE divisors (llama3 scaling), kept under this name until the
+/// config reads them.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// GGUF tensor name -> Hugging Face name of a Llama-layout model (`None` for tensors no
+/// family reads): llama.cpp's Llama names, with a family's `extra` block names (GGUF part ->
+/// HF part) taking precedence.
 fn hf_name(gguf: &str, extra: &[(&str, &str)]) -> Option<String> {
     if gguf == ROPE_FREQS {
         return Some(ROPE_FREQS.into());
@@ -282,9 +347,9 @@ fn hf_name(gguf: &str, extra: &[(&str, &str)]) -> Option<String> {
 }
 
 /// Typed access to the metadata, with errors naming the file and the key.
-pub(super) struct Meta<'a> {
+pub(crate) struct Meta<'a> {
     pub path: &'a Path,
-    pub map: &'a HashMap<String, Value>,
+    pub(super) map: &'a HashMap<String, Value>,
 }
 
 impl Meta<'_> {
@@ -302,14 +367,14 @@ impl Meta<'_> {
         )
     }
 
-    pub(super) fn string(&self, key: &str) -> Result<String> {
+    pub(crate) fn string(&self, key: &str) -> Result<String> {
         match self.get(key)? {
             Value::String(s) => Ok(s.clone()),
             v => Err(self.wrong(key, "a string", v)),
         }
     }
 
-    fn usize(&self, key: &str) -> Result<usize> {
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
         let v = self.get(key)?;
         let n: Option<i128> = match *v {
             Value::U8(x) => Some(x.into()),
@@ -326,7 +391,7 @@ impl Meta<'_> {
             .ok_or_else(|| self.wrong(key, "a non-negative integer", v))
     }
 
-    fn f64(&self, key: &str) -> Result<f64> {
+    pub(crate) fn f64(&self, key: &str) -> Result<f64> {
         match *self.get(key)? {
             Value::F32(x) => Ok(x as f64),
             Value::F64(x) => Ok(x),
@@ -334,14 +399,14 @@ impl Meta<'_> {
         }
     }
 
-    pub(super) fn bool(&self, key: &str) -> Result<bool> {
+    pub(crate) fn bool(&self, key: &str) -> Result<bool> {
         match *self.get(key)? {
             Value::Bool(b) => Ok(b),
             ref v => Err(self.wrong(key, "a bool", v)),
         }
     }
 
-    pub(super) fn strings(&self, key: &str) -> Result<Vec<&str>> {
+    pub(crate) fn strings(&self, key: &str) -> Result<Vec<&str>> {
         let v = self.get(key)?;
         let Value::Array(items) = v else {
             return Err(self.wrong(key, "an array of strings", v));
@@ -355,16 +420,52 @@ impl Meta<'_> {
             .collect()
     }
 
-    fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         self.map.contains_key(key)
     }
 
+    /// An array of floats (`tokenizer.ggml.scores`).
+    pub(crate) fn f32s(&self, key: &str) -> Result<Vec<f32>> {
+        let v = self.get(key)?;
+        let Value::Array(items) = v else {
+            return Err(self.wrong(key, "an array of floats", v));
+        };
+        items
+            .iter()
+            .map(|x| match *x {
+                Value::F32(f) => Ok(f),
+                Value::F64(f) => Ok(f as f32),
+                ref other => Err(self.wrong(key, "an array of floats", other)),
+            })
+            .collect()
+    }
+
+    /// An array of integers (`tokenizer.ggml.token_type`), when the key is present.
+    pub(crate) fn ints_opt(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
+        let Value::Array(items) = v else {
+            return Err(self.wrong(key, "an array of integers", v));
+        };
+        items
+            .iter()
+            .map(|x| match *x {
+                Value::I8(i) => Ok(i.into()),
+                Value::U8(i) => Ok(i.into()),
+                Value::I16(i) => Ok(i.into()),
+                Value::U16(i) => Ok(i.into()),
+                Value::I32(i) => Ok(i.into()),
+                Value::U32(i) => Ok(i.into()),
+                Value::I64(i) => Ok(i),
+                ref other => Err(self.wrong(key, "an array of integers", other)),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// `Some(value)` when the key is present, `None` when absent; a wrong type is an error.
-    pub(super) fn opt<T>(
-        &self,
-        key: &str,
-        f: impl Fn(&Self, &str) -> Result<T>,
-    ) -> Result<Option<T>> {
+    pub(crate) fn opt<T>(&self, key: &str, f: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
         if self.has(key) {
             f(self, key).map(Some)
         } else {
@@ -452,7 +553,7 @@ fn config(
         pad_token_id: meta
             .opt("tokenizer.ggml.padding_token_id", Meta::usize)?
             .map(|i| i as u32),
-        rope_interleaved: arch == "llama",
+        rope_interleaved: matches!(arch, "llama" | "mistral"),
         rope_frequencies: Some(rope),
     })
 }
@@ -481,6 +582,31 @@ fn rope_linear_factor(meta: &Meta, arch: &str) -> Result<f64> {
             meta.path,
             type_key,
             format!("unsupported rope scaling `{other}` (supported: none, linear)"),
+        )),
+    }
+}
+
+/// The tokenizer of the metadata, by `tokenizer.ggml.model`: `gpt2` (byte-level BPE, here)
+/// or `llama` (SentencePiece-style, [`super::gguf_spm`]); `arch` is the file's architecture.
+fn tokenizer(meta: &Meta, arch: &str, bos: Option<u32>, eos: Option<u32>) -> Result<Tokenizer> {
+    if meta.opt("tokenizer.ggml.add_bos_token", Meta::bool)? == Some(true) && bos.is_none() {
+        return Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.bos_token_id",
+            "missing, but add_bos_token is true",
+        ));
+    }
+    let model = meta.string("tokenizer.ggml.model")?;
+    match model.as_str() {
+        "gpt2" => gguf_bpe::tokenizer(meta, bos, eos),
+        "llama" => super::gguf_spm::tokenizer(meta, arch, bos, eos),
+        other => Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.model",
+            format!(
+                "unsupported tokenizer `{other}` (supported: gpt2 = byte-level BPE, llama = \
+                 SentencePiece-style BPE)"
+            ),
         )),
     }
 }

@@ -4,7 +4,6 @@
 //! An unknown pre-tokenizer is an error, never a silent default.
 
 use super::gguf::Meta;
-use crate::model::llama;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
@@ -61,17 +60,9 @@ fn pre_tokenizer(meta: &Meta) -> Result<PreTokenizerWrapper> {
     })
 }
 
-/// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the GGUF vocabulary and merges; BOS
-/// and EOS ids from `cfg` (read from the same metadata).
-pub(super) fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
-    let model = meta.string("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.model",
-            format!("unsupported tokenizer `{model}` (supported: gpt2, byte-level BPE)"),
-        ));
-    }
+/// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the GGUF vocabulary and merges;
+/// `bos`, `eos` as the config read them from the same metadata.
+pub(super) fn tokenizer(meta: &Meta, bos: Option<u32>, eos: Option<u32>) -> Result<Tokenizer> {
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let vocab: Vocab = tokens
         .iter()
@@ -124,16 +115,5 @@ pub(super) fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
     let add_bos = meta
         .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
         .unwrap_or(false);
-    let eos = cfg
-        .eos_token_id
-        .as_ref()
-        .and_then(|e| e.to_vec().first().copied());
-    if add_bos && cfg.bos_token_id.is_none() {
-        return Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.bos_token_id",
-            "missing, but add_bos_token is true",
-        ));
-    }
-    Ok(Tokenizer::new(inner, add_bos, cfg.bos_token_id, eos))
+    Ok(Tokenizer::new(inner, add_bos, bos, eos))
 }

@@ -2,7 +2,7 @@
 //! `tokenizer.json`.
 
 use super::{model_name, Model, Weights};
-use crate::model::{gpt2, llama, phi3, qwen2, qwen3, t5, Backbone};
+use crate::model::{gemma, gpt2, llama, mistral, phi3, qwen2, qwen3, t5, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::Device;
@@ -67,7 +67,8 @@ pub fn build(dir: &Path, weights: &Weights, device: &Device) -> Result<Model> {
         // Llama tokenizers put BOS first; their tokenizer.json post-processor does it when
         // encoding with special tokens, which we do not use, so do it here, unless
         // tokenizer_config.json says otherwise (`add_bos_token`).
-        tok.add_bos = add_bos_token(dir)?.unwrap_or(model_type == "llama")
+        let bos_first = matches!(model_type.as_str(), "llama" | "mistral" | "gemma2" | "gemma3_text");
+        tok.add_bos = add_bos_token(dir)?.unwrap_or(bos_first)
             && info.bos_token_id.is_some();
         Some(tok)
     } else {
@@ -102,7 +103,7 @@ pub fn build_backbone(dir: &Path, weights: &Weights) -> Result<(Backbone, String
         .to_string();
     let name = model_name(dir);
     let backbone = match model_type.as_str() {
-        "llama" | "mistral" => {
+        "llama" => {
             let cfg: llama::Config = parse_config(&config_path, &config)?;
             Backbone::Causal(Box::new(llama::Llama::new(&cfg, weights, name)?))
         }
@@ -118,6 +119,25 @@ pub fn build_backbone(dir: &Path, weights: &Weights) -> Result<(Backbone, String
             let cfg: phi3::Config = parse_config(&config_path, &config)?;
             Backbone::Causal(Box::new(phi3::Phi3::new(&cfg, weights, name)?))
         }
+        "mistral" => {
+            let cfg: mistral::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(mistral::Mistral::new(&cfg, weights, name)?))
+        }
+        "gemma2" | "gemma3_text" => {
+            let version = match model_type.as_str() {
+                "gemma2" => gemma::Version::Gemma2,
+                _ => gemma::Version::Gemma3,
+            };
+            let cfg: gemma::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(gemma::Gemma::new(version, &cfg, weights, name)?))
+        }
+        "gemma3" => {
+            return Err(Error::config(
+                &config_path,
+                "model_type",
+                "`gemma3` is the multimodal Gemma 3 (supported: its text-only form, `gemma3_text`)",
+            ))
+        }
         "gpt2" => {
             let cfg: gpt2::Config = parse_config(&config_path, &config)?;
             Backbone::Causal(Box::new(gpt2::Gpt2::new(&cfg, weights, name)?))
@@ -132,7 +152,7 @@ pub fn build_backbone(dir: &Path, weights: &Weights) -> Result<(Backbone, String
                 "model_type",
                 format!(
                     "unsupported architecture `{other}` (supported: llama, mistral, qwen2, \
-                     qwen3, phi3, gpt2, t5)"
+                     qwen3, phi3, gemma2, gemma3_text, gpt2, t5)"
                 ),
             ))
         }

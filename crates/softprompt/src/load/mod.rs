@@ -3,6 +3,7 @@
 pub(crate) mod export;
 pub mod gguf;
 mod gguf_bpe;
+mod gguf_spm;
 pub mod hf;
 mod weights;
 

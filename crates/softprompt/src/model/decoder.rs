@@ -2,9 +2,11 @@
 //! chosen rows. A family (Llama, GPT-2, ...) is a description that builds a [`Decoder`] from
 //! its config and weights: the layers, the position scheme and the facts in [`ModelInfo`].
 
-use super::layers::{Attention, AttentionContext, Embedding, FeedForward, LmHead, Norm, Rotary};
-use super::rope::RopeFrequencies;
-use super::{attention_bias, ops, CausalLm, KvCache, LogitsAt, ModelInfo};
+use super::layers::{
+    Attention, AttentionContext, Embedding, FeedForward, LmHead, Norm, Rotary, SlidingContext,
+};
+use super::rope::{plain_inv_freq, RopeFrequencies};
+use super::{attention_bias, ops, sliding_window_bias, CausalLm, KvCache, LogitsAt, ModelInfo};
 use crate::kernels::Kernels;
 use crate::Result;
 use candle_core::Tensor;
@@ -39,24 +41,32 @@ pub struct Decoder {
     pub blocks: Vec<Block>,
     pub final_norm: Norm,
     pub head: LmHead,
+    /// The RoPE base of the sliding-window layers when it differs from the model's (Gemma 3's
+    /// `rope_local_base_freq`).
+    pub sliding_rope_theta: Option<f64>,
     pub kernels: Kernels,
 }
 
 impl Decoder {
-    /// Rotary tables `[T, Dh/2]` for positions `start .. start+t`, when the model rotates.
+    /// Rotary tables `[T, Dh/2]` for positions `start .. start+t`, when the model rotates;
+    /// `sliding`: those of the sliding-window layers.
     fn rotary(
         &self,
+        sliding: bool,
         start: usize,
         t: usize,
         device: &candle_core::Device,
     ) -> Result<Option<Rotary>> {
         Ok(match &self.positions {
             Positions::Rotary {
+                head_dim,
                 frequencies,
                 interleaved,
-                ..
             } => {
-                let inv_freq = frequencies.inv_freq(start + t);
+                let inv_freq = match (sliding, self.sliding_rope_theta) {
+                    (true, Some(local)) => plain_inv_freq(*head_dim, local),
+                    _ => frequencies.inv_freq(start + t),
+                };
                 let (cos, sin) = ops::rope_tables_for(&inv_freq, start, t, device)?;
                 Some(Rotary {
                     cos,
@@ -99,10 +109,28 @@ impl Decoder {
             Positions::Rotary { .. } => embeds.contiguous()?,
         };
         let bias = attention_bias(mask, t, true)?; // [B, 1, T, P+T]
-        let rotary = self.rotary(past, t, device)?;
+        let rotary = self.rotary(false, past, t, device)?;
+        let sliding = match self.window() {
+            Some(window) => Some((
+                window,
+                sliding_window_bias(mask, t, window)?, // [B, 1, T, P+T]
+                match self.sliding_rope_theta {
+                    Some(_) => self.rotary(true, past, t, device)?,
+                    None => None,
+                },
+            )),
+            None => None,
+        };
         let ctx = AttentionContext {
             bias: &bias,
             rotary: rotary.as_ref(),
+            sliding: sliding
+                .as_ref()
+                .map(|(window, bias, local)| SlidingContext {
+                    window: *window,
+                    bias,
+                    rotary: local.as_ref().or(rotary.as_ref()),
+                }),
             kernels: self.kernels,
         };
         let rows = ops::logit_rows(at, b, t, device)?;
@@ -125,6 +153,15 @@ impl Decoder {
             Some(_) => Ok(out.squeeze(0)?), // [1, M, D] -> [M, D]
             None => Ok(out),
         }
+    }
+}
+
+impl Decoder {
+    /// The window of the sliding-window layers (one per model; the families check it).
+    fn window(&self) -> Option<usize> {
+        self.blocks
+            .iter()
+            .find_map(|b| b.attention.options.sliding_window)
     }
 }
 
@@ -171,17 +208,34 @@ impl CausalLm for Decoder {
             Some((k, _)) if by > 0 && p > 0 => k.device().clone(),
             _ => return Ok(true),
         };
-        // One rotation by `by` at every cached position, in the model's pair layout.
-        let Some(r) = self.rotary(by, 1, &device)? else {
+        // One rotation by `by` at every cached position, in the model's pair layout and with
+        // each layer's RoPE base.
+        let half = head_dim / 2;
+        let rotation = |sliding: bool| -> Result<Option<(Tensor, Tensor)>> {
+            Ok(match self.rotary(sliding, by, 1, &device)? {
+                Some(r) => Some((
+                    r.cos.broadcast_as((p, half))?.contiguous()?, // [P, Dh/2]
+                    r.sin.broadcast_as((p, half))?.contiguous()?,
+                )),
+                None => None,
+            })
+        };
+        let (Some(global), Some(local)) = (rotation(false)?, rotation(true)?) else {
             return Ok(false);
         };
-        let half = head_dim / 2;
-        let cos = r.cos.broadcast_as((p, half))?.contiguous()?; // [P, Dh/2]
-        let sin = r.sin.broadcast_as((p, half))?.contiguous()?;
-        for (k, _) in cache.layers.iter_mut().flatten() {
-            *k = ops::rope(self.kernels, k, &cos, &sin, interleaved)?; // [B, Hkv, P, Dh]
+        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let Some((k, _)) = layer else { continue };
+            let (cos, sin) = match block.attention.options.sliding_window {
+                Some(_) => &local,
+                None => &global,
+            };
+            *k = ops::rope(self.kernels, k, cos, sin, interleaved)?; // [B, Hkv, P, Dh]
         }
         Ok(true)
+    }
+
+    fn sliding_window(&self) -> Option<usize> {
+        self.window()
     }
 
     fn kernels(&self) -> Kernels {

@@ -6,7 +6,9 @@
 //! time to the nn.Linear layout `[out, in]`, and the fused `c_attn` is split into q, k, v.
 
 use super::decoder::{Block, Decoder, Positions};
-use super::layers::{Attention, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm};
+use super::layers::{
+    Attention, AttentionOptions, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm,
+};
 use super::ops::Activation;
 use super::{Arch, ModelInfo};
 use crate::kernels::Kernels;
@@ -143,13 +145,14 @@ impl Gpt2 {
                     kv_heads: cfg.n_head,
                     head_dim,
                     scale,
-                    options: Default::default(),
+                    options: AttentionOptions::default(),
                 },
                 feed_forward: FeedForward {
                     norm: layer_norm(w, &format!("{p}.ln_2"), d, eps)?,
                     inner: FfnInner::Plain(conv1d(w, &format!("{p}.mlp.c_fc"), d, inner)?),
                     act,
                     down: conv1d(w, &format!("{p}.mlp.c_proj"), inner, d)?,
+                    output_norm: None,
                 },
             });
         }
@@ -175,6 +178,7 @@ impl Gpt2 {
             final_norm: layer_norm(w, &format!("{root}ln_f"), d, eps)?,
             // Tied LM head.
             head: LmHead::new(wte, None),
+            sliding_rope_theta: None,
             kernels: Kernels::fast(),
         })
     }

@@ -261,13 +261,17 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
                 kv_heads,
                 head_dim: hd,
                 scale: 1.0 / (hd as f64).sqrt(),
-                options: AttentionOptions { head_norms },
+                options: AttentionOptions {
+                    head_norms,
+                    ..Default::default()
+                },
             },
             feed_forward: FeedForward {
                 norm: norm("post_attention_layernorm", d)?,
                 inner,
                 act: Activation::Silu,
                 down: linear("mlp.down_proj", [d, ff], false)?,
+                output_norm: None,
             },
         });
     }
@@ -313,6 +317,7 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
         blocks,
         final_norm: Norm::rms(w.get("model.norm.weight", &[d])?, eps),
         head: LmHead::new(lm_head, None),
+        sliding_rope_theta: None,
         kernels: Kernels::fast(),
     })
 }

@@ -3,7 +3,8 @@
 //! Two small traits: [`CausalLm`] (decoder-only) and [`Seq2SeqLm`] (T5). Both expose the input
 //! embedding table so a soft prompt can be prepended to `embed(ids)`. Decoder-only models are
 //! one [`decoder::Decoder`] (embeddings, blocks, final norm, LM head) built by a small
-//! per-family description ([`llama`], [`qwen2`], [`qwen3`], [`phi3`], [`gpt2`]); T5 has its
+//! per-family description ([`llama`], [`qwen2`], [`qwen3`], [`phi3`], [`mistral`], [`gemma`],
+//! [`gpt2`]); T5 has its
 //! own file. All of them are made of the owned [`layers`] and run with the [`Kernels`] policy
 //! they own.
 //!
@@ -11,10 +12,12 @@
 //! `H` heads, `Dh` head dim.
 
 mod decoder;
+pub mod gemma;
 pub mod gpt2;
 mod kv_cache;
 pub(crate) mod layers;
 pub mod llama;
+pub mod mistral;
 pub mod ops;
 pub mod phi3;
 pub mod qwen2;
@@ -37,19 +40,23 @@ pub enum Arch {
     Qwen2,
     Qwen3,
     Phi3,
+    Gemma2,
+    Gemma3,
     Gpt2,
     T5,
 }
 
 impl Arch {
-    /// The lowercase name (`llama`, `qwen2`, `gpt2`, `t5`, ...), as in errors and serialised
-    /// facts.
+    /// The lowercase name (`llama`, `qwen2`, `gemma2`, `gpt2`, `t5`, ...), as in errors and
+    /// serialised facts.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
             Arch::Gpt2 => "gpt2",
             Arch::T5 => "t5",
         }
@@ -141,6 +148,14 @@ pub trait CausalLm: Send + Sync {
     fn shift_cache(&self, cache: &mut KvCache, by: usize) -> Result<bool> {
         let _ = (cache, by);
         Ok(false)
+    }
+
+    /// The attention window of the model's sliding-window layers, if it has any: a key more
+    /// than `window - 1` slots before a query is not seen. Slots count pads too, so a caller
+    /// that lays rows out with pads between a row's parts (the server's cached prompts) must
+    /// not do so for such models.
+    fn sliding_window(&self) -> Option<usize> {
+        None
     }
 
     /// The kernel policy the model runs with (the fast kernels unless it says otherwise).
@@ -244,19 +259,39 @@ impl Backbone {
 /// to stay finite (softmax then spreads evenly) instead of producing NaN.
 pub fn attention_bias(mask: &Tensor, t: usize, causal: bool) -> Result<Tensor> {
     let (b, k_len) = mask.dims2()?;
+    if !causal {
+        let keys = mask.to_dtype(DType::F32)?.reshape((b, 1, 1, k_len))?; // [B,1,1,K]
+        let allowed = keys.broadcast_as((b, 1, t, k_len))?.contiguous()?;
+        return Ok(((allowed - 1.0)? * MASK_VALUE)?);
+    }
+    masked_bias(mask, t, |q, k| k <= q)
+}
+
+/// The causal bias of [`attention_bias`] limited to a sliding window (Mistral, Gemma's local
+/// layers): query `i` at position `P+i` sees keys `j` with `0 <= P+i-j < window`, as
+/// transformers' `sliding_window_causal_mask_function`. Positions are slots of the
+/// sequence, pads and soft prompt included, as in transformers.
+pub fn sliding_window_bias(mask: &Tensor, t: usize, window: usize) -> Result<Tensor> {
+    masked_bias(mask, t, |q, k| k <= q && q - k < window)
+}
+
+/// `mask [B, K]` and `allowed(query position, key position)` -> additive bias `[B, 1, T, K]`,
+/// queries at positions `K-T..K`.
+fn masked_bias(mask: &Tensor, t: usize, allowed: impl Fn(usize, usize) -> bool) -> Result<Tensor> {
+    let (b, k_len) = mask.dims2()?;
+    if t > k_len {
+        crate::bail!("attention mask covers {k_len} positions, fewer than the {t} new ones");
+    }
     let device = mask.device();
     let keys = mask.to_dtype(DType::F32)?.reshape((b, 1, 1, k_len))?; // [B,1,1,K]
-    let allowed = if causal {
-        let past = k_len - t;
-        let tri: Vec<f32> = (0..t)
-            .flat_map(|i| (0..k_len).map(move |j| if j <= past + i { 1.0 } else { 0.0 }))
-            .collect();
-        let tri = Tensor::from_vec(tri, (1, 1, t, k_len), device)?;
-        keys.broadcast_mul(&tri)? // [B,1,T,K]
-    } else {
-        keys.broadcast_as((b, 1, t, k_len))?.contiguous()?
-    };
-    // (allowed - 1) * BIG: 0 where allowed, -BIG where not.
+    let past = k_len - t;
+    let pattern: Vec<f32> = (0..t)
+        .flat_map(|i| (0..k_len).map(move |j| (past + i, j)))
+        .map(|(q, k)| if allowed(q, k) { 1.0 } else { 0.0 })
+        .collect();
+    let pattern = Tensor::from_vec(pattern, (1, 1, t, k_len), device)?;
+    let allowed = keys.broadcast_mul(&pattern)?; // [B,1,T,K]
+                                                 // (allowed - 1) * BIG: 0 where allowed, -BIG where not.
     Ok(((allowed - 1.0)? * MASK_VALUE)?)
 }
 

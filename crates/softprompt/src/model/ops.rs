@@ -185,6 +185,20 @@ pub fn attention(
     bias: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_capped(kernels, q, k, v, bias, scale, None)
+}
+
+/// [`attention`] with the scaled scores soft-capped, `cap * tanh(scores / cap)`, before the
+/// bias is added (Gemma 2's `attn_logit_softcapping`) when `softcap` is given.
+pub fn attention_capped(
+    kernels: Kernels,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let h_kv = k.dim(1)?;
     let k_len = k.dim(2)?;
@@ -192,7 +206,7 @@ pub fn attention(
     // Group queries by their kv head instead of repeating k/v: [B, H_kv, group*T, Dh].
     let q = q.reshape((b, h_kv, group * t, d))?;
     let scores = q.matmul(&k.t()?)?; // [B, H_kv, group*T, K]
-    let probs = if kernels.ops_apply(&[&scores, bias]) && !bias.track_op() {
+    let probs = if softcap.is_none() && kernels.ops_apply(&[&scores, bias]) && !bias.track_op() {
         // Scale, bias and softmax in one pass; the bias gets no gradient.
         softmax::softmax_scaled(&scores.reshape((b, h, t, k_len))?, Some(bias), scale)?
     } else {
@@ -200,6 +214,10 @@ pub fn attention(
             (scores * scale)?
         } else {
             scores
+        };
+        let scores = match softcap {
+            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+            None => scores,
         };
         let scores = scores.reshape((b, h, t, k_len))?.broadcast_add(bias)?;
         softmax_composite(&scores)?

@@ -9,7 +9,8 @@
 //! Computation runs in the dtype of the weights (f32 as loaded; the tests also run f64).
 
 use super::layers::{
-    Attention, AttentionContext, Embedding, FeedForward, FfnInner, Linear, LmHead, Norm,
+    Attention, AttentionContext, AttentionOptions, Embedding, FeedForward, FfnInner, Linear,
+    LmHead, Norm,
 };
 use super::ops;
 use super::{attention_bias, Arch, KvCache, LogitsAt, ModelInfo, Seq2SeqLm};
@@ -218,7 +219,7 @@ impl T5 {
                 kv_heads: cfg.num_heads,
                 head_dim: cfg.d_kv,
                 scale: 1.0,
-                options: Default::default(),
+                options: AttentionOptions::default(),
             })
         };
         let ff = cfg.feed_forward_proj;
@@ -236,6 +237,7 @@ impl T5 {
                 },
                 act: ff.act.layer(),
                 down: lin(format!("{dense}.wo.weight"), [d, cfg.d_ff])?,
+                output_norm: None,
             })
         };
         let relative = |stack: &str| {
@@ -405,6 +407,7 @@ impl T5 {
         let ctx = AttentionContext {
             bias: &bias,
             rotary: None,
+            sliding: None,
             kernels: self.kernels,
         };
         let mut x = embeds.clone();
@@ -467,6 +470,7 @@ impl T5 {
         let ctx = AttentionContext {
             bias: &self_bias,
             rotary: None,
+            sliding: None,
             kernels: self.kernels,
         };
         let mut x = self.embed(decoder_ids)?; // [B,T,D]

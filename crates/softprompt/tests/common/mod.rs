@@ -2,7 +2,6 @@
 //! transformers + PEFT, see tests/fixtures/README.md) and comparisons.
 #![allow(dead_code)]
 
-pub mod causal;
 pub mod word_level;
 
 use candle_core::{DType, Device, Tensor};
@@ -227,4 +226,184 @@ pub fn nll_by_hand(m: &Model, prefix: &Tensor, data: &[Example]) -> f64 {
         }
     }
     total / count as f64
+}
+
+// ---- decoder-only fixtures with a prompt (llama-tiny, the family fixtures) ----
+
+/// `[P ; embed(ids)]` `[B, N+S, D]` and `[1]*N + mask` `[B, N+S]`, as PEFT builds them.
+pub fn with_prompt(
+    lm: &dyn softprompt::model::CausalLm,
+    prompt: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+) -> (Tensor, Tensor) {
+    let (b, _) = ids.dims2().unwrap();
+    let (n, d) = prompt.dims2().unwrap();
+    let tok = lm.embed(&as_u32(ids)).unwrap();
+    let p = prompt
+        .unsqueeze(0)
+        .unwrap()
+        .broadcast_as((b, n, d))
+        .unwrap();
+    let embeds = Tensor::cat(&[&p, &tok], 1).unwrap();
+    let ones = Tensor::ones((b, n), DType::F32, &Device::Cpu).unwrap();
+    let mask = Tensor::cat(&[&ones, &mask.to_dtype(DType::F32).unwrap()], 1).unwrap();
+    (embeds, mask)
+}
+
+/// Rows (of the flattened `[B*(N+S)]` positions) and targets of the loss: position `t`
+/// predicts label `t+1` of `[-100]*N + labels`.
+pub fn loss_rows(labels: &Tensor, n: usize) -> (Tensor, Tensor) {
+    let labels = to_vec2_i64(labels);
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (b, row) in labels.iter().enumerate() {
+        let full: Vec<i64> = std::iter::repeat_n(-100, n)
+            .chain(row.iter().copied())
+            .collect();
+        let len = full.len();
+        for t in 0..len - 1 {
+            if full[t + 1] != -100 {
+                rows.push((b * len + t) as u32);
+                targets.push(full[t + 1] as u32);
+            }
+        }
+    }
+    let m = rows.len();
+    (
+        Tensor::from_vec(rows, m, &Device::Cpu).unwrap(),
+        Tensor::from_vec(targets, m, &Device::Cpu).unwrap(),
+    )
+}
+
+/// Mean cross-entropy of a labelled batch with `prompt` prepended, logits computed at the
+/// scored rows only (see [`loss_rows`]).
+pub fn prompted_loss(
+    lm: &dyn softprompt::model::CausalLm,
+    prompt: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    labels: &Tensor,
+) -> Tensor {
+    let (embeds, mask) = with_prompt(lm, prompt, ids, mask);
+    let (rows, targets) = loss_rows(labels, prompt.dim(0).unwrap());
+    let logits = lm
+        .forward(&embeds, &mask, None, LogitsAt::Rows(&rows))
+        .unwrap(); // [M, V]
+    softprompt::model::ops::token_nll(&logits, &targets)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+}
+
+/// The first element of a tensor as f32.
+pub fn scalar(t: &Tensor) -> f32 {
+    t.flatten_all()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Checks the gradient of `loss` at `prompt` by central differences on a few entries (the 4
+/// largest and the 2 smallest), in f32, Richardson-extrapolated from steps h and 2h
+/// (truncation error O(h^4)); the rounding error of a loss of ~10 is ~1e-6 / h.
+pub fn check_prompt_grad_by_finite_differences(prompt: &Tensor, loss: impl Fn(&Tensor) -> Tensor) {
+    let var = candle_core::Var::from_tensor(prompt).unwrap();
+    let grads = loss(var.as_tensor()).backward().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let gmax = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let mut order: Vec<usize> = (0..g.len()).collect();
+    order.sort_by(|&a, &b| g[b].abs().total_cmp(&g[a].abs()));
+    let p0 = prompt.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let loss_at = |i: usize, delta: f32| -> f64 {
+        let mut p = p0.clone();
+        p[i] += delta;
+        let t = Tensor::from_slice(&p, prompt.dims(), &Device::Cpu).unwrap();
+        scalar(&loss(&t)) as f64
+    };
+    let h = 1e-2f32;
+    for &i in order.iter().take(4).chain(order.iter().rev().take(2)) {
+        let d1 = (loss_at(i, h) - loss_at(i, -h)) / (2.0 * h as f64);
+        let d2 = (loss_at(i, 2.0 * h) - loss_at(i, -2.0 * h)) / (4.0 * h as f64);
+        let fd = (4.0 * d1 - d2) / 3.0;
+        let err = (fd - g[i] as f64).abs();
+        assert!(
+            err <= 5e-4 * gmax as f64,
+            "prompt entry {i}: finite difference {fd} vs autodiff {} (max |g| {gmax})",
+            g[i]
+        );
+    }
+}
+
+/// Greedy decoding with a KV cache from `embeds [B, T, D]`, `mask [B, T]` (extended in
+/// place), one step per entry of `step_logits [steps, B, V]`, whose logits every step must
+/// match; returns the chosen tokens `[B][steps]`.
+pub fn greedy_with_cache(
+    lm: &dyn softprompt::model::CausalLm,
+    embeds: &Tensor,
+    mask: &mut Tensor,
+    cache: &mut softprompt::model::KvCache,
+    step_logits: &Tensor,
+) -> Vec<Vec<i64>> {
+    let b = embeds.dim(0).unwrap();
+    let steps = step_logits.dim(0).unwrap();
+    let mut logits = lm
+        .forward(embeds, mask, Some(&mut *cache), LogitsAt::Last)
+        .unwrap(); // [B, V]
+    let mut got: Vec<Vec<i64>> = vec![Vec::new(); b];
+    for step in 0..steps {
+        assert_close(
+            &format!("step_logits[{step}]"),
+            &logits,
+            &step_logits.get(step).unwrap(),
+            TOL_LOGITS,
+        );
+        let next = logits.argmax_keepdim(candle_core::D::Minus1).unwrap(); // [B, 1] u32
+        for (row, id) in next
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+            .into_iter()
+            .enumerate()
+        {
+            got[row].push(id as i64);
+        }
+        if step + 1 == steps {
+            break;
+        }
+        let emb = lm.embed(&next).unwrap(); // [B, 1, D]
+        let one = Tensor::ones((b, 1), DType::F32, &Device::Cpu).unwrap();
+        *mask = Tensor::cat(&[&*mask, &one], 1).unwrap();
+        logits = lm
+            .forward(&emb, mask, Some(&mut *cache), LogitsAt::Last)
+            .unwrap();
+    }
+    got
+}
+
+/// `n` greedy new tokens after `ids` (one unpadded row), with the KV cache.
+pub fn greedy_tokens(lm: &dyn softprompt::model::CausalLm, ids: &[u32], n: usize) -> Vec<u32> {
+    let input = Tensor::from_slice(ids, (1, ids.len()), &Device::Cpu).unwrap();
+    let mut mask = Tensor::ones((1, ids.len()), DType::F32, &Device::Cpu).unwrap();
+    let mut cache = softprompt::model::KvCache::new(lm.info().n_layers);
+    let mut embeds = lm.embed(&input).unwrap();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let logits = lm.forward(&embeds, &mask, Some(&mut cache), LogitsAt::Last).unwrap(); // [1, V]
+        let next = logits.argmax_keepdim(candle_core::D::Minus1).unwrap(); // [1, 1]
+        out.push(next.flatten_all().unwrap().to_vec1::<u32>().unwrap()[0]);
+        embeds = lm.embed(&next).unwrap();
+        let one = Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap();
+        mask = Tensor::cat(&[&mask, &one], 1).unwrap();
+    }
+    out
 }

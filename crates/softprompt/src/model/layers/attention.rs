@@ -1,7 +1,8 @@
 //! The attention sub-block of a pre-norm layer, `x + o(attention(q(n), k(n), v(n)))` with
 //! `n = norm(x)`: grouped-query heads, optional q/k/v/o biases, rotary positions or none, an
 //! additive bias (causal mask, padding, T5's position bias), and the KV cache; the options of
-//! [`AttentionOptions`] (per-head q/k norms).
+//! [`AttentionOptions`] (sliding window, per-head q/k norms, soft-capped scores, a norm of the
+//! branch output).
 
 use super::{Linear, Norm};
 use crate::kernels::attention::{attention_block, attention_block_kv, AttentionArgs, RopeTables};
@@ -28,15 +29,27 @@ impl Rotary {
 }
 
 /// What one forward pass gives every attention layer: the additive bias
-/// `[B or 1, H or 1, T, P+T]`, the rotary tables of its positions, the kernel policy.
+/// `[B or 1, H or 1, T, P+T]`, the rotary tables of its positions, what sliding-window layers
+/// use instead, the kernel policy.
 #[derive(Clone, Copy)]
 pub struct AttentionContext<'a> {
     pub bias: &'a Tensor,
     pub rotary: Option<&'a Rotary>,
+    pub sliding: Option<SlidingContext<'a>>,
     pub kernels: Kernels,
 }
 
-/// Per-head norms `[Dh]` of the queries and keys, applied before the rotation (Qwen3).
+/// The bias and rotary tables of the sliding-window layers of one forward pass: the causal
+/// bias limited to `window` (see [`crate::model::sliding_window_bias`]) and the tables of
+/// their own RoPE base (Gemma 3's local layers) or the model's.
+#[derive(Clone, Copy)]
+pub struct SlidingContext<'a> {
+    pub window: usize,
+    pub bias: &'a Tensor,
+    pub rotary: Option<&'a Rotary>,
+}
+
+/// Per-head norms `[Dh]` of the queries and keys, applied before the rotation (Qwen3, Gemma 3).
 #[derive(Clone, Debug)]
 pub struct HeadNorms {
     pub q: Norm,
@@ -44,10 +57,18 @@ pub struct HeadNorms {
 }
 
 /// What a family can switch on beyond the plain sub-block; all off by default. The fused op
-/// implements each of them (head norms: forward and backward).
+/// runs sliding-window layers (the window is in their bias) and head norms (forward and
+/// backward); the other options run the composite path.
 #[derive(Clone, Debug, Default)]
 pub struct AttentionOptions {
+    /// Keys more than `window - 1` positions before a query are masked (Mistral, Gemma's
+    /// local layers); the layer takes the context's [`SlidingContext`].
+    pub sliding_window: Option<usize>,
     pub head_norms: Option<HeadNorms>,
+    /// `cap * tanh(scores / cap)` before the bias (Gemma 2).
+    pub logit_softcap: Option<f64>,
+    /// A norm of the branch output before the residual add (Gemma's post-attention norm).
+    pub output_norm: Option<Norm>,
 }
 
 /// `q [H*Dh, D]`, `k`, `v [H_kv*Dh, D]`, `o [D, H*Dh]`; `scale` multiplies the scores.
@@ -90,8 +111,7 @@ impl Attention {
             Some((c, i)) => !x.track_op() && c.layers.get(*i).is_none_or(Option::is_none),
         };
         if fresh {
-            let args = self.kernel_args(ctx);
-            if args.applies(x, ctx.kernels) {
+            if let Some(args) = self.kernel_args(ctx)?.filter(|a| a.applies(x, ctx.kernels)) {
                 return match cache {
                     None => Ok(attention_block(x, args, rows)?),
                     Some((c, i)) => {
@@ -121,6 +141,7 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let kernels = ctx.kernels;
+        let (bias, rotary) = self.bias_and_rotary(ctx)?;
         let h = self.norm.forward(kernels, x)?;
         let (q, k, v) = match &self.qkv {
             Some(qkv) => {
@@ -145,7 +166,7 @@ impl Attention {
             Some(n) => (n.q.forward(kernels, &q)?, n.k.forward(kernels, &k)?),
             None => (q, k),
         };
-        let (q, k) = match ctx.rotary {
+        let (q, k) = match rotary {
             Some(r) => (r.apply(kernels, &q)?, r.apply(kernels, &k)?),
             None => (q, k),
         };
@@ -153,8 +174,29 @@ impl Attention {
             Some((c, i)) => c.append(i, k, v)?, // [B, Hkv, P+T, Dh]
             None => (k, v),
         };
-        let a = ops::attention(kernels, &q, &k, &v, ctx.bias, self.scale)?; // [B, H, T, Dh]
-        Ok((x + self.o.forward(&merge_heads(&a)?)?)?)
+        let cap = self.options.logit_softcap;
+        let a = ops::attention_capped(kernels, &q, &k, &v, bias, self.scale, cap)?; // [B, H, T, Dh]
+        let y = self.o.forward(&merge_heads(&a)?)?; // [B, T, D]
+        let y = match &self.options.output_norm {
+            Some(n) => n.forward(kernels, &y)?,
+            None => y,
+        };
+        Ok((x + y)?)
+    }
+
+    /// The bias and rotary tables this layer uses: the context's sliding-window ones for a
+    /// sliding-window layer (an error when the context has none for its window).
+    fn bias_and_rotary<'a>(
+        &self,
+        ctx: &AttentionContext<'a>,
+    ) -> Result<(&'a Tensor, Option<&'a Rotary>)> {
+        match (self.options.sliding_window, &ctx.sliding) {
+            (None, _) => Ok((ctx.bias, ctx.rotary)),
+            (Some(w), Some(s)) if s.window == w => Ok((s.bias, s.rotary)),
+            (Some(w), _) => crate::bail!(
+                "attention: a sliding-window layer (window {w}) without a bias for that window"
+            ),
+        }
     }
 
     /// Cross-attention (T5's decoder): queries from `norm(x)`, keys and values from
@@ -189,13 +231,19 @@ impl Attention {
     /// Whether the fused op runs on `x` in this context (tests check the fast path is taken).
     #[cfg(test)]
     pub(crate) fn fused_applies(&self, x: &Tensor, ctx: &AttentionContext) -> bool {
-        self.kernel_args(ctx).applies(x, ctx.kernels)
+        matches!(self.kernel_args(ctx), Ok(Some(a)) if a.applies(x, ctx.kernels))
     }
 
-    /// The operands of the fused op (shared tensors, no copy).
-    fn kernel_args(&self, ctx: &AttentionContext) -> AttentionArgs {
-        AttentionArgs {
-            norm: self.norm.weights(),
+    /// The operands of the fused op (shared tensors, no copy); `None` when an option the op
+    /// does not implement is on.
+    fn kernel_args(&self, ctx: &AttentionContext) -> Result<Option<AttentionArgs>> {
+        let o = &self.options;
+        if o.logit_softcap.is_some() || o.output_norm.is_some() {
+            return Ok(None);
+        }
+        let (bias, rotary) = self.bias_and_rotary(ctx)?;
+        Ok(Some(AttentionArgs {
+            norm: self.norm.weights()?,
             q: self.q.weights(),
             k: self.k.weights(),
             v: self.v.weights(),
@@ -203,18 +251,17 @@ impl Attention {
             heads: self.heads,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
-            rope: ctx.rotary.map(|r| RopeTables {
+            rope: rotary.map(|r| RopeTables {
                 cos: r.cos.clone(),
                 sin: r.sin.clone(),
                 interleaved: r.interleaved,
             }),
-            head_norms: self
-                .options
-                .head_norms
-                .as_ref()
-                .map(|n| [n.q.weights(), n.k.weights()]),
-            bias: ctx.bias.clone(),
+            head_norms: match &o.head_norms {
+                Some(n) => Some([n.q.weights()?, n.k.weights()?]),
+                None => None,
+            },
+            bias: bias.clone(),
             scale: self.scale,
-        }
+        }))
     }
 }

@@ -1,4 +1,5 @@
-//! The feed-forward sub-block of a pre-norm layer: `x + down(inner(norm(x)))`.
+//! The feed-forward sub-block of a pre-norm layer: `x + down(inner(norm(x)))`, optionally
+//! `x + output_norm(down(inner(norm(x))))` (Gemma).
 
 use super::{Linear, Norm};
 use crate::kernels::feed_forward::{feed_forward_block, FeedForwardArgs, FfnInner as KernelInner};
@@ -23,13 +24,15 @@ pub struct FeedForward {
     pub inner: FfnInner,
     pub act: Activation,
     pub down: Linear,
+    /// A norm of the branch output before the residual add (Gemma's post-feed-forward norm).
+    pub output_norm: Option<Norm>,
 }
 
 impl FeedForward {
     /// The fused op (one candle op with a hand-written backward) where `kernels` and the
     /// operands allow it and the activation has a fused kernel, else [`Self::composite`].
     pub fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
-        match self.kernel_args() {
+        match self.kernel_args()? {
             Some(args) if args.applies(x, kernels) => Ok(feed_forward_block(x, args)?),
             _ => self.composite(kernels, x),
         }
@@ -38,14 +41,20 @@ impl FeedForward {
     /// Whether the fused op runs on `x` (tests check the fast path is taken).
     #[cfg(test)]
     pub(crate) fn fused_applies(&self, kernels: Kernels, x: &Tensor) -> bool {
-        self.kernel_args().is_some_and(|a| a.applies(x, kernels))
+        matches!(self.kernel_args(), Ok(Some(a)) if a.applies(x, kernels))
     }
 
     /// The operands of the fused op (shared tensors, no copy); `None` when the activation
-    /// has no fused kernel.
-    fn kernel_args(&self) -> Option<FeedForwardArgs> {
-        Some(FeedForwardArgs {
-            norm: self.norm.weights(),
+    /// has no fused kernel or the branch output is normed.
+    fn kernel_args(&self) -> Result<Option<FeedForwardArgs>> {
+        let Some(act) = self.act.fused() else {
+            return Ok(None);
+        };
+        if self.output_norm.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(FeedForwardArgs {
+            norm: self.norm.weights()?,
             inner: match &self.inner {
                 FfnInner::Gated { gate, up } => KernelInner::Gated {
                     gate: gate.weights(),
@@ -54,8 +63,8 @@ impl FeedForward {
                 FfnInner::Plain(w) => KernelInner::Plain(w.weights()),
             },
             down: self.down.weights(),
-            act: self.act.fused()?,
-        })
+            act,
+        }))
     }
 
     /// The sub-block composed of single ops (fused element-wise kernels where `kernels`
@@ -69,6 +78,11 @@ impl FeedForward {
             }
             FfnInner::Plain(w) => self.act.apply(kernels, &w.forward(&h)?)?,
         };
-        Ok((x + self.down.forward(&a)?)?)
+        let y = self.down.forward(&a)?; // [B, T, D]
+        let y = match &self.output_norm {
+            Some(n) => n.forward(kernels, &y)?,
+            None => y,
+        };
+        Ok((x + y)?)
     }
 }

@@ -12,7 +12,9 @@ mod norm;
 #[cfg(test)]
 mod tests;
 
-pub use attention::{Attention, AttentionContext, AttentionOptions, HeadNorms, Rotary};
+pub use attention::{
+    Attention, AttentionContext, AttentionOptions, HeadNorms, Rotary, SlidingContext,
+};
 pub use embedding::{Embedding, LmHead};
 pub use feed_forward::{FeedForward, FfnInner};
 pub use linear::Linear;

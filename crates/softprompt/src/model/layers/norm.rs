@@ -1,4 +1,5 @@
-//! The norms of a transformer layer: RMSNorm and LayerNorm over the last dimension.
+//! The norms of a transformer layer: RMSNorm (weight `w` or Gemma's `1 + w`) and LayerNorm
+//! over the last dimension.
 
 use crate::kernels::norm::{NormKind, NormWeights};
 use crate::kernels::Kernels;
@@ -14,6 +15,9 @@ pub struct Norm {
     w: Tensor,
     b: Option<Tensor>,
     eps: f64,
+    /// The gain is `1 + w` (Gemma), computed at each call so that a trained `w` (model
+    /// tuning) is seen after every update.
+    plus_one: bool,
 }
 
 impl Norm {
@@ -23,6 +27,16 @@ impl Norm {
             w,
             b: None,
             eps,
+            plus_one: false,
+        }
+    }
+
+    /// Gemma's RMSNorm, `x * rsqrt(mean(x^2) + eps) * (1 + w)` (`1 + w` in f32, as
+    /// transformers computes it).
+    pub fn rms_plus_one(w: Tensor, eps: f64) -> Self {
+        Norm {
+            plus_one: true,
+            ..Norm::rms(w, eps)
         }
     }
 
@@ -32,24 +46,34 @@ impl Norm {
             w,
             b: Some(b),
             eps,
+            plus_one: false,
         }
     }
 
     /// `x [.., D]` -> `[.., D]`.
     pub fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        let gain = self.gain()?;
         match (self.kind, &self.b) {
-            (NormKind::Layer, Some(b)) => ops::layer_norm(kernels, x, &self.w, b, self.eps),
-            _ => ops::rms_norm(kernels, x, &self.w, self.eps),
+            (NormKind::Layer, Some(b)) => ops::layer_norm(kernels, x, &gain, b, self.eps),
+            _ => ops::rms_norm(kernels, x, &gain, self.eps),
         }
     }
 
-    /// The operands of the block kernels (shared tensors, no copy).
-    pub(crate) fn weights(&self) -> NormWeights {
-        NormWeights {
+    /// The weight the normed input is multiplied by, `[D]`.
+    fn gain(&self) -> Result<Tensor> {
+        Ok(match self.plus_one {
+            true => (&self.w + 1.0)?,
+            false => self.w.clone(),
+        })
+    }
+
+    /// The operands of the block kernels (shared tensors, no copy but Gemma's `1 + w`).
+    pub(crate) fn weights(&self) -> Result<NormWeights> {
+        Ok(NormWeights {
             kind: self.kind,
-            w: self.w.clone(),
+            w: self.gain()?,
             b: self.b.clone(),
             eps: self.eps as f32,
-        }
+        })
     }
 }

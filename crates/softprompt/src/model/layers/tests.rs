@@ -6,7 +6,7 @@ use super::*;
 use crate::kernels::attention::ROW_BLOCK;
 use crate::kernels::Kernels;
 use crate::model::ops::{self, Activation};
-use crate::model::{attention_bias, KvCache};
+use crate::model::{attention_bias, sliding_window_bias, KvCache};
 use candle_core::{DType, Device, Tensor, Var};
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -164,6 +164,7 @@ fn ctx<'a>(bias: &'a Tensor, rotary: Option<&'a Rotary>) -> AttentionContext<'a>
     AttentionContext {
         bias,
         rotary,
+        sliding: None,
         kernels: Kernels::fast(),
     }
 }
@@ -286,6 +287,7 @@ fn feed_forward_block_matches_composite() {
             inner,
             act,
             down: lin(&wd, down_b),
+            output_norm: None,
         };
         assert!(ffn.fused_applies(k, &x), "{what}: fused path not taken");
         check(
@@ -301,6 +303,7 @@ fn feed_forward_block_matches_composite() {
         inner: FfnInner::Plain(lin(&wg, None)),
         act: Activation::GeluErf,
         down: lin(&wd, None),
+        output_norm: None,
     };
     assert!(!ffn.fused_applies(k, &x));
 }
@@ -315,6 +318,7 @@ fn trained_weight_takes_the_composite_path() {
         inner: FfnInner::Plain(Linear::new(wg.as_tensor().clone(), None)),
         act: Activation::Relu,
         down: Linear::new(rand(&[d, f], 51, 0.5), None),
+        output_norm: None,
     };
     assert!(!ffn.fused_applies(Kernels::fast(), x.as_tensor()));
     let y = ffn.forward(Kernels::fast(), x.as_tensor()).unwrap();
@@ -427,4 +431,175 @@ fn attention_block_with_head_norms_matches_composite() {
         let (keys, want) = (keys.as_ref().unwrap(), want.as_ref().unwrap());
         assert_rel("head norms: cached keys", &keys.0, &want.0, 1e-5);
     }
+    // Gemma 3's head norms, gain `1 + w`.
+    let mut gemma = plain.clone();
+    gemma.options.head_norms = Some(HeadNorms {
+        q: Norm::rms_plus_one(rand(&[dh], 42, 0.3), 1e-6),
+        k: Norm::rms_plus_one(rand(&[dh], 43, 0.3), 1e-6),
+    });
+    let r = rotary(dh, t, false);
+    check_attn("(1 + w) head norms", &x, &gemma, &ctx(&causal, Some(&r)));
+}
+
+/// The sliding-window bias: query at position `q` sees keys `k` with `0 <= q - k < window`
+/// and real, also with cached positions before the new ones.
+#[test]
+fn sliding_window_bias_masks_outside_the_window() {
+    let (t, past, window) = (4, 3, 3);
+    let mask = Tensor::from_vec(
+        vec![0f32, 1., 1., 1., 1., 1., 1.], // slot 0 is a pad
+        (1, past + t),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let bias = sliding_window_bias(&mask, t, window).unwrap(); // [1, 1, T, P+T]
+    let got: Vec<Vec<f32>> = bias
+        .squeeze(0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (i, row) in got.iter().enumerate() {
+        let q = past + i;
+        for (k, &v) in row.iter().enumerate() {
+            let seen = k != 0 && k <= q && q - k < window;
+            assert_eq!(v == 0.0, seen, "query {q}, key {k}: bias {v}");
+        }
+    }
+}
+
+/// A sliding-window layer runs the fused op with the window's bias and its own rotary
+/// tables, equal to the composite path (outputs and input gradients, whole sequence and at
+/// rows, sequences longer than the window and than a row block), and fills a KV cache the
+/// same way.
+#[test]
+fn sliding_window_attention_matches_composite() {
+    let (b, t, d, window) = (2, ROW_BLOCK + 9, 16, 5);
+    let x = rand(&[b, t, d], 9, 1.0);
+    let mask: Vec<f32> = (0..b)
+        .flat_map(|i| (0..t).map(move |j| if j < 4 * i { 0.0 } else { 1.0 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+    let causal = attention_bias(&mask, t, true).unwrap();
+    let windowed = sliding_window_bias(&mask, t, window).unwrap();
+    let global = rotary(4, t, false);
+    let (cos, sin) = ops::rope_tables(4, 100.0, 0, t, &Device::Cpu).unwrap();
+    let local = Rotary {
+        cos,
+        sin,
+        interleaved: false,
+    };
+    let mut attn = attention(d, (4, 2, 4), 90, false, false, "rms", 0.5);
+    attn.options.sliding_window = Some(window);
+    let c = AttentionContext {
+        sliding: Some(SlidingContext {
+            window,
+            bias: &windowed,
+            rotary: Some(&local),
+        }),
+        ..ctx(&causal, Some(&global))
+    };
+    check_attn("sliding window", &x, &attn, &c);
+    // The window changes the result: the same layer without it differs.
+    let plain = attention(d, (4, 2, 4), 90, false, false, "rms", 0.5);
+    let y = attn.forward(&x, &c, None, None).unwrap();
+    let y_plain = plain.forward(&x, &c, None, None).unwrap();
+    assert!(max_abs(&(&y - &y_plain).unwrap()) > 1e-3);
+    // Prefill with a cache, then one more position through the cache path.
+    let mut cache = KvCache::new(1);
+    let y_fill = attn.forward(&x, &c, None, Some((&mut cache, 0))).unwrap();
+    assert_rel("sliding window prefill", &y_fill, &y, 1e-5);
+    // Without a context for the window: an error, never the plain bias.
+    let err = attn.forward(&x, &ctx(&causal, Some(&global)), None, None);
+    assert!(err.is_err());
+}
+
+/// The options the fused op does not implement (soft-capped scores, a norm of the branch
+/// output; here with Gemma's per-head `1 + w` norms) run the composite path, which equals
+/// the same computation written out with candle ops.
+#[test]
+fn gemma_options_take_the_composite_path() {
+    let (b, t, d, dh) = (2, 6, 16, 4);
+    let x = rand(&[b, t, d], 11, 1.0);
+    let causal = attention_bias(&padded_mask(b, t), t, true).unwrap();
+    let r = rotary(dh, t, false);
+    let c = ctx(&causal, Some(&r));
+    let mut attn = attention(d, (4, 2, dh), 95, false, false, "rms", 0.5);
+    let wq = rand(&[dh], 96, 0.5);
+    let wk = rand(&[dh], 97, 0.5);
+    let wo = rand(&[d], 98, 0.5);
+    attn.options = AttentionOptions {
+        sliding_window: None,
+        head_norms: Some(HeadNorms {
+            q: Norm::rms_plus_one(wq.clone(), 1e-6),
+            k: Norm::rms_plus_one(wk.clone(), 1e-6),
+        }),
+        logit_softcap: Some(2.0),
+        output_norm: Some(Norm::rms_plus_one(wo.clone(), 1e-6)),
+    };
+    assert!(!attn.fused_applies(&x, &c));
+    let y = attn.forward(&x, &c, None, None).unwrap();
+    // Written out: RMSNorm with gain 1 + w, per-head norms before the rotation.
+    let rms = |v: &Tensor, w: &Tensor| {
+        let ms = v
+            .sqr()
+            .unwrap()
+            .mean_keepdim(candle_core::D::Minus1)
+            .unwrap();
+        let n = v
+            .broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap();
+        n.broadcast_mul(&(w + 1.0).unwrap()).unwrap()
+    };
+    let k = Kernels::reference();
+    let h = attn.norm.forward(k, &x).unwrap();
+    let q = rms(
+        &ops::split_heads(&attn.q.forward(&h).unwrap(), 4).unwrap(),
+        &wq,
+    );
+    let kk = rms(
+        &ops::split_heads(&attn.k.forward(&h).unwrap(), 2).unwrap(),
+        &wk,
+    );
+    let v = ops::split_heads(&attn.v.forward(&h).unwrap(), 2).unwrap();
+    let (q, kk) = (r.apply(k, &q).unwrap(), r.apply(k, &kk).unwrap());
+    // Scores by hand with the kv heads repeated: [B, H, T, T].
+    let rep = |t: &Tensor| {
+        let (b, hkv, n, e) = t.dims4().unwrap();
+        t.unsqueeze(2)
+            .unwrap()
+            .broadcast_as((b, hkv, 2, n, e))
+            .unwrap()
+            .reshape((b, hkv * 2, n, e))
+            .unwrap()
+    };
+    let scores = (q.matmul(&rep(&kk).t().unwrap()).unwrap() * 0.5).unwrap();
+    let scores = ((scores / 2.0).unwrap().tanh().unwrap() * 2.0).unwrap();
+    let probs = candle_nn_softmax(&scores.broadcast_add(&causal).unwrap());
+    let a = probs.matmul(&rep(&v)).unwrap();
+    let out = attn.o.forward(&ops::merge_heads(&a).unwrap()).unwrap();
+    let want = (&x + rms(&out, &wo)).unwrap();
+    assert_rel("gemma-style attention", &y, &want, 1e-5);
+    // The same with the fused element-wise kernels and gradients: composite reference.
+    check(
+        "gemma-style attention, gradients",
+        &x,
+        |x| attn.forward(x, &c, None, None).unwrap(),
+        |x| {
+            let cr = AttentionContext {
+                kernels: Kernels::reference(),
+                ..c
+            };
+            attn.composite(x, &cr, None).unwrap()
+        },
+    );
+}
+
+/// Softmax over the last dimension with candle primitives.
+fn candle_nn_softmax(x: &Tensor) -> Tensor {
+    let max = x.max_keepdim(candle_core::D::Minus1).unwrap();
+    let e = x.broadcast_sub(&max).unwrap().exp().unwrap();
+    e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
+        .unwrap()
 }
