@@ -124,6 +124,14 @@ pub(super) fn tokenizer(meta: &Meta, cfg: &llama::Config) -> Result<Tokenizer> {
     let add_bos = meta
         .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
         .unwrap_or(false);
+    // Inputs never end with EOS here (prompt tuning scores continuations of them).
+    if meta.opt("tokenizer.ggml.add_eos_token", Meta::bool)? == Some(true) {
+        return Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.add_eos_token",
+            "true: appending EOS to every input is not supported",
+        ));
+    }
     let eos = cfg
         .eos_token_id
         .as_ref()
