@@ -532,6 +532,18 @@ fn gguf_unknown_pre_tokenizer_is_refused() {
 }
 
 #[test]
+fn gguf_add_eos_token_is_refused() {
+    let err = refused_gguf(
+        "qwen2-tiny",
+        |m| {
+            m.insert("tokenizer.ggml.add_eos_token".into(), Value::Bool(true));
+        },
+        &[],
+    );
+    assert_names(&err, &["tokenizer.ggml.add_eos_token", "true"]);
+}
+
+#[test]
 fn gguf_yarn_rope_scaling_is_refused() {
     let err = refused_gguf(
         "qwen3-tiny",

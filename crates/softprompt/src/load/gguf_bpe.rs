@@ -115,5 +115,13 @@ pub(super) fn tokenizer(meta: &Meta, bos: Option<u32>, eos: Option<u32>) -> Resu
     let add_bos = meta
         .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
         .unwrap_or(false);
+    // Inputs never end with EOS here (prompt tuning scores continuations of them).
+    if meta.opt("tokenizer.ggml.add_eos_token", Meta::bool)? == Some(true) {
+        return Err(Error::config(
+            meta.path,
+            "tokenizer.ggml.add_eos_token",
+            "true: appending EOS to every input is not supported",
+        ));
+    }
     Ok(Tokenizer::new(inner, add_bos, bos, eos))
 }
