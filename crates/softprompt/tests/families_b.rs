@@ -204,7 +204,11 @@ fn hf_error(name: &str, edit: impl Fn(&mut serde_json::Value)) -> String {
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut config);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     match load_model(dir.path(), &Device::Cpu) {
         Ok(_) => panic!("{name}: the edited config loaded"),
         Err(e) => e.to_string(),
@@ -221,7 +225,8 @@ fn assert_names(err: &str, words: &[&str]) {
 #[test]
 fn unsupported_gemma_rope_scaling_is_refused() {
     let err = hf_error("gemma3-tiny", |c| {
-        c["rope_parameters"]["full_attention"] = serde_json::json!({"rope_type": "linear", "factor": 8.0});
+        c["rope_parameters"]["full_attention"] =
+            serde_json::json!({"rope_type": "linear", "factor": 8.0});
     });
     assert_names(&err, &["rope_parameters.full_attention", "linear"]);
     let err = hf_error("gemma2-tiny", |c| {
@@ -234,13 +239,19 @@ fn unsupported_gemma_rope_scaling_is_refused() {
 fn unsupported_gemma_layouts_are_refused() {
     let err = hf_error("gemma3-tiny", |c| c["model_type"] = "gemma3".into());
     assert_names(&err, &["model_type", "gemma3", "gemma3_text"]);
-    let err = hf_error("gemma3-tiny", |c| c["use_bidirectional_attention"] = true.into());
+    let err = hf_error("gemma3-tiny", |c| {
+        c["use_bidirectional_attention"] = true.into()
+    });
     assert_names(&err, &["use_bidirectional_attention"]);
-    let err = hf_error("gemma3-tiny", |c| c["layer_types"][1] = "chunked_attention".into());
+    let err = hf_error("gemma3-tiny", |c| {
+        c["layer_types"][1] = "chunked_attention".into()
+    });
     assert_names(&err, &["layer_types", "chunked_attention"]);
     let err = hf_error("gemma2-tiny", |c| c["hidden_activation"] = "relu2".into());
     assert_names(&err, &["hidden_activation", "relu2"]);
-    let err = hf_error("gemma2-tiny", |c| c["attn_logit_softcapping"] = (-1.0).into());
+    let err = hf_error("gemma2-tiny", |c| {
+        c["attn_logit_softcapping"] = (-1.0).into()
+    });
     assert_names(&err, &["attn_logit_softcapping"]);
 }
 
@@ -262,14 +273,20 @@ fn unknown_gguf_tokenizer_model_is_refused() {
     let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
         .tensor_infos
         .keys()
-        .map(|n| (n.clone(), content.tensor(&mut reader, n, &Device::Cpu).unwrap()))
+        .map(|n| {
+            (
+                n.clone(),
+                content.tensor(&mut reader, n, &Device::Cpu).unwrap(),
+            )
+        })
         .collect();
     let mut metadata = content.metadata.clone();
     metadata.insert("tokenizer.ggml.model".into(), Value::String("bert".into()));
     let dir = tempdir();
     let path = dir.path().join("bert-tokenizer.gguf");
     let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &ts).unwrap();
     let err = match load_model(&path, &Device::Cpu) {
         Ok(_) => panic!("a `bert` tokenizer loaded"),

@@ -24,15 +24,17 @@ fn causal(model: &Model) -> &dyn CausalLm {
     }
 }
 
-/// Rows of the flattened `[B * (N+S)]` logits that are scored, and their targets.
-fn scored_rows(labels: &Tensor) -> (Tensor, Tensor) {
-    loss_rows(labels, N)
-}
-
 /// Mean cross-entropy of the batch with the given prompt, logits computed only where scored.
 fn loss_with(m: &dyn CausalLm, prompt: &Tensor, ex: &HashMap<String, Tensor>) -> Tensor {
-    let (ids, mask) = (&ex["input_ids"], &ex["attention_mask"]);
-    prompted_loss(m, prompt, ids, mask, &ex["labels"])
+    let (embeds, mask) = with_prompt(m, prompt, &as_u32(&ex["input_ids"]), &ex["attention_mask"]);
+    let (rows, targets) = loss_rows(&ex["labels"], N);
+    let logits = m
+        .forward(&embeds, &mask, None, LogitsAt::Rows(&rows))
+        .unwrap(); // [M, V]
+    ops::token_nll(&logits, &targets)
+        .unwrap()
+        .mean_all()
+        .unwrap()
 }
 
 #[test]
@@ -120,7 +122,7 @@ fn loss_and_rows_equal_all() {
         &as_u32(&ex["input_ids"]),
         &ex["attention_mask"],
     );
-    let (rows, targets) = scored_rows(&ex["labels"]);
+    let (rows, targets) = loss_rows(&ex["labels"], N);
     assert_eq!(rows.dim(0).unwrap(), 9, "n_loss_tokens");
     let all = m.forward(&embeds, &mask, None, LogitsAt::All).unwrap(); // [B, N+S, V]
     let (b, t, v) = all.dims3().unwrap();

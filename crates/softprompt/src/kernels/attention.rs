@@ -241,7 +241,7 @@ impl Operands<'_> {
         dh: usize,
     ) -> Result<Vec<f32>> {
         match &self.head_norms {
-            Some(norms) => norms[which].backward_rows(proj, &dp, dh),
+            Some(norms) => norms[which].backward_rows(proj, &dp, None, dh),
             None => Ok(dp),
         }
     }

@@ -1,10 +1,12 @@
 //! The feed-forward sub-block of a pre-norm layer as one op with a hand-written backward:
-//! `x + down(inner(norm(x)))`, `inner` gated (`act(gate(n)) * up(n)`) or plain (`act(w(n))`).
+//! `x + down(inner(norm(x)))`, `inner` gated (`act(gate(n)) * up(n)`) or plain (`act(w(n))`);
+//! or the branch alone, `down(inner(norm(x)))`, for a layer that norms it before the residual
+//! add (Gemma).
 //! It keeps only the input of the activation for its backward and recomputes the norm.
 
 use super::activation::Act;
 use super::cpu::{data, poisoned, ReadLock, Result, CHUNK};
-use super::gemm::{add_product_t, input_grad, project, residual, ProjWeights};
+use super::gemm::{add_product_t, bias_rows, input_grad, project, residual, ProjWeights};
 use super::norm::NormWeights;
 use super::Kernels;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -27,6 +29,8 @@ pub(crate) struct FeedForwardArgs {
     pub inner: FfnInner,
     pub down: ProjWeights,
     pub act: Act,
+    /// `x +` the branch; `false`: the branch alone.
+    pub residual: bool,
 }
 
 impl FeedForwardArgs {
@@ -193,7 +197,10 @@ impl CustomOp1 for FeedForwardOp {
         };
         drop(n);
         let down = self.args.down.lock();
-        let mut y = residual(x, d, down.b()?);
+        let mut y = match self.args.residual {
+            true => residual(x, d, down.b()?),
+            false => bias_rows(r, d, down.b()?),
+        };
         add_product_t(&mut y, &s, down.w()?, true, (r, d, f))?;
         if self.keep {
             *self.saved.lock().map_err(|_| poisoned())? = Some(saved);
@@ -227,7 +234,8 @@ impl CustomOp1 for FeedForwardOp {
             _ => candle_core::bail!("feed-forward block: saved activations of the wrong kind"),
         }
         drop(ds);
-        let dx = self.args.norm.lock().backward_rows_add(xd, &dn, dyd, d)?;
+        let dy_residual = self.args.residual.then_some(dyd);
+        let dx = self.args.norm.lock().backward_rows(xd, &dn, dy_residual, d)?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

@@ -214,6 +214,15 @@ pub(crate) fn add_product_t(
     )
 }
 
+/// `b` in each of `r` rows (zeros without one): the start of a branch output `[R, D]` that
+/// has no residual.
+pub(crate) fn bias_rows(r: usize, d: usize, b: Option<&[f32]>) -> Vec<f32> {
+    match b {
+        Some(b) => b.repeat(r),
+        None => vec![0f32; r * d],
+    }
+}
+
 /// `x (+ b)` row by row: the start of a residual output `[R, D]`.
 pub(crate) fn residual(x: &[f32], d: usize, b: Option<&[f32]>) -> Vec<f32> {
     let mut y = x.to_vec();

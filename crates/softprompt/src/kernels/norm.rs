@@ -242,15 +242,11 @@ impl NormLock<'_> {
         dy: &[f32],
         d: usize,
     ) -> Result<Vec<f32>> {
-        self.backward_rows_with(x, dn, Some(dy), d)
+        self.backward_rows(x, dn, Some(dy), d)
     }
 
-    /// `norm'(x)^T dn` row by row (`x`, `dn` `[R, D]`).
-    pub(crate) fn backward_rows(&self, x: &[f32], dn: &[f32], d: usize) -> Result<Vec<f32>> {
-        self.backward_rows_with(x, dn, None, d)
-    }
-
-    fn backward_rows_with(
+    /// `norm'(x)^T dn` row by row, plus `dy` when given (the residual's gradient).
+    pub(crate) fn backward_rows(
         &self,
         x: &[f32],
         dn: &[f32],

@@ -49,15 +49,12 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
                 "gemma2" => gemma::Version::Gemma2,
                 _ => gemma::Version::Gemma3,
             };
-            let rename = gemma::hf_tensor_name;
+            let rename = |n: &str| hf_tensor_name(n, gemma::gguf_layer_part);
             let tensors = read_tensors(path, &arch, &content, &mut reader, device, rename)?;
-            let config = gemma::gguf_config(&meta, version, vocab_size(path, &tensors)?)?;
-            let config = gemma::Config {
-                tie_word_embeddings: Some(!tensors.contains_key("lm_head.weight")),
-                ..config
-            };
-            let eos = config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
-            let tokenizer = tokenizer(&meta, &arch, config.bos_token_id, eos)?;
+            let mut config = gemma::gguf_config(&meta, version, vocab_size(path, &tensors)?)?;
+            config.base.tie_word_embeddings = Some(!tensors.contains_key("lm_head.weight"));
+            let eos = config.base.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
+            let tokenizer = tokenizer(&meta, &arch, config.base.bos_token_id, eos)?;
             let weights = Weights::new(tensors, path);
             (gemma::Gemma::new(version, &config, &weights, name)?, tokenizer)
         }
@@ -130,10 +127,10 @@ fn read_llama(
 ) -> Result<(GgufLlama, Option<usize>)> {
     let path = meta.path;
     let arch = meta.string("general.architecture")?;
-    let extra_names: &[(&str, &str)] = match arch.as_str() {
-        "llama" | "mistral" | "qwen2" => &[],
-        "qwen3" => qwen3::GGUF_TENSORS,
-        "phi3" => phi3::GGUF_TENSORS,
+    let layer_part: fn(&str) -> Option<&'static str> = match arch.as_str() {
+        "llama" | "mistral" | "qwen2" => llama_layer_part,
+        "qwen3" => qwen3::gguf_layer_part,
+        "phi3" => phi3::gguf_layer_part,
         _ => {
             return Err(Error::config(
                 path,
@@ -142,9 +139,8 @@ fn read_llama(
             ))
         }
     };
-    let mut tensors = read_tensors(path, &arch, content, reader, device, |n| {
-        hf_name(n, extra_names)
-    })?;
+    let rename = |n: &str| hf_name(n, layer_part);
+    let mut tensors = read_tensors(path, &arch, content, reader, device, rename)?;
     let divisors = match tensors.remove(ROPE_FREQS) {
         Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
         None => None,
@@ -309,29 +305,17 @@ fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Resul
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// GGUF tensor name -> Hugging Face name of a Llama-layout model (`None` for tensors no
-/// family reads): llama.cpp's Llama names, with a family's `extra` block names (GGUF part ->
-/// HF part) taking precedence.
-fn hf_name(gguf: &str, extra: &[(&str, &str)]) -> Option<String> {
+/// family reads), `layer_part` naming the parts of a layer (the family's).
+fn hf_name(gguf: &str, layer_part: fn(&str) -> Option<&'static str>) -> Option<String> {
     if gguf == ROPE_FREQS {
         return Some(ROPE_FREQS.into());
     }
-    let (base, kind) = gguf.rsplit_once('.')?; // kind: weight / bias
-    let fixed = match base {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(format!("{f}.{kind}"));
-    }
-    let rest = base.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    if let Some((_, hf)) = extra.iter().find(|(g, _)| *g == part) {
-        return Some(format!("model.layers.{layer}.{hf}.{kind}"));
-    }
-    let hf = match part {
+    hf_tensor_name(gguf, layer_part)
+}
+
+/// llama.cpp's names of the parts of a Llama layer -> Hugging Face names.
+pub(crate) fn llama_layer_part(part: &str) -> Option<&'static str> {
+    Some(match part {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
@@ -342,8 +326,29 @@ fn hf_name(gguf: &str, extra: &[(&str, &str)]) -> Option<String> {
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         _ => return None,
+    })
+}
+
+/// GGUF tensor name -> Hugging Face name: the embedding, final norm and head, and layer
+/// tensors `blk.{i}.{part}` with `layer_part` naming the part in the layer (`None` for
+/// tensors the model does not use).
+pub(crate) fn hf_tensor_name(
+    gguf: &str,
+    layer_part: fn(&str) -> Option<&'static str>,
+) -> Option<String> {
+    let (base, kind) = gguf.rsplit_once('.')?; // kind: weight / bias
+    let fixed = match base {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
     };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    if let Some(f) = fixed {
+        return Some(format!("{f}.{kind}"));
+    }
+    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    Some(format!("model.layers.{layer}.{}.{kind}", layer_part(part)?))
 }
 
 /// Typed access to the metadata, with errors naming the file and the key.

@@ -15,7 +15,7 @@ use super::decoder::{Block, Decoder, Positions};
 use super::layers::{
     Attention, AttentionOptions, Embedding, FeedForward, FfnInner, HeadNorms, Linear, LmHead, Norm,
 };
-use super::llama::TokenIds;
+use super::llama::{self, TokenIds};
 use super::ops::Activation;
 use super::rope::RopeFrequencies;
 use super::{Arch, ModelInfo};
@@ -42,68 +42,32 @@ impl Version {
     }
 }
 
-/// The fields of a Hugging Face `config.json` (`gemma2`, `gemma3_text`) the forward pass needs.
+/// The fields of a Hugging Face `config.json` (`gemma2`, `gemma3_text`) the forward pass needs:
+/// Llama's, and Gemma's own.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Config {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    #[serde(default)]
-    pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
-    pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
-    pub rms_norm_eps: f64,
-    pub vocab_size: usize,
-    #[serde(default)]
-    pub max_position_embeddings: Option<usize>,
-    /// transformers 4.x; 5.x writes `rope_parameters` (per layer type for Gemma 3).
-    #[serde(default)]
-    pub rope_theta: Option<f64>,
-    #[serde(default)]
+    /// Sizes, epsilon, RoPE base (`rope_parameters` per layer type for Gemma 3), special ids,
+    /// tying.
+    #[serde(flatten)]
+    pub base: llama::Config,
+    /// Gemma 3 configs of transformers 4.x: the sliding layers' RoPE base.
     pub rope_local_base_freq: Option<f64>,
-    #[serde(default)]
-    pub rope_parameters: Option<Value>,
-    #[serde(default)]
-    pub rope_scaling: Option<Value>,
-    #[serde(default)]
     pub query_pre_attn_scalar: Option<f64>,
-    #[serde(default)]
     pub sliding_window: Option<usize>,
     /// `sliding_attention` / `full_attention` per layer.
-    #[serde(default)]
     pub layer_types: Option<Vec<String>>,
     /// Gemma 3 configs of transformers 4.x: every `n`-th layer is global.
-    #[serde(default)]
     pub sliding_window_pattern: Option<usize>,
-    #[serde(default)]
     pub final_logit_softcapping: Option<f64>,
-    #[serde(default)]
     pub attn_logit_softcapping: Option<f64>,
-    #[serde(default)]
     pub hidden_activation: Option<String>,
-    #[serde(default)]
     pub hidden_act: Option<String>,
     #[serde(default)]
     pub attention_bias: bool,
-    #[serde(default)]
     pub use_bidirectional_attention: Option<bool>,
-    #[serde(default)]
-    pub tie_word_embeddings: Option<bool>,
-    #[serde(default)]
-    pub bos_token_id: Option<u32>,
-    #[serde(default)]
-    pub eos_token_id: Option<TokenIds>,
-    #[serde(default)]
-    pub pad_token_id: Option<u32>,
     /// The norm weights already hold `1 + w` (GGUF files, converted by llama.cpp).
     #[serde(default)]
     pub norm_gain_stored: bool,
-}
-
-fn default_eps() -> f64 {
-    1e-6
 }
 
 /// What a config means once its defaults and variants are resolved.
@@ -123,12 +87,12 @@ impl Config {
     /// builds the error.
     fn resolve(&self, version: Version, bad: &dyn Fn(&str, String) -> Error) -> Result<Resolved> {
         let (d, heads, layers) = (
-            self.hidden_size,
-            self.num_attention_heads,
-            self.num_hidden_layers,
+            self.base.hidden_size,
+            self.base.num_attention_heads,
+            self.base.num_hidden_layers,
         );
-        let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        let head_dim = self.head_dim.unwrap_or(d / heads.max(1));
+        let kv_heads = self.base.num_key_value_heads.unwrap_or(heads);
+        let head_dim = self.base.head_dim.unwrap_or(d / heads.max(1));
         if heads == 0
             || kv_heads == 0
             || heads % kv_heads != 0
@@ -260,11 +224,11 @@ impl Config {
                 )),
             }
         };
-        check("rope_scaling", self.rope_scaling.as_ref())?;
-        let params = self.rope_parameters.as_ref();
+        check("rope_scaling", self.base.rope_scaling.as_ref())?;
+        let params = self.base.rope_parameters.as_ref();
         Ok(match version {
             Version::Gemma2 => {
-                let theta = check("rope_parameters", params)?.or(self.rope_theta);
+                let theta = check("rope_parameters", params)?.or(self.base.rope_theta);
                 (theta.unwrap_or(10000.0), None)
             }
             Version::Gemma3 => {
@@ -277,7 +241,7 @@ impl Config {
                     params.and_then(|p| p.get("sliding_attention")),
                 )?;
                 (
-                    full.or(self.rope_theta).unwrap_or(1_000_000.0),
+                    full.or(self.base.rope_theta).unwrap_or(1_000_000.0),
                     Some(local.or(self.rope_local_base_freq).unwrap_or(10000.0)),
                 )
             }
@@ -294,12 +258,16 @@ impl Gemma {
         let bad = |field: &str, msg: String| Error::config(w.source(), field, msg);
         let r = cfg.resolve(version, &bad)?;
         let (d, heads, hd, kv_heads) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
+            cfg.base.hidden_size,
+            cfg.base.num_attention_heads,
             r.head_dim,
             r.kv_heads,
         );
-        let (ff, v, eps) = (cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps);
+        let (ff, v, eps) = (
+            cfg.base.intermediate_size,
+            cfg.base.vocab_size,
+            cfg.base.rms_norm_eps,
+        );
         let norm = |name: &str, dim: usize| -> Result<Norm> {
             let weight = w.get(&format!("{name}.weight"), &[dim])?;
             Ok(match cfg.norm_gain_stored {
@@ -364,7 +332,7 @@ impl Gemma {
             });
         }
         // Gemma ties the head to the embedding unless the config says otherwise.
-        let lm_head = match cfg.tie_word_embeddings {
+        let lm_head = match cfg.base.tie_word_embeddings {
             Some(false) => w.get("lm_head.weight", &[v, d])?,
             _ => embed.clone(),
         };
@@ -375,16 +343,17 @@ impl Gemma {
             name,
             d_model: d,
             vocab_size: v,
-            n_layers: cfg.num_hidden_layers,
+            n_layers: cfg.base.num_hidden_layers,
             n_heads: heads,
-            max_positions: cfg.max_position_embeddings,
-            bos_token_id: cfg.bos_token_id,
+            max_positions: cfg.base.max_position_embeddings,
+            bos_token_id: cfg.base.bos_token_id,
             eos_token_ids: cfg
+                .base
                 .eos_token_id
                 .as_ref()
                 .map(TokenIds::to_vec)
                 .unwrap_or_default(),
-            pad_token_id: cfg.pad_token_id,
+            pad_token_id: cfg.base.pad_token_id,
             decoder_start_token_id: None,
         };
         Ok(Decoder {
@@ -407,22 +376,10 @@ impl Gemma {
     }
 }
 
-/// GGUF tensor name -> Hugging Face name of a Gemma model (`None` for tensors it does not
-/// use). llama.cpp's `ffn_norm` is Gemma's pre-feed-forward norm.
-pub(crate) fn hf_tensor_name(gguf: &str) -> Option<String> {
-    let (base, kind) = gguf.rsplit_once('.')?; // kind: weight / bias
-    let fixed = match base {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(format!("{f}.{kind}"));
-    }
-    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match part {
+/// The Hugging Face name of part `part` of a GGUF layer `blk.{i}.{part}` of a Gemma model
+/// (`None` for parts it does not use). llama.cpp's `ffn_norm` is Gemma's pre-feed-forward norm.
+pub(crate) fn gguf_layer_part(part: &str) -> Option<&'static str> {
+    Some(match part {
         "attn_norm" => "input_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -437,8 +394,7 @@ pub(crate) fn hf_tensor_name(gguf: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    })
 }
 
 /// The config of a GGUF `gemma2` / `gemma3` file from its metadata, as llama.cpp reads it:
@@ -488,19 +444,28 @@ pub(crate) fn gguf_config(meta: &Meta, version: Version, vocab_size: usize) -> R
         Version::Gemma3 => (None, None),
     };
     Ok(Config {
-        hidden_size: hidden,
-        intermediate_size: meta.usize(&key("feed_forward_length"))?,
-        num_hidden_layers: meta.usize(&key("block_count"))?,
-        num_attention_heads: heads,
-        num_key_value_heads: meta.opt(&key("attention.head_count_kv"), Meta::usize)?,
-        head_dim: Some(head_dim),
-        rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
-        vocab_size,
-        max_position_embeddings: meta.opt(&key("context_length"), Meta::usize)?,
-        rope_theta: float("rope.freq_base")?,
+        base: llama::Config {
+            hidden_size: hidden,
+            intermediate_size: meta.usize(&key("feed_forward_length"))?,
+            num_hidden_layers: meta.usize(&key("block_count"))?,
+            num_attention_heads: heads,
+            num_key_value_heads: meta.opt(&key("attention.head_count_kv"), Meta::usize)?,
+            head_dim: Some(head_dim),
+            rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: float("rope.freq_base")?,
+            rope_parameters: None,
+            rope_scaling: None,
+            hidden_act: None,
+            vocab_size,
+            max_position_embeddings: meta.opt(&key("context_length"), Meta::usize)?,
+            tie_word_embeddings: None,
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_id: Some(TokenIds::Many(eos)),
+            pad_token_id: id("tokenizer.ggml.padding_token_id")?,
+            rope_interleaved: false,
+            rope_frequencies: None,
+        },
         rope_local_base_freq: float("rope.freq_base_swa")?,
-        rope_parameters: None,
-        rope_scaling: None,
         query_pre_attn_scalar: Some(head_dim as f64),
         sliding_window: meta.opt(&key("attention.sliding_window"), Meta::usize)?,
         layer_types: None,
@@ -511,10 +476,6 @@ pub(crate) fn gguf_config(meta: &Meta, version: Version, vocab_size: usize) -> R
         hidden_act: None,
         attention_bias: false,
         use_bidirectional_attention: None,
-        tie_word_embeddings: None,
-        bos_token_id: id("tokenizer.ggml.bos_token_id")?,
-        eos_token_id: Some(TokenIds::Many(eos)),
-        pad_token_id: id("tokenizer.ggml.padding_token_id")?,
         norm_gain_stored: true,
     })
 }

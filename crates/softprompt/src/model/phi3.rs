@@ -7,6 +7,7 @@
 use super::decoder::Decoder;
 use super::llama::{self, Layout};
 use super::Arch;
+use crate::load::gguf::llama_layer_part;
 use crate::load::Weights;
 use crate::{Error, Result};
 use serde::Deserialize;
@@ -23,13 +24,16 @@ pub struct Config {
     pub partial_rotary_factor: Option<f64>,
 }
 
-/// GGUF block tensor names beyond the Llama ones (GGUF part -> Hugging Face part): llama.cpp
-/// keeps q, k, v in `attn_qkv` and gate, up in `ffn_up`. Phi-3 longrope files also have
+/// llama.cpp's names of the parts of a Phi-3 layer -> Hugging Face names: llama.cpp keeps
+/// q, k, v in `attn_qkv` and gate, up in `ffn_up`. Phi-3 longrope files also have
 /// `rope_factors_{long,short}`, which no name maps to: they are refused.
-pub(crate) const GGUF_TENSORS: &[(&str, &str)] = &[
-    ("attn_qkv", "self_attn.qkv_proj"),
-    ("ffn_up", "mlp.gate_up_proj"),
-];
+pub(crate) fn gguf_layer_part(part: &str) -> Option<&'static str> {
+    match part {
+        "attn_qkv" => Some("self_attn.qkv_proj"),
+        "ffn_up" => Some("mlp.gate_up_proj"),
+        _ => llama_layer_part(part),
+    }
+}
 
 impl Config {
     /// The config of a GGUF file: its Llama-layout config and `phi3.attention.sliding_window`.

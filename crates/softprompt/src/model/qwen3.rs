@@ -7,17 +7,22 @@ use super::decoder::Decoder;
 use super::llama::{self, Layout};
 use super::qwen2::check_full_attention;
 use super::Arch;
+use crate::load::gguf::llama_layer_part;
 use crate::load::Weights;
 use crate::Result;
 
 /// `config.json` of a Qwen3 model: the same fields as Qwen2's (the q/k norms have none).
 pub use super::qwen2::Config;
 
-/// GGUF block tensor names beyond the Llama ones (GGUF part -> Hugging Face part).
-pub(crate) const GGUF_TENSORS: &[(&str, &str)] = &[
-    ("attn_q_norm", "self_attn.q_norm"),
-    ("attn_k_norm", "self_attn.k_norm"),
-];
+/// llama.cpp's names of the parts of a Qwen3 layer -> Hugging Face names: Llama's and the
+/// head norms.
+pub(crate) fn gguf_layer_part(part: &str) -> Option<&'static str> {
+    match part {
+        "attn_q_norm" => Some("self_attn.q_norm"),
+        "attn_k_norm" => Some("self_attn.k_norm"),
+        _ => llama_layer_part(part),
+    }
+}
 
 /// The Qwen3 family description: builds a [`Decoder`].
 pub struct Qwen3;

@@ -33,7 +33,14 @@ impl FeedForward {
     /// operands allow it and the activation has a fused kernel, else [`Self::composite`].
     pub fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
         match self.kernel_args()? {
-            Some(args) if args.applies(x, kernels) => Ok(feed_forward_block(x, args)?),
+            Some(args) if args.applies(x, kernels) => {
+                let y = feed_forward_block(x, args)?;
+                match &self.output_norm {
+                    // The op gave the branch alone, [B, T, D].
+                    Some(n) => Ok((x + n.forward(kernels, &y)?)?),
+                    None => Ok(y),
+                }
+            }
             _ => self.composite(kernels, x),
         }
     }
@@ -45,14 +52,11 @@ impl FeedForward {
     }
 
     /// The operands of the fused op (shared tensors, no copy); `None` when the activation
-    /// has no fused kernel or the branch output is normed.
+    /// has no fused kernel. With an output norm the op gives the branch alone.
     fn kernel_args(&self) -> Result<Option<FeedForwardArgs>> {
         let Some(act) = self.act.fused() else {
             return Ok(None);
         };
-        if self.output_norm.is_some() {
-            return Ok(None);
-        }
         Ok(Some(FeedForwardArgs {
             norm: self.norm.weights()?,
             inner: match &self.inner {
@@ -64,6 +68,7 @@ impl FeedForward {
             },
             down: self.down.weights(),
             act,
+            residual: self.output_norm.is_none(),
         }))
     }
 

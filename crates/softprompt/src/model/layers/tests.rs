@@ -603,3 +603,30 @@ fn candle_nn_softmax(x: &Tensor) -> Tensor {
     e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
         .unwrap()
 }
+
+/// Gemma's feed-forward: `x + post(down(gelu(gate(n)) * up(n)))`, `n = pre(x)`, norms with
+/// gain `1 + w`: the fused op gives the branch alone, equal to the composite path (outputs
+/// and input gradients).
+#[test]
+fn feed_forward_with_output_norm_matches_composite() {
+    let (b, t, d, f) = (2, 5, 12, 20);
+    let x = rand(&[b, t, d], 12, 1.0);
+    let ffn = FeedForward {
+        norm: Norm::rms_plus_one(rand(&[d], 60, 0.3), 1e-6),
+        inner: FfnInner::Gated {
+            gate: Linear::new(rand(&[f, d], 61, 0.5), None),
+            up: Linear::new(rand(&[f, d], 62, 0.5), None),
+        },
+        act: Activation::GeluTanh,
+        down: Linear::new(rand(&[d, f], 63, 0.5), None),
+        output_norm: Some(Norm::rms_plus_one(rand(&[d], 64, 0.3), 1e-6)),
+    };
+    let k = Kernels::fast();
+    assert!(ffn.fused_applies(k, &x), "fused path not taken");
+    check(
+        "gemma feed-forward",
+        &x,
+        |x| ffn.forward(k, x).unwrap(),
+        |x| ffn.composite(Kernels::reference(), x).unwrap(),
+    );
+}
