@@ -46,6 +46,8 @@ pub(crate) struct AttentionArgs {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub rope: Option<RopeTables>,
+    /// Per-head norms `[Dh]` of the projected queries and keys, before the rotation (Qwen3).
+    pub head_norms: Option<[NormWeights; 2]>,
     pub bias: Tensor,
     pub scale: f64,
 }
@@ -60,6 +62,9 @@ impl AttentionArgs {
         }
         if let Some(r) = &self.rope {
             frozen.extend([&r.cos, &r.sin]);
+        }
+        for n in self.head_norms.iter().flatten() {
+            n.tensors(&mut frozen);
         }
         frozen.push(&self.bias);
         kernels.blocks_apply(x, &frozen)
@@ -129,12 +134,16 @@ impl Dims {
 
 /// What the forward computed and the backward reads: rotated queries `[B, H, T, Dh]`, rotated
 /// keys and values `[B, H_kv, T, Dh]`, probabilities `[B, H, T, T]` (empty when not kept).
-/// At rows: queries `[M, H*Dh]` and probabilities `[M, H, T]`.
+/// At rows: queries `[M, H*Dh]` and probabilities `[M, H, T]`. With head norms, also the
+/// projections they normed, `q_proj [B*T or M, H*Dh]` and `k_proj [B*T, H_kv*Dh]` (else
+/// empty).
 pub(super) struct Activations {
     pub q: Vec<f32>,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
     pub p: Vec<f32>,
+    pub q_proj: Vec<f32>,
+    pub k_proj: Vec<f32>,
 }
 
 pub(super) struct AttentionOp {
@@ -150,7 +159,7 @@ pub(super) struct AttentionOp {
     pub scale: f32,
     /// Keep the [`Activations`] for the backward (the input takes part in a gradient
     /// computation).
-    keep: bool,
+    pub(super) keep: bool,
     saved: Mutex<Option<Activations>>,
 }
 
@@ -190,6 +199,8 @@ pub(super) struct Operands<'a> {
     pub v: ProjLock<'a>,
     pub o: ProjLock<'a>,
     rope: Option<RopeLock<'a>>,
+    /// q and k head norms.
+    head_norms: Option<[NormLock<'a>; 2]>,
     pub bias: ReadLock<'a>,
 }
 
@@ -201,6 +212,40 @@ struct RopeLock<'a> {
 }
 
 impl Operands<'_> {
+    /// `proj [R, heads*Dh]` with the head norm `which` (0: queries, 1: keys) applied to
+    /// every head, and the projection itself when `keep` (empty otherwise); `proj` as it is
+    /// without head norms.
+    pub fn head_norm(
+        &self,
+        which: usize,
+        proj: Vec<f32>,
+        dh: usize,
+        keep: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        match &self.head_norms {
+            Some(norms) => {
+                let normed = norms[which].forward_rows(&proj, dh)?;
+                Ok((normed, if keep { proj } else { Vec::new() }))
+            }
+            None => Ok((proj, Vec::new())),
+        }
+    }
+
+    /// The gradient of the projection from that of the normed one (`dp`, `[R, heads*Dh]`),
+    /// given the projection `proj` kept by [`Self::head_norm`]; `dp` without head norms.
+    pub fn head_norm_backward(
+        &self,
+        which: usize,
+        proj: &[f32],
+        dp: Vec<f32>,
+        dh: usize,
+    ) -> Result<Vec<f32>> {
+        match &self.head_norms {
+            Some(norms) => norms[which].backward_rows(proj, &dp, None, dh),
+            None => Ok(dp),
+        }
+    }
+
     /// `cos`, `sin` `[T, Dh/2]` and the layout, when the block rotates.
     pub fn rope(&self) -> Result<Option<RopeData<'_>>> {
         Ok(match &self.rope {
@@ -244,6 +289,9 @@ impl AttentionOp {
             return bad(format!("{h} heads, {hkv} kv heads, head dim {dh}"));
         }
         args.norm.check(d)?;
+        for n in args.head_norms.iter().flatten() {
+            n.check(dh)?;
+        }
         let dims = [
             args.q.dims("q")?,
             args.k.dims("k")?,
@@ -333,6 +381,7 @@ impl AttentionOp {
                 sin: ReadLock::new(&r.sin),
                 interleaved: r.interleaved,
             }),
+            head_norms: a.head_norms.as_ref().map(|[q, k]| [q.lock(), k.lock()]),
             bias: ReadLock::new(&a.bias),
         }
     }
@@ -347,15 +396,21 @@ impl AttentionOp {
         }
     }
 
-    /// The keys and values `[B, H_kv, T, Dh]` of the normed input `n [B*T, D]`, keys rotated.
-    pub(super) fn keys_values(&self, n: &[f32], ops: &Operands) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// The keys and values `[B, H_kv, T, Dh]` of the normed input `n [B*T, D]`, keys
+    /// head-normed (kept projection returned third, see [`Operands::head_norm`]) and rotated.
+    pub(super) fn keys_values(
+        &self,
+        n: &[f32],
+        ops: &Operands,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let Dims {
             b, t, d, hkv, dh, ..
         } = self.dims;
         let r = b * t;
-        let k = to_heads(&project(n, r, d, &ops.k)?, (b, t, hkv, dh), ops.rope()?);
+        let (k, k_proj) = ops.head_norm(1, project(n, r, d, &ops.k)?, dh, self.keep)?;
+        let k = to_heads(&k, (b, t, hkv, dh), ops.rope()?);
         let v = to_heads(&project(n, r, d, &ops.v)?, (b, t, hkv, dh), None);
-        Ok((k, v))
+        Ok((k, v, k_proj))
     }
 
     /// `y = x (+ b_o) + merged @ Wo^T` for `x`, `y [M, D]`, `merged [M, H*Dh]`.
@@ -367,11 +422,13 @@ impl AttentionOp {
     }
 
     /// The input gradient of the keys' and values' projections, `dk @ Wk + dv @ Wv`
-    /// (`dk`, `dv` `[B*T, H_kv*Dh]`) -> `[B*T, D]`, unrotating `dk` first.
+    /// (`dk`, `dv` `[B*T, H_kv*Dh]`) -> `[B*T, D]`, unrotating `dk` and taking it through the
+    /// head norm (`k_proj`: the kept projection) first.
     pub(super) fn kv_input_grad(
         &self,
-        dk: &mut [f32],
+        mut dk: Vec<f32>,
         dv: &[f32],
+        k_proj: &[f32],
         ops: &Operands,
     ) -> Result<Vec<f32>> {
         let Dims {
@@ -379,10 +436,11 @@ impl AttentionOp {
         } = self.dims;
         let (r, nkv) = (b * t, hkv * dh);
         if let Some(rope) = ops.rope()? {
-            rotate_rows(dk, (nkv, dh), rope, true, |i| i % t);
+            rotate_rows(&mut dk, (nkv, dh), rope, true, |i| i % t);
         }
+        let dk = ops.head_norm_backward(1, k_proj, dk, dh)?;
         let mut dn = vec![0f32; r * d];
-        input_grad(&mut dn, false, dk, ops.k.w()?, (r, nkv, d))?;
+        input_grad(&mut dn, false, &dk, ops.k.w()?, (r, nkv, d))?;
         input_grad(&mut dn, true, dv, ops.v.w()?, (r, nkv, d))?;
         Ok(dn)
     }
@@ -396,8 +454,9 @@ impl AttentionOp {
         let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, nq, group) = (b * t, h * dh, h / hkv);
         let bias = ops.bias.f32()?;
-        let q = to_heads(&project(&n, r, d, &ops.q)?, (b, t, h, dh), ops.rope()?); // [B,H,T,Dh]
-        let (k, v) = self.keys_values(&n, ops)?; // [B,Hkv,T,Dh]
+        let (q, q_proj) = ops.head_norm(0, project(&n, r, d, &ops.q)?, dh, self.keep)?;
+        let q = to_heads(&q, (b, t, h, dh), ops.rope()?); // [B,H,T,Dh]
+        let (k, v, k_proj) = self.keys_values(&n, ops)?; // [B,Hkv,T,Dh]
         drop(n);
 
         // Per (row, kv head): scores of its `group` query heads, softmax, `P V` into the
@@ -463,7 +522,15 @@ impl AttentionOp {
                 Ok(())
             })?;
         let y = self.output(x, &merged, ops)?; // [R, D]
-        Ok((y, Activations { q, k, v, p }))
+        let saved = Activations {
+            q,
+            k,
+            v,
+            p,
+            q_proj,
+            k_proj,
+        };
+        Ok((y, saved))
     }
 }
 

@@ -18,7 +18,14 @@ impl AttentionOp {
         saved: &Activations,
         ops: &Operands,
     ) -> Result<Vec<f32>> {
-        let Activations { q, k, v, p } = saved;
+        let Activations {
+            q,
+            k,
+            v,
+            p,
+            q_proj,
+            k_proj,
+        } = saved;
         let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, nq, nkv, group) = (b * t, h * dh, hkv * dh, h / hkv);
 
@@ -95,12 +102,13 @@ impl AttentionOp {
                 Ok(())
             })?;
         drop(dm);
-        let QkvGrads { mut dq, mut dk, dv } = grads;
+        let QkvGrads { mut dq, dk, dv } = grads;
         if let Some(rope) = ops.rope()? {
             rotate_rows(&mut dq, (nq, dh), rope, true, |i| i % t);
         }
+        let dq = ops.head_norm_backward(0, q_proj, dq, dh)?;
         // d norm = dk @ Wk + dv @ Wv + dq @ Wq   [R, D]
-        let mut dn = self.kv_input_grad(&mut dk, &dv, ops)?;
+        let mut dn = self.kv_input_grad(dk, &dv, k_proj, ops)?;
         input_grad(&mut dn, true, &dq, ops.q.w()?, (r, nq, d))?;
         ops.norm.backward_rows_add(xd, &dn, dyd, d)
     }

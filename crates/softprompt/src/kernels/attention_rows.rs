@@ -23,8 +23,9 @@ impl AttentionOp {
         } = self.dims;
         let (m, nq, group) = (rows.len(), h * dh, h / hkv);
         let bias = ops.bias.f32()?;
-        let (k, v) = self.keys_values(&n, ops)?; // [B, Hkv, T, Dh]
-        let mut q = project(&gather(&n, rows, d), m, d, &ops.q)?; // [M, H*Dh]
+        let (k, v, k_proj) = self.keys_values(&n, ops)?; // [B, Hkv, T, Dh]
+        let q = project(&gather(&n, rows, d), m, d, &ops.q)?; // [M, H*Dh]
+        let (mut q, q_proj) = ops.head_norm(0, q, dh, self.keep)?;
         drop(n);
         if let Some(rope) = ops.rope()? {
             rotate_rows(&mut q, (nq, dh), rope, false, |i| rows[i] % t);
@@ -55,7 +56,15 @@ impl AttentionOp {
                 }
             });
         let y = self.output(&gather(x, rows, d), &merged, ops)?; // [M, D]
-        Ok((y, Activations { q, k, v, p }))
+        let saved = Activations {
+            q,
+            k,
+            v,
+            p,
+            q_proj,
+            k_proj,
+        };
+        Ok((y, saved))
     }
 
     /// The backward of [`Self::forward_rows`]: `x [B*T, D]`, `dy [M, D]` -> `dx [B*T, D]`.
@@ -67,7 +76,14 @@ impl AttentionOp {
         saved: &Activations,
         ops: &Operands,
     ) -> Result<Vec<f32>> {
-        let Activations { q, k, v, p } = saved;
+        let Activations {
+            q,
+            k,
+            v,
+            p,
+            q_proj,
+            k_proj,
+        } = saved;
         let (b, t, d, h, hkv, dh) = self.dims.all();
         let (r, m, nq, nkv, group) = (b * t, rows.len(), h * dh, hkv * dh, h / hkv);
         let mut dm = vec![0f32; m * nq]; // d merged = dy @ Wo   [M, H*Dh]
@@ -108,12 +124,13 @@ impl AttentionOp {
                 Ok(())
             })?;
         drop(dm);
-        let QkvGrads { mut dq, mut dk, dv } = grads;
+        let QkvGrads { mut dq, dk, dv } = grads;
         if let Some(rope) = ops.rope()? {
             rotate_rows(&mut dq, (nq, dh), rope, true, |i| rows[i] % t);
         }
+        let dq = ops.head_norm_backward(0, q_proj, dq, dh)?;
         // d norm = dk @ Wk + dv @ Wv at every position, + dq @ Wq at the rows   [B*T, D]
-        let mut dn = self.kv_input_grad(&mut dk, &dv, ops)?;
+        let mut dn = self.kv_input_grad(dk, &dv, k_proj, ops)?;
         let mut dnq = vec![0f32; m * d];
         input_grad(&mut dnq, false, &dq, ops.q.w()?, (m, nq, d))?;
         let mut dy_all = vec![0f32; r * d];

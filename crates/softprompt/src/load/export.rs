@@ -10,6 +10,7 @@
 
 use crate::fsutil::write_atomic;
 use crate::model::llama::{self, TokenIds};
+use crate::model::rope::RopeFrequencies;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -58,6 +59,15 @@ pub fn write_hf_llama(
     tensors: &HashMap<String, Tensor>,
     tokenizer: &Tokenizer,
 ) -> Result<()> {
+    // config.json below describes plain RoPE only.
+    if let Some(f) = &cfg.rope_frequencies {
+        if *f != RopeFrequencies::plain(cfg.head_dim(), cfg.rope_theta()) {
+            return Err(Error::invalid(
+                "a GGUF model with scaled RoPE (rope_freqs or rope.scaling metadata) cannot be \
+                 written as a Hugging Face folder",
+            ));
+        }
+    }
     let tied = cfg.tie_word_embeddings == Some(true) || !tensors.contains_key("lm_head.weight");
     let mut out: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len() + cfg.num_hidden_layers);
     for (name, t) in tensors {

@@ -1,13 +1,16 @@
 //! GGUF files (llama.cpp): weights dequantized to f32, a config and a tokenizer (byte-level
-//! BPE here, SentencePiece-style in [`super::gguf_spm`]) built from the metadata. Llama-layout
-//! files (`llama`, `mistral`) are read here; Gemma's metadata and tensor names are read by its
-//! description ([`crate::model::gemma`]).
+//! BPE in [`super::gguf_bpe`], SentencePiece-style in [`super::gguf_spm`]) built from the
+//! metadata. Llama-layout files (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`) are read here,
+//! with a family's extra tensor names from its description; Gemma's metadata and tensor names
+//! are read by its description ([`crate::model::gemma`]).
 //!
-//! The q/k weights stay in GGUF's permuted row order, so the model uses GGML's adjacent-pair
-//! RoPE (`rope_interleaved`), which gives the same numbers as un-permuting them.
+//! The q/k weights of `llama` / `mistral` files stay in GGUF's permuted row order, so the
+//! model uses GGML's adjacent-pair RoPE (`rope_interleaved`), which gives the same numbers as
+//! un-permuting them; the other families' converters do not permute.
 
-use super::{model_name, Model, Weights};
-use crate::model::{gemma, llama, mistral, Backbone};
+use super::{gguf_bpe, model_name, Model, Weights};
+use crate::model::rope::RopeFrequencies;
+use crate::model::{gemma, llama, mistral, phi3, qwen2, qwen3, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -19,7 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 /// Architectures (`general.architecture`) this loader knows.
-const SUPPORTED: &str = "llama, mistral, gemma2, gemma3";
+const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3";
 
 /// A GGUF Llama file read into memory.
 pub struct GgufLlama {
@@ -60,12 +63,9 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
         }
         _ => {
             let (llama, sliding_window) = read_llama(&meta, &content, &mut reader, device)?;
-            let config = mistral::Config {
-                llama: llama.config,
-                sliding_window,
-            };
             let weights = Weights::new(llama.tensors, path);
-            (mistral::Mistral::new(&config, &weights, name)?, llama.tokenizer)
+            let decoder = build_llama_layout(&arch, llama.config, sliding_window, &weights, name)?;
+            (decoder, llama.tokenizer)
         }
     };
     Ok(Model {
@@ -78,13 +78,21 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
 
 /// Reads the tensors (dequantised to f32 on `device`), the config and the tokenizer of the
 /// GGUF Llama file `path` (a sliding-window Mistral file is refused: its window has no place
-/// in a Llama config).
+/// in a Llama config; so are the other families).
 pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
     let (content, mut reader) = open(path)?;
     let meta = Meta {
         path,
         map: &content.metadata,
     };
+    let arch = meta.string("general.architecture")?;
+    if arch != "llama" && arch != "mistral" {
+        return Err(Error::config(
+            path,
+            "general.architecture",
+            format!("`{arch}`: only llama GGUF files can be read as a Llama model"),
+        ));
+    }
     let (llama, window) = read_llama(&meta, &content, &mut reader, device)?;
     if let Some(w) = window {
         return Err(Error::config(
@@ -96,7 +104,8 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
     Ok(llama)
 }
 
-/// The Llama-layout file of `meta` (`llama` or `mistral` architecture) and its sliding window.
+/// The Llama-layout file of `meta` (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`) and its
+/// sliding window.
 fn read_llama(
     meta: &Meta,
     content: &Content,
@@ -105,19 +114,29 @@ fn read_llama(
 ) -> Result<(GgufLlama, Option<usize>)> {
     let path = meta.path;
     let arch = meta.string("general.architecture")?;
-    if arch != "llama" && arch != "mistral" {
-        return Err(Error::config(
-            path,
-            "general.architecture",
-            format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
-        ));
-    }
-    let config = config(meta, &arch, vocab_size(path, content)?)?;
+    let layer_part: fn(&str) -> Option<&'static str> = match arch.as_str() {
+        "llama" | "mistral" | "qwen2" => llama_layer_part,
+        "qwen3" => qwen3::gguf_layer_part,
+        "phi3" => phi3::gguf_layer_part,
+        _ => {
+            return Err(Error::config(
+                path,
+                "general.architecture",
+                format!("unsupported architecture `{arch}` (supported: {SUPPORTED})"),
+            ))
+        }
+    };
+    let divisors = rope_divisors(path, content, reader)?;
+    let config = config(meta, &arch, vocab_size(path, content)?, divisors.as_deref())?;
     let window = meta.opt(&format!("{arch}.attention.sliding_window"), Meta::usize)?;
-    let tensors = read_tensors(path, content, reader, device, hf_name, |w| {
-        let family = mistral::Config { llama: config.clone(), sliding_window: window };
-        mistral::Mistral::new(&family, w, String::new())
+    let rename = |n: &str| hf_name(n, layer_part);
+    let mut tensors = read_tensors(path, content, reader, device, rename, |w| {
+        if let Some(d) = &divisors {
+            w.get(ROPE_FREQS, &[d.len()])?; // taken: the config holds them
+        }
+        build_llama_layout(&arch, config.clone(), window, w, String::new())
     })?;
+    tensors.remove(ROPE_FREQS);
     let eos = config.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
     let tokenizer = tokenizer(meta, &arch, config.bos_token_id, eos)?;
     Ok((
@@ -128,6 +147,38 @@ fn read_llama(
         },
         window,
     ))
+}
+
+/// The decoder of a Llama-layout file of architecture `arch` (checked by `read_llama`).
+fn build_llama_layout(
+    arch: &str,
+    config: llama::Config,
+    sliding_window: Option<usize>,
+    weights: &Weights,
+    name: String,
+) -> Result<crate::model::Decoder> {
+    match arch {
+        "qwen2" => qwen2::Qwen2::new(&qwen2::Config::from(config), weights, name),
+        "qwen3" => qwen3::Qwen3::new(&qwen3::Config::from(config), weights, name),
+        "phi3" => phi3::Phi3::new(&phi3::Config::gguf(config, sliding_window), weights, name),
+        _ => mistral::Mistral::new(&mistral::Config { llama: config, sliding_window }, weights, name),
+    }
+}
+
+/// llama.cpp's per-frequency RoPE divisors (`rope_freqs.weight`, llama3 scaling), decoded
+/// ahead of the other tensors because the config depends on them (a small 1-D tensor).
+fn rope_divisors(path: &Path, content: &Content, reader: &mut BufReader<File>) -> Result<Option<Vec<f32>>> {
+    let Some(info) = content.tensor_infos.get(ROPE_FREQS) else { return Ok(None) };
+    let dims = info.shape.dims();
+    if dims.len() != 1 || dims[0] > 1 << 16 {
+        return Err(Error::format(path, format!("tensor `{ROPE_FREQS}` has shape {dims:?}, expected [head_dim / 2]")));
+    }
+    let decoded = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Vec<f32>> {
+        content.tensor(reader, ROPE_FREQS, &Device::Cpu)?.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec1()
+    }))
+    .map_err(|_| Error::format(path, format!("tensor `{ROPE_FREQS}` cannot be decoded")))?
+    .map_err(|e| Error::format(path, format!("tensor `{ROPE_FREQS}`: {}", first_line(&e))))?;
+    Ok(Some(decoded))
 }
 
 /// The rows of `token_embd.weight` (read from the tensor table: nothing is decoded yet).
@@ -217,22 +268,32 @@ fn read_tensors<T>(
     Ok(tensors)
 }
 
-/// GGUF tensor name -> Hugging Face name of a Llama-layout model (`None` for tensors the
-/// model does not use).
-fn hf_name(gguf: &str) -> Option<String> {
-    hf_tensor_name(gguf, |part| {
-        Some(match part {
-            "attn_q" => "self_attn.q_proj",
-            "attn_k" => "self_attn.k_proj",
-            "attn_v" => "self_attn.v_proj",
-            "attn_output" => "self_attn.o_proj",
-            "ffn_gate" => "mlp.gate_proj",
-            "ffn_up" => "mlp.up_proj",
-            "ffn_down" => "mlp.down_proj",
-            "attn_norm" => "input_layernorm",
-            "ffn_norm" => "post_attention_layernorm",
-            _ => return None,
-        })
+/// llama.cpp's per-frequency RoPE divisors (llama3 scaling), kept under this name until the
+/// config reads them.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// GGUF tensor name -> Hugging Face name of a Llama-layout model (`None` for tensors no
+/// family reads), `layer_part` naming the parts of a layer (the family's).
+fn hf_name(gguf: &str, layer_part: fn(&str) -> Option<&'static str>) -> Option<String> {
+    if gguf == ROPE_FREQS {
+        return Some(ROPE_FREQS.into());
+    }
+    hf_tensor_name(gguf, layer_part)
+}
+
+/// llama.cpp's names of the parts of a Llama layer -> Hugging Face names.
+pub(crate) fn llama_layer_part(part: &str) -> Option<&'static str> {
+    Some(match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
     })
 }
 
@@ -261,7 +322,7 @@ pub(crate) fn hf_tensor_name(
 /// Typed access to the metadata, with errors naming the file and the key.
 pub(crate) struct Meta<'a> {
     pub path: &'a Path,
-    map: &'a HashMap<String, Value>,
+    pub(super) map: &'a HashMap<String, Value>,
 }
 
 impl Meta<'_> {
@@ -386,7 +447,14 @@ impl Meta<'_> {
     }
 }
 
-fn config(meta: &Meta, arch: &str, vocab_size: usize) -> Result<llama::Config> {
+/// The Llama-layout config of the metadata keys `{arch}.*`; `divisors` is the `rope_freqs`
+/// tensor when the file has one.
+fn config(
+    meta: &Meta,
+    arch: &str,
+    vocab_size: usize,
+    divisors: Option<&[f32]>,
+) -> Result<llama::Config> {
     let key = |k: &str| format!("{arch}.{k}");
     let hidden = meta.usize(&key("embedding_length"))?;
     let heads = meta.usize(&key("attention.head_count"))?;
@@ -409,6 +477,25 @@ fn config(meta: &Meta, arch: &str, vocab_size: usize) -> Result<llama::Config> {
             ));
         }
     }
+    if let Some(v) = meta.opt(&key("attention.value_length"), Meta::usize)? {
+        if v != head_dim {
+            return Err(Error::config(
+                meta.path,
+                key("attention.value_length"),
+                format!("{v}: a value width other than the key width {head_dim} is not supported"),
+            ));
+        }
+    }
+    let theta = meta
+        .opt(&key("rope.freq_base"), Meta::f64)?
+        .unwrap_or(10000.0);
+    let rope = RopeFrequencies::from_gguf(
+        meta.path,
+        head_dim,
+        theta,
+        divisors,
+        rope_linear_factor(meta, arch)?,
+    )?;
     let eos = meta.opt("tokenizer.ggml.eos_token_id", Meta::usize)?;
     let eot = meta.opt("tokenizer.ggml.eot_token_id", Meta::usize)?;
     let mut eos_ids: Vec<u32> = eos.into_iter().chain(eot).map(|i| i as u32).collect();
@@ -424,12 +511,10 @@ fn config(meta: &Meta, arch: &str, vocab_size: usize) -> Result<llama::Config> {
         ),
         head_dim: Some(head_dim),
         rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: Some(
-            meta.opt(&key("rope.freq_base"), Meta::f64)?
-                .unwrap_or(10000.0),
-        ),
+        rope_theta: Some(theta),
         rope_parameters: None,
         rope_scaling: None,
+        hidden_act: None,
         vocab_size,
         max_position_embeddings: Some(meta.usize(&key("context_length"))?),
         // Without `output.weight` the head is the embedding.
@@ -441,8 +526,37 @@ fn config(meta: &Meta, arch: &str, vocab_size: usize) -> Result<llama::Config> {
         pad_token_id: meta
             .opt("tokenizer.ggml.padding_token_id", Meta::usize)?
             .map(|i| i as u32),
-        rope_interleaved: true,
+        rope_interleaved: matches!(arch, "llama" | "mistral"),
+        rope_frequencies: Some(rope),
     })
+}
+
+/// The linear RoPE factor of `{arch}.rope.scaling.*` (llama.cpp's default type is linear; a
+/// factor of 0 means none); any other scaling type is an error.
+fn rope_linear_factor(meta: &Meta, arch: &str) -> Result<f64> {
+    let type_key = format!("{arch}.rope.scaling.type");
+    let kind = meta.opt(&type_key, Meta::string)?;
+    let factor = match meta.opt(&format!("{arch}.rope.scaling.factor"), Meta::f64)? {
+        Some(f) => Some(f),
+        None => meta.opt(&format!("{arch}.rope.scale_linear"), Meta::f64)?,
+    };
+    match kind.as_deref() {
+        Some("none") => Ok(1.0),
+        None | Some("linear") => match factor {
+            None | Some(0.0) => Ok(1.0),
+            Some(f) if f.is_finite() && f > 0.0 => Ok(f),
+            Some(f) => Err(Error::config(
+                meta.path,
+                format!("{arch}.rope.scaling.factor"),
+                format!("{f}: must be a positive number"),
+            )),
+        },
+        Some(other) => Err(Error::config(
+            meta.path,
+            type_key,
+            format!("unsupported rope scaling `{other}` (supported: none, linear)"),
+        )),
+    }
 }
 
 /// The tokenizer of the metadata, by `tokenizer.ggml.model`: `gpt2` (byte-level BPE, here)
@@ -457,7 +571,7 @@ fn tokenizer(meta: &Meta, arch: &str, bos: Option<u32>, eos: Option<u32>) -> Res
     }
     let model = meta.string("tokenizer.ggml.model")?;
     match model.as_str() {
-        "gpt2" => byte_level_tokenizer(meta, bos, eos),
+        "gpt2" => gguf_bpe::tokenizer(meta, bos, eos),
         "llama" => super::gguf_spm::tokenizer(meta, arch, bos, eos),
         other => Err(Error::config(
             meta.path,
@@ -468,86 +582,6 @@ fn tokenizer(meta: &Meta, arch: &str, bos: Option<u32>, eos: Option<u32>) -> Res
             ),
         )),
     }
-}
-
-/// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) from the GGUF vocabulary and merges.
-fn byte_level_tokenizer(meta: &Meta, bos: Option<u32>, eos: Option<u32>) -> Result<Tokenizer> {
-    use tokenizers::models::bpe::{Vocab, BPE};
-    use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
-    use tokenizers::{AddedToken, PreTokenizerWrapper};
-
-    let pre = meta
-        .opt("tokenizer.ggml.pre", Meta::string)?
-        .unwrap_or_else(|| "default".into());
-    let byte_level = ByteLevel::new(false, true, true);
-    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-        "default" | "gpt2" => byte_level.into(),
-        // llama.cpp splits every digit off before the GPT-2 regex for these.
-        "smollm" | "starcoder" | "refact" | "codeshell" => {
-            Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-        }
-        other => return Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.pre",
-            format!(
-                "unsupported pre-tokenizer `{other}` (supported: default, gpt2, smollm, starcoder)"
-            ),
-        )),
-    };
-
-    let tokens = meta.strings("tokenizer.ggml.tokens")?;
-    let vocab: Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), i as u32))
-        .collect();
-    let merges = meta
-        .strings("tokenizer.ggml.merges")?
-        .into_iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| {
-                    Error::config(
-                        meta.path,
-                        "tokenizer.ggml.merges",
-                        format!("bad merge `{m}`"),
-                    )
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| Error::config(meta.path, "tokenizer.ggml.merges", e.to_string()))?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
-    inner.with_pre_tokenizer(Some(pre_tokenizer));
-    inner.with_decoder(Some(ByteLevel::default()));
-
-    // Control tokens (type 3: <|im_start|>, <|endoftext|>, ...) match whole and are skipped
-    // when decoding; user-defined ones (type 4) match whole.
-    if let Some(Value::Array(types)) = meta.map.get("tokenizer.ggml.token_type") {
-        let mut special = Vec::new();
-        let mut user = Vec::new();
-        for (tok, ty) in tokens.iter().zip(types) {
-            match ty {
-                Value::I32(3) | Value::U32(3) => {
-                    special.push(AddedToken::from(tok.to_string(), true))
-                }
-                Value::I32(4) | Value::U32(4) => {
-                    user.push(AddedToken::from(tok.to_string(), false))
-                }
-                _ => {}
-            }
-        }
-        inner.add_special_tokens(&special);
-        inner.add_tokens(&user);
-    }
-
-    let add_bos = meta
-        .opt("tokenizer.ggml.add_bos_token", Meta::bool)?
-        .unwrap_or(false);
-    Ok(Tokenizer::new(inner, add_bos, bos, eos))
 }
 
 /// The first line of an error message (candle appends a backtrace when RUST_BACKTRACE is set).

@@ -2,7 +2,7 @@
 //! `tokenizer.json`.
 
 use super::{model_name, Model, Weights};
-use crate::model::{gemma, gpt2, llama, mistral, t5, Backbone};
+use crate::model::{gemma, gpt2, llama, mistral, phi3, qwen2, qwen3, t5, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::Device;
@@ -103,9 +103,21 @@ pub fn build_backbone(dir: &Path, weights: &Weights) -> Result<(Backbone, String
         .to_string();
     let name = model_name(dir);
     let backbone = match model_type.as_str() {
-        "llama" | "qwen2" => {
+        "llama" => {
             let cfg: llama::Config = parse_config(&config_path, &config)?;
             Backbone::Causal(Box::new(llama::Llama::new(&cfg, weights, name)?))
+        }
+        "qwen2" => {
+            let cfg: qwen2::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(qwen2::Qwen2::new(&cfg, weights, name)?))
+        }
+        "qwen3" => {
+            let cfg: qwen3::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(qwen3::Qwen3::new(&cfg, weights, name)?))
+        }
+        "phi3" => {
+            let cfg: phi3::Config = parse_config(&config_path, &config)?;
+            Backbone::Causal(Box::new(phi3::Phi3::new(&cfg, weights, name)?))
         }
         "mistral" => {
             let cfg: mistral::Config = parse_config(&config_path, &config)?;
@@ -138,7 +150,10 @@ pub fn build_backbone(dir: &Path, weights: &Weights) -> Result<(Backbone, String
             return Err(Error::config(
                 &config_path,
                 "model_type",
-                format!("unsupported architecture `{other}` (supported: llama, mistral, gemma2, gemma3_text, gpt2, t5)"),
+                format!(
+                    "unsupported architecture `{other}` (supported: llama, mistral, qwen2, \
+                     qwen3, phi3, gemma2, gemma3_text, gpt2, t5)"
+                ),
             ))
         }
     };

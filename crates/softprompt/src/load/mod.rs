@@ -2,6 +2,7 @@
 
 pub(crate) mod export;
 pub mod gguf;
+mod gguf_bpe;
 mod gguf_checks;
 mod gguf_spm;
 pub mod hf;

@@ -5,6 +5,7 @@
 use super::layers::{
     Attention, AttentionContext, Embedding, FeedForward, LmHead, Norm, Rotary, SlidingContext,
 };
+use super::rope::{plain_inv_freq, RopeFrequencies};
 use super::{attention_bias, ops, sliding_window_bias, CausalLm, KvCache, LogitsAt, ModelInfo};
 use crate::kernels::Kernels;
 use crate::Result;
@@ -20,11 +21,12 @@ pub struct Block {
 /// How positions enter the model.
 #[derive(Clone, Debug)]
 pub enum Positions {
-    /// Rotary embeddings of queries and keys (Llama family): `theta`, head dim, pair layout
-    /// (`interleaved`: GGML's adjacent pairs, for q/k weights as stored in GGUF files).
+    /// Rotary embeddings of queries and keys (Llama family): head dim, frequencies (plain or
+    /// scaled), pair layout (`interleaved`: GGML's adjacent pairs, for q/k weights as stored
+    /// in GGUF files).
     Rotary {
         head_dim: usize,
-        theta: f64,
+        frequencies: RopeFrequencies,
         interleaved: bool,
     },
     /// A learned table `[n_positions, D]` added to the input embeddings (GPT-2).
@@ -58,14 +60,14 @@ impl Decoder {
         Ok(match &self.positions {
             Positions::Rotary {
                 head_dim,
-                theta,
+                frequencies,
                 interleaved,
             } => {
-                let theta = match (sliding, self.sliding_rope_theta) {
-                    (true, Some(local)) => local,
-                    _ => *theta,
+                let inv_freq = match (sliding, self.sliding_rope_theta) {
+                    (true, Some(local)) => plain_inv_freq(*head_dim, local),
+                    _ => frequencies.inv_freq(start + t),
                 };
-                let (cos, sin) = ops::rope_tables(*head_dim, theta, start, t, device)?;
+                let (cos, sin) = ops::rope_tables_for(&inv_freq, start, t, device)?;
                 Some(Rotary {
                     cos,
                     sin,
@@ -192,12 +194,15 @@ impl CausalLm for Decoder {
     fn shift_cache(&self, cache: &mut KvCache, by: usize) -> Result<bool> {
         let Positions::Rotary {
             head_dim,
+            ref frequencies,
             interleaved,
-            ..
         } = self.positions
         else {
             return Ok(false);
         };
+        if !frequencies.shift_invariant() {
+            return Ok(false);
+        }
         let p = cache.seq_len();
         let device = match cache.layers.iter().flatten().next() {
             Some((k, _)) if by > 0 && p > 0 => k.device().clone(),

@@ -17,6 +17,7 @@ use super::layers::{
 };
 use super::llama::{self, TokenIds};
 use super::ops::Activation;
+use super::rope::RopeFrequencies;
 use super::{Arch, ModelInfo};
 use crate::kernels::Kernels;
 use crate::load::gguf::Meta;
@@ -360,7 +361,7 @@ impl Gemma {
             embedding: Embedding::new(embed, arch.name()).scaled((d as f64).sqrt()),
             positions: Positions::Rotary {
                 head_dim: hd,
-                theta: r.theta,
+                frequencies: RopeFrequencies::plain(hd, r.theta),
                 interleaved: false,
             },
             blocks,
@@ -454,6 +455,7 @@ pub(crate) fn gguf_config(meta: &Meta, version: Version, vocab_size: usize) -> R
             rope_theta: float("rope.freq_base")?,
             rope_parameters: None,
             rope_scaling: None,
+            hidden_act: None,
             vocab_size,
             max_position_embeddings: meta.opt(&key("context_length"), Meta::usize)?,
             tie_word_embeddings: None,
@@ -461,6 +463,7 @@ pub(crate) fn gguf_config(meta: &Meta, version: Version, vocab_size: usize) -> R
             eos_token_id: Some(TokenIds::Many(eos)),
             pad_token_id: id("tokenizer.ggml.padding_token_id")?,
             rope_interleaved: false,
+            rope_frequencies: None,
         },
         rope_local_base_freq: float("rope.freq_base_swa")?,
         query_pre_attn_scalar: Some(head_dim as f64),

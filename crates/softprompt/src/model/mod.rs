@@ -3,8 +3,10 @@
 //! Two small traits: [`CausalLm`] (decoder-only) and [`Seq2SeqLm`] (T5). Both expose the input
 //! embedding table so a soft prompt can be prepended to `embed(ids)`. Decoder-only models are
 //! one [`decoder::Decoder`] (embeddings, blocks, final norm, LM head) built by a small
-//! per-family description ([`llama`], [`gpt2`]); T5 has its own file. All of them are made of
-//! the owned [`layers`] and run with the [`Kernels`] policy they own.
+//! per-family description ([`llama`], [`qwen2`], [`qwen3`], [`phi3`], [`mistral`], [`gemma`],
+//! [`gpt2`]); T5 has its
+//! own file. All of them are made of the owned [`layers`] and run with the [`Kernels`] policy
+//! they own.
 //!
 //! Shapes: `B` batch, `T` new positions, `P` cached (past) positions, `D` d_model, `V` vocab,
 //! `H` heads, `Dh` head dim.
@@ -17,6 +19,10 @@ pub(crate) mod layers;
 pub mod llama;
 pub mod mistral;
 pub mod ops;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
+pub mod rope;
 pub mod t5;
 
 pub use crate::kernels::Kernels;
@@ -31,6 +37,9 @@ use serde::Serialize;
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Llama,
+    Qwen2,
+    Qwen3,
+    Phi3,
     Gemma2,
     Gemma3,
     Gpt2,
@@ -38,10 +47,14 @@ pub enum Arch {
 }
 
 impl Arch {
-    /// The lowercase name (`llama`, `gemma2`, `gpt2`, ...), as in errors and serialised facts.
+    /// The lowercase name (`llama`, `qwen2`, `gemma2`, `gpt2`, `t5`, ...), as in errors and
+    /// serialised facts.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Gpt2 => "gpt2",
@@ -130,7 +143,8 @@ pub trait CausalLm: Send + Sync {
     /// Moves every position of `cache` `by` places later: the keys become those the same
     /// inputs would have had `by` positions further on (values carry no position). Rotary
     /// models rotate the keys, `R(j + by) = R(by) R(j)`. `Ok(false)`, cache untouched, when
-    /// positions cannot be moved after the fact (absolute position embeddings: GPT-2).
+    /// positions cannot be moved after the fact (absolute position embeddings: GPT-2; rotary
+    /// frequencies that follow the sequence length: dynamic NTK).
     fn shift_cache(&self, cache: &mut KvCache, by: usize) -> Result<bool> {
         let _ = (cache, by);
         Ok(false)

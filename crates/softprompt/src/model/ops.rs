@@ -98,7 +98,7 @@ pub fn layer_norm(
     Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
 }
 
-/// Rotary tables for positions `start .. start+t`: `(cos, sin)`, each `[t, Dh/2]`.
+/// Plain RoPE's rotary tables for positions `start .. start+t`: `(cos, sin)`, each `[t, Dh/2]`.
 pub fn rope_tables(
     head_dim: usize,
     theta: f64,
@@ -106,14 +106,29 @@ pub fn rope_tables(
     t: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
+    rope_tables_for(
+        &super::rope::plain_inv_freq(head_dim, theta),
+        start,
+        t,
+        device,
+    )
+}
+
+/// Rotary tables for positions `start .. start+t` and inverse frequencies `inv_freq [Dh/2]`:
+/// `(cos, sin)`, each `[t, Dh/2]`.
+pub fn rope_tables_for(
+    inv_freq: &[f32],
+    start: usize,
+    t: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
     let mut cos = Vec::with_capacity(t * half);
     let mut sin = Vec::with_capacity(t * half);
     for p in start..start + t {
-        for i in 0..half {
-            let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-            // Same rounding as transformers: inv_freq and the angle in f32.
-            let angle = (p as f32) * (inv_freq as f32);
+        for &f in inv_freq {
+            // Same rounding as transformers: the angle in f32.
+            let angle = (p as f32) * f;
             cos.push(angle.cos());
             sin.push(angle.sin());
         }

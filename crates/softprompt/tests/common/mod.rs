@@ -276,6 +276,26 @@ pub fn loss_rows(labels: &Tensor, n: usize) -> (Tensor, Tensor) {
     )
 }
 
+/// Mean cross-entropy of a labelled batch with `prompt` prepended, logits computed at the
+/// scored rows only (see [`loss_rows`]).
+pub fn prompted_loss(
+    lm: &dyn softprompt::model::CausalLm,
+    prompt: &Tensor,
+    ids: &Tensor,
+    mask: &Tensor,
+    labels: &Tensor,
+) -> Tensor {
+    let (embeds, mask) = with_prompt(lm, prompt, ids, mask);
+    let (rows, targets) = loss_rows(labels, prompt.dim(0).unwrap());
+    let logits = lm
+        .forward(&embeds, &mask, None, LogitsAt::Rows(&rows))
+        .unwrap(); // [M, V]
+    softprompt::model::ops::token_nll(&logits, &targets)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+}
+
 /// The first element of a tensor as f32.
 pub fn scalar(t: &Tensor) -> f32 {
     t.flatten_all()

@@ -49,7 +49,7 @@ pub struct SlidingContext<'a> {
     pub rotary: Option<&'a Rotary>,
 }
 
-/// Per-head norms `[Dh]` of the queries and keys, applied before the rotation (Gemma 3).
+/// Per-head norms `[Dh]` of the queries and keys, applied before the rotation (Qwen3, Gemma 3).
 #[derive(Clone, Debug)]
 pub struct HeadNorms {
     pub q: Norm,
@@ -57,8 +57,8 @@ pub struct HeadNorms {
 }
 
 /// What a family can switch on beyond the plain sub-block; all off by default. The fused op
-/// runs sliding-window layers (the window is in their bias); the other options run the
-/// composite path.
+/// runs sliding-window layers (the window is in their bias) and head norms (forward and
+/// backward); the other options run the composite path.
 #[derive(Clone, Debug, Default)]
 pub struct AttentionOptions {
     /// Keys more than `window - 1` positions before a query are masked (Mistral, Gemma's
@@ -238,7 +238,7 @@ impl Attention {
     /// does not implement is on.
     fn kernel_args(&self, ctx: &AttentionContext) -> Result<Option<AttentionArgs>> {
         let o = &self.options;
-        if o.head_norms.is_some() || o.logit_softcap.is_some() || o.output_norm.is_some() {
+        if o.logit_softcap.is_some() || o.output_norm.is_some() {
             return Ok(None);
         }
         let (bias, rotary) = self.bias_and_rotary(ctx)?;
@@ -256,6 +256,10 @@ impl Attention {
                 sin: r.sin.clone(),
                 interleaved: r.interleaved,
             }),
+            head_norms: match &o.head_norms {
+                Some(n) => Some([n.q.weights()?, n.k.weights()?]),
+                None => None,
+            },
             bias: bias.clone(),
             scale: self.scale,
         }))

@@ -18,6 +18,13 @@ impl Linear {
         Linear { w, b }
     }
 
+    /// Output rows `start .. start+len` of the layer (views, no copy): one projection out of
+    /// a checkpoint's stacked ones (Phi-3's `qkv_proj`, `gate_up_proj`).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Linear> {
+        let b = self.b.as_ref().map(|b| b.narrow(0, start, len)).transpose()?;
+        Ok(Linear::new(self.w.narrow(0, start, len)?, b))
+    }
+
     /// `x [.., K]` -> `[.., N]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.w, self.b.as_ref())

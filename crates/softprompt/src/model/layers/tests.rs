@@ -390,6 +390,57 @@ fn prefill_with_kv_matches_cache_path() {
     check_kv("gpt2-style", &attn, &ctx(&causal, None));
 }
 
+/// Per-head q/k norms (Qwen3) through the fused op: forward, gradient, at rows and filling a
+/// cache, against the composite path; the norms change the output (they are not dropped).
+#[test]
+fn attention_block_with_head_norms_matches_composite() {
+    let (b, t, d, dh) = (3, 7, 24, 4);
+    let x = rand(&[b, t, d], 3, 1.0);
+    let causal = attention_bias(&padded_mask(b, t), t, true).unwrap();
+    let plain = attention(d, (6, 2, dh), 30, true, false, "rms", 0.5);
+    let mut normed = plain.clone();
+    normed.options.head_norms = Some(HeadNorms {
+        q: Norm::rms((rand(&[dh], 40, 0.3) + 1.0).unwrap(), 1e-6),
+        k: Norm::rms((rand(&[dh], 41, 0.3) + 1.0).unwrap(), 1e-6),
+    });
+    for interleaved in [false, true] {
+        let r = rotary(dh, t, interleaved);
+        let ctx = ctx(&causal, Some(&r));
+        check_attn(
+            &format!("head norms (interleaved {interleaved})"),
+            &x,
+            &normed,
+            &ctx,
+        );
+        let y = normed.forward(&x, &ctx, None, None).unwrap();
+        let without = plain.forward(&x, &ctx, None, None).unwrap();
+        assert!(
+            max_abs(&(&y - &without).unwrap()) > 1e-2,
+            "the norms change the output"
+        );
+        let mut cache = KvCache::new(1);
+        let cached = normed
+            .forward(&x, &ctx, None, Some((&mut cache, 0)))
+            .unwrap();
+        assert_rel("head norms: filling a cache", &cached, &y, 1e-6);
+        let mut reference_cache = KvCache::new(1);
+        normed
+            .composite(&x, &ctx, Some((&mut reference_cache, 0)))
+            .unwrap();
+        let (keys, want) = (&cache.layers[0], &reference_cache.layers[0]);
+        let (keys, want) = (keys.as_ref().unwrap(), want.as_ref().unwrap());
+        assert_rel("head norms: cached keys", &keys.0, &want.0, 1e-5);
+    }
+    // Gemma 3's head norms, gain `1 + w`.
+    let mut gemma = plain.clone();
+    gemma.options.head_norms = Some(HeadNorms {
+        q: Norm::rms_plus_one(rand(&[dh], 42, 0.3), 1e-6),
+        k: Norm::rms_plus_one(rand(&[dh], 43, 0.3), 1e-6),
+    });
+    let r = rotary(dh, t, false);
+    check_attn("(1 + w) head norms", &x, &gemma, &ctx(&causal, Some(&r)));
+}
+
 /// The sliding-window bias: query at position `q` sees keys `k` with `0 <= q - k < window`
 /// and real, also with cached positions before the new ones.
 #[test]
@@ -464,8 +515,8 @@ fn sliding_window_attention_matches_composite() {
     assert!(err.is_err());
 }
 
-/// The options the fused op does not implement (per-head q/k norms, soft-capped scores, a
-/// norm of the branch output; Gemma's `1 + w` norms) run the composite path, which equals
+/// The options the fused op does not implement (soft-capped scores, a norm of the branch
+/// output; here with Gemma's per-head `1 + w` norms) run the composite path, which equals
 /// the same computation written out with candle ops.
 #[test]
 fn gemma_options_take_the_composite_path() {
