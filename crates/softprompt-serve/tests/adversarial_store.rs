@@ -52,6 +52,7 @@ fn tensor(rows: &[Vec<f32>]) -> Tensor {
 fn serve(model: &Arc<Model>, dir: &Path, edit: impl FnOnce(&mut ServeConfig)) -> Server {
     let mut cfg = ServeConfig::new(dir);
     cfg.addr = "127.0.0.1:0".parse().unwrap();
+    cfg.allow_writes = true; // these tests attack the store, past the write switch
     edit(&mut cfg);
     Server::start(model.clone(), cfg).unwrap()
 }

@@ -77,12 +77,17 @@ pub(crate) fn check_referenced<T>(
     rename: impl Fn(&str) -> Option<String>,
     build: impl FnOnce(&Weights) -> Result<T>,
 ) -> Result<()> {
+    let arch = match content.metadata.get("general.architecture") {
+        Some(candle_core::quantized::gguf_file::Value::String(a)) => a.as_str(),
+        _ => "?",
+    };
+    let not_used = |name: &str| Error::format(path, format!("tensor `{name}` is not used by the model's architecture (`{arch}`)"));
     let zero = Tensor::zeros((), DType::F32, &Device::Cpu)?;
     let mut placeholders: HashMap<String, Tensor> = HashMap::with_capacity(content.tensor_infos.len());
     let mut gguf_names: HashMap<String, &str> = HashMap::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
         let Some(renamed) = rename(name) else {
-            return Err(Error::format(path, format!("tensor `{name}` is not used by the model's architecture")));
+            return Err(not_used(name));
         };
         if let Some(other) = gguf_names.insert(renamed.clone(), name) {
             return Err(Error::format(path, format!("tensors `{other}` and `{name}` are the same weight")));
@@ -93,7 +98,7 @@ pub(crate) fn check_referenced<T>(
     build(&weights)?;
     if let Some(unused) = weights.untaken().first() {
         let name = gguf_names.get(unused.as_str()).copied().unwrap_or(unused.as_str());
-        return Err(Error::format(path, format!("tensor `{name}` is not used by the model's architecture")));
+        return Err(not_used(name));
     }
     Ok(())
 }
