@@ -47,13 +47,14 @@ impl Qwen2 {
     /// The model of `cfg` with the weights `w` (fast kernels).
     #[allow(clippy::new_ret_no_self)]
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
-        check_full_attention(
-            w.source(),
-            cfg.use_sliding_window,
-            cfg.layer_types.as_deref(),
-        )?;
-        llama::build(&cfg.base, w, name, Self::LAYOUT)
+        build(cfg, w, name, Self::LAYOUT)
     }
+}
+
+/// A Qwen model (Qwen2 or Qwen3 `layout`) of `cfg`, after refusing sliding-window layers.
+pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> Result<Decoder> {
+    check_full_attention(w.source(), cfg.use_sliding_window, cfg.layer_types.as_deref())?;
+    llama::build(&cfg.base, w, name, layout)
 }
 
 /// Qwen configs can switch some layers to sliding-window attention, which this family does

@@ -4,8 +4,7 @@
 //! refused.
 
 use super::decoder::Decoder;
-use super::llama::{self, Layout};
-use super::qwen2::check_full_attention;
+use super::llama::Layout;
 use super::Arch;
 use crate::load::gguf::llama_layer_part;
 use crate::load::Weights;
@@ -38,11 +37,6 @@ impl Qwen3 {
     /// The model of `cfg` with the weights `w` (fast kernels).
     #[allow(clippy::new_ret_no_self)]
     pub fn new(cfg: &Config, w: &Weights, name: String) -> Result<Decoder> {
-        check_full_attention(
-            w.source(),
-            cfg.use_sliding_window,
-            cfg.layer_types.as_deref(),
-        )?;
-        llama::build(&cfg.base, w, name, Self::LAYOUT)
+        super::qwen2::build(cfg, w, name, Self::LAYOUT)
     }
 }
