@@ -45,16 +45,6 @@ fn word_model(name: &'static str) -> Arc<Model> {
     .clone()
 }
 
-fn smollm2() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = softprompt::fetch::smollm2().expect("SmolLM2 (softprompt fetch smollm2)");
-            Arc::new(load_model(&path, &Device::Cpu).expect("load SmolLM2"))
-        })
-        .clone()
-}
-
 fn random_prompt(model: &Model, n: usize, seed: u64) -> Tensor {
     let d = model.backbone.info().d_model;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -239,7 +229,7 @@ fn the_token_budget_bounds_requests_and_batches() {
 /// takes long enough for the clients to leave while it runs.
 #[test]
 fn classification_stops_when_its_clients_leave() {
-    let model = smollm2();
+    let model = common::smollm2();
     let dir = one_task(&model, &["pos", "neg"], &[" positive", " negative"]);
     let mut cfg = config(dir.path());
     cfg.batch.max_batch = 7; // six are sent: the batch starts when `max_wait` runs out

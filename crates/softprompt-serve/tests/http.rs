@@ -15,18 +15,8 @@ use softprompt_serve::registry::{write_task_folder, TaskMeta};
 use softprompt_serve::{ServeConfig, Server};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
-
-fn smollm2() -> Arc<Model> {
-    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = softprompt::fetch::smollm2().expect("SmolLM2 (softprompt fetch smollm2)");
-            Arc::new(load_model(&path, &Device::Cpu).expect("load SmolLM2"))
-        })
-        .clone()
-}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures").join(name)
@@ -139,7 +129,7 @@ const INPUTS: [&str; 3] = [
 
 #[test]
 fn answers_equal_the_library() {
-    let model = smollm2();
+    let model = common::smollm2();
     let fx = three_tasks(&model);
     let server = Server::start(model.clone(), config(fx.dir.path())).unwrap();
     let addr = server.addr;
@@ -216,7 +206,7 @@ fn answers_equal_the_library() {
 
 #[test]
 fn mixed_batches_give_each_request_its_alone_answer() {
-    let model = smollm2();
+    let model = common::smollm2();
     let fx = three_tasks(&model);
     let mut cfg = config(fx.dir.path());
     cfg.batch.max_batch = 32;
@@ -272,7 +262,7 @@ fn mixed_batches_give_each_request_its_alone_answer() {
 
 #[test]
 fn bad_requests_get_json_errors() {
-    let model = smollm2();
+    let model = common::smollm2();
     let fx = three_tasks(&model);
     let mut cfg = config(fx.dir.path());
     cfg.max_body_bytes = 64 << 10;
@@ -355,7 +345,7 @@ fn bad_requests_get_json_errors() {
 
 #[test]
 fn upload_list_delete() {
-    let model = smollm2();
+    let model = common::smollm2();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.token = Some("s3cret".into());
@@ -432,7 +422,7 @@ fn upload_list_delete() {
 
 #[test]
 fn floods_timeouts_and_shutdown() {
-    let model = smollm2();
+    let model = common::smollm2();
     let fx = three_tasks(&model);
     let mut cfg = config(fx.dir.path());
     cfg.batch.max_batch = 2;

