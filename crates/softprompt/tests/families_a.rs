@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use softprompt::load::{load_model, Model};
 use softprompt::model::{Arch, Backbone, CausalLm, Kernels, KvCache, LogitsAt};
-use softprompt::train::{metrics, schedule::Schedule};
+use softprompt::train::metrics;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -243,12 +243,7 @@ fn prompt_tuning_learns_a_toy_mapping() {
         let m = fixture_model(name);
         let data = toy_data(32, 1, eos(&m));
         let dir = tempdir();
-        let mut cfg = base_config(dir.path());
-        cfg.n_tokens = 8;
-        cfg.batch_size = 8;
-        cfg.steps = 300;
-        cfg.checkpoint_every = 0;
-        cfg.schedule = Schedule::linear(0.3, 0, cfg.steps);
+        let cfg = toy_config(dir.path());
         let report = softprompt::train(&m, &data, None, &cfg).unwrap();
         let rows = metrics::read(&dir.path().join(metrics::FILE)).unwrap();
         let first = rows.first().unwrap().loss;

@@ -138,6 +138,19 @@ pub fn base_config(out: &Path) -> TrainConfig {
     cfg
 }
 
+/// The toy-mapping run of the trainer tests: 8 tokens, batch 8, 300 steps of Adafactor at
+/// 0.3 decayed linearly (a constant 0.3 makes tiny random models' losses oscillate around
+/// 0.2), no checkpoints.
+pub fn toy_config(out: &Path) -> TrainConfig {
+    let mut cfg = base_config(out);
+    cfg.n_tokens = 8;
+    cfg.batch_size = 8;
+    cfg.steps = 300;
+    cfg.checkpoint_every = 0;
+    cfg.schedule = softprompt::train::schedule::Schedule::linear(0.3, 0, cfg.steps);
+    cfg
+}
+
 pub fn f32_bits(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::F32)
         .unwrap()
