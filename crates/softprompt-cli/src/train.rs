@@ -86,6 +86,12 @@ pub struct TrainArgs {
     /// instead of before the whole input (the prompt-tuning code's `prefix_prompt_after_bos`).
     #[arg(long)]
     pub prompt_after_bos: bool,
+    /// Render every example with the model's chat template: the input as the user's turn
+    /// (with the generation prompt), the target as the assistant's turn (its end-of-turn
+    /// marker included). Recorded in task.json (`chat`), so `softprompt serve` renders
+    /// inputs the same way. JSONL --data/--dev, decoder-only models with a template.
+    #[arg(long)]
+    pub chat: bool,
 }
 
 impl TrainArgs {
@@ -118,7 +124,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let device = common::device()?;
     let model = common::load(&args.model, &device)?;
-    let (train_set, dev_set) = data.examples(&model)?;
+    let (train_set, dev_set) = if args.chat { chat_examples(&args.data, &model)? } else { data.examples(&model)? };
     let classes = match data.dev_classes(args.select_by, dev_set.as_deref(), &model)? {
         DevClasses::None(Some(note)) => {
             eprintln!("note: {note}");
@@ -147,6 +153,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.classes = classes;
     cfg.select_by = args.select_by;
     cfg.task = data.meta(cfg.select_by);
+    if args.chat {
+        cfg.task.chat = true;
+        cfg.task.input_format = Some("the `input` as the user's turn of the model's chat template, ending with the generation prompt".into());
+        cfg.task.target_format = Some("the `target` as the assistant's turn: the template's text after the generation prompt".into());
+    }
 
     match args.method {
         Method::PromptTuning => {
@@ -170,4 +181,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--chat`: the train and dev examples rendered with the model's chat template.
+fn chat_examples(spec: &DataSpec, model: &softprompt::Model) -> Result<(Vec<softprompt::batch::Example>, Option<Vec<softprompt::batch::Example>>)> {
+    if recipe::is_builtin(&spec.data) || spec.dev.as_deref().is_some_and(recipe::is_builtin) {
+        bail!("--chat needs JSONL --data (and --dev) of {{\"input\", \"target\"}} pairs, not {BUILTIN_TASK}");
+    }
+    let train = softprompt::chat::read_examples(&spec.data, model)?;
+    let mut dev = spec.dev.as_deref().map(|p| softprompt::chat::read_examples(p, model)).transpose()?;
+    if let (Some(dev), Some(n)) = (dev.as_mut(), spec.dev_limit) {
+        dev.truncate(n);
+    }
+    Ok((train, dev))
 }

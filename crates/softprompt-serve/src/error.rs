@@ -1,4 +1,5 @@
-//! Errors as HTTP responses: a status code and `{"error": "..."}`.
+//! Errors as HTTP responses: a status code and `{"error": "..."}` (the OpenAI-compatible
+//! endpoints reshape them: `openai::error`).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -33,6 +34,11 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = axum::Json(serde_json::json!({ "error": self.message }));
-        (self.status, body).into_response()
+        let status = self.status;
+        let mut resp = (status, body).into_response();
+        // Kept with the response so that the OpenAI-compatible paths can render it in
+        // their own shape (`openai::reshape_errors`).
+        resp.extensions_mut().insert(self);
+        resp
     }
 }

@@ -45,12 +45,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .merge(crate::openai::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint (see /openapi.json)") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint")
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::access::guard))
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))
+        .layer(axum::middleware::from_fn(crate::openai::reshape_errors))
         .with_state(state)
 }
 
@@ -68,7 +70,7 @@ async fn record(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Res
 }
 
 /// Runs `f` on tokio's blocking pool (parsing, tokenisation, file writes).
-async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+pub(crate) async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
 }
 
@@ -78,7 +80,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn task_or_404(s: &AppState, name: &str) -> Result<Arc<Task>, ApiError> {
+pub(crate) fn task_or_404(s: &AppState, name: &str) -> Result<Arc<Task>, ApiError> {
     s.registry
         .get(name)
         .ok_or_else(|| ApiError::not_found(format!("unknown task `{name}` (see GET /v1/tasks)")))
@@ -86,12 +88,18 @@ fn task_or_404(s: &AppState, name: &str) -> Result<Arc<Task>, ApiError> {
 
 /// The input's token ids (template applied), within the input limits: characters counted
 /// before tokenizing, tokens after.
-fn encode(s: &AppState, task: &Task, input: &str) -> Result<Vec<u32>, ApiError> {
+pub(crate) fn encode(s: &AppState, task: &Task, input: &str) -> Result<Vec<u32>, ApiError> {
     s.cfg.input.check_chars(input)?;
     let tokenizer = s.model.tokenizer().map_err(|e| ApiError::internal(e.to_string()))?;
-    let mut ids = task
+    let ids = task
         .encode(tokenizer, input)
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the input: {e}")))?;
+    finish_source(s, ids)
+}
+
+/// Tokenized input `ids` as the model takes them: not empty, EOS last for encoder-decoder
+/// models, within `--max-input-tokens`.
+pub(crate) fn finish_source(s: &AppState, mut ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
     if ids.is_empty() {
         return Err(ApiError::bad_request("the input tokenizes to nothing"));
     }
@@ -111,6 +119,27 @@ fn encode(s: &AppState, task: &Task, input: &str) -> Result<Vec<u32>, ApiError> 
 /// that time out before their answer is ready (the soak bench, `benches/soak.rs`, measured
 /// 2.3 answers/s instead of 10 with a 10 s timeout).
 async fn dispatch(s: &AppState, task: &str, work: Work) -> Result<Reply, ApiError> {
+    let rx = queue(s, task, work)?;
+    match tokio::time::timeout(s.cfg.request_timeout, rx).await {
+        Err(_) => Err(timed_out(s)),
+        Ok(Err(_)) => Err(worker_stopped()),
+        Ok(Ok(r)) => r,
+    }
+}
+
+/// 504: no answer within the request timeout.
+pub(crate) fn timed_out(s: &AppState) -> ApiError {
+    ApiError::new(StatusCode::GATEWAY_TIMEOUT, format!("no answer within {} ms", s.cfg.request_timeout.as_millis()))
+}
+
+/// 503: the worker dropped the job without an answer.
+pub(crate) fn worker_stopped() -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model worker stopped")
+}
+
+/// Queues the job (429 as [`dispatch`] says) and returns where its reply will arrive;
+/// dropping the receiver cancels the job (its batch row is freed at the next step).
+pub(crate) fn queue(s: &AppState, task: &str, work: Work) -> Result<tokio::sync::oneshot::Receiver<crate::batcher::ReplyResult>, ApiError> {
     let limit = s.cfg.request_timeout / 2;
     if let Some(wait) = s.batcher.expected_wait().filter(|w| *w > limit) {
         return Err(ApiError::new(
@@ -122,15 +151,7 @@ async fn dispatch(s: &AppState, task: &str, work: Work) -> Result<Reply, ApiErro
             ),
         ));
     }
-    let rx = s.batcher.submit(task, work)?;
-    match tokio::time::timeout(s.cfg.request_timeout, rx).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("no answer within {} ms", s.cfg.request_timeout.as_millis()),
-        )),
-        Ok(Err(_)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model worker stopped")),
-        Ok(Ok(r)) => r,
-    }
+    s.batcher.submit(task, work)
 }
 
 #[derive(Deserialize)]
@@ -195,6 +216,15 @@ pub fn generate_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, GenItem), A
     check_stop(&stop)?;
     let task = task_or_404(s, &req.task)?;
     let source = encode(s, &task, &req.input)?;
+    let params = DecodeParams { max_new_tokens: max_new, temperature, stop, seed: req.seed, ..DecodeParams::greedy(max_new) };
+    let item = generation_item(s, &task, source, params)?;
+    Ok((task, item))
+}
+
+/// The generation job of `task` on the tokenized input `source`: within the model's
+/// positions and the per-batch budget.
+pub(crate) fn generation_item(s: &AppState, task: &Task, source: Vec<u32>, params: DecodeParams) -> Result<GenItem, ApiError> {
+    let max_new = params.max_new_tokens;
     if let Some(max) = s.model.backbone.info().max_positions {
         let needed = task.max_prompt_len() + source.len() + max_new;
         if needed > max {
@@ -203,15 +233,10 @@ pub fn generate_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, GenItem), A
             )));
         }
     }
-    let item = GenItem {
-        prompts: task.prompts.clone(),
-        prompt_kv: task.prompt_kv.clone(),
-        source,
-        params: DecodeParams { max_new_tokens: max_new, temperature, stop, seed: req.seed },
-    };
+    let item = GenItem { prompts: task.prompts.clone(), prompt_kv: task.prompt_kv.clone(), source, params, stream: None };
     let what = "prompts x (prompt + input + max_new_tokens)";
     check_cost(Cost::generate(&item), s.cfg.batch.max_tokens, what)?;
-    Ok((task, item))
+    Ok(item)
 }
 
 #[derive(Deserialize)]
@@ -270,6 +295,13 @@ pub fn classify_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, ClsItem), A
         )));
     }
     let source = encode(s, &task, &req.input)?;
+    let item = classification_item(s, &task, source)?;
+    Ok((task, item))
+}
+
+/// The classification job of `task` (which has labels) on the tokenized input `source`:
+/// within the model's positions and the per-batch budget.
+pub(crate) fn classification_item(s: &AppState, task: &Task, source: Vec<u32>) -> Result<ClsItem, ApiError> {
     if let Some(max) = s.model.backbone.info().max_positions {
         let longest = task.label_targets.iter().map(Vec::len).max().unwrap_or(0);
         let needed = task.max_prompt_len() + source.len() + longest;
@@ -284,13 +316,12 @@ pub fn classify_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, ClsItem), A
     let cost = Cost::classification(&task.prompts, source.len(), &task.label_targets);
     let what = "prompts x labels x (prompt + input + longest label), or prompts x (prompt + input) for one-token labels";
     check_cost(cost, s.cfg.batch.max_tokens, what)?;
-    let item = ClsItem {
+    Ok(ClsItem {
         prompts: task.prompts.clone(),
         prompt_kv: task.prompt_kv.clone(),
         source,
         label_targets: task.label_targets.clone(),
-    };
-    Ok((task, item))
+    })
 }
 
 async fn list_tasks(State(s): State<Arc<AppState>>, RawQuery(query): RawQuery) -> AppResult {

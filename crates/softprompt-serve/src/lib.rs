@@ -9,7 +9,9 @@
 //!
 //! Endpoints: `POST /v1/generate`, `POST /v1/classify`, `GET /v1/tasks`,
 //! `GET /v1/tasks?errors` (task folders that could not be served),
-//! `GET|PUT|DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
+//! `GET|PUT|DELETE /v1/tasks/{name}`, `GET /health`, `GET /metrics`, `GET /openapi.json`;
+//! OpenAI-compatible ([`openai`]): `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions`.
 //!
 //! At the boundary, before any work: [`connections`] (connection cap, header timeout),
 //! [`access`] (Host allow-list, token, write access), [`body`] (media type, size, body
@@ -26,6 +28,7 @@ pub mod error;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod openai;
 pub mod openapi;
 pub mod registry;
 pub mod seq2seq;

@@ -16,8 +16,20 @@ fn ok(schema: &str, description: &str) -> Value {
     json!({"description": description, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
 }
 
-/// The document, with the configured limits filled in.
+/// The document, with the configured limits filled in (the OpenAI-compatible endpoints'
+/// part from `crate::openai::openapi`).
 pub fn document(cfg: &ServeConfig) -> Value {
+    let mut doc = native_document(cfg);
+    for (section, extra) in [("paths", crate::openai::openapi::paths(cfg)), ("schemas", crate::openai::openapi::schemas(cfg))] {
+        let target = if section == "paths" { doc.get_mut("paths") } else { doc.pointer_mut("/components/schemas") };
+        if let (Some(t), Some(e)) = (target.and_then(Value::as_object_mut), extra.as_object()) {
+            t.extend(e.clone());
+        }
+    }
+    doc
+}
+
+fn native_document(cfg: &ServeConfig) -> Value {
     let common = |extra: Value| {
         let mut m = json!({
             "400": error_response("malformed JSON, unknown field, or invalid value"),

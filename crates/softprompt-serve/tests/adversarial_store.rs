@@ -261,6 +261,7 @@ fn evicted_prompt_keys_are_recomputed_with_identical_answers() {
         prompt_kv: vec![kv.clone()],
         source: source.to_vec(),
         params: DecodeParams::greedy(5),
+        stream: None,
     };
     let run = |it: GenItem| {
         let mut count = Prefill::new(true);

@@ -9,6 +9,8 @@ pub struct Tokenizer {
     pub add_bos: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// The model's chat template (Jinja source), when it ships one: see [`crate::chat`].
+    chat_template: Option<String>,
 }
 
 impl Tokenizer {
@@ -18,6 +20,7 @@ impl Tokenizer {
             add_bos,
             bos_token_id: bos,
             eos_token_id: eos,
+            chat_template: None,
         }
     }
 
@@ -63,6 +66,16 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The model's chat template source (GGUF `tokenizer.chat_template`, HF
+    /// `chat_template.jinja` / `tokenizer_config.json`), rendered by [`crate::chat`].
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    pub fn set_chat_template(&mut self, source: Option<String>) {
+        self.chat_template = source;
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {

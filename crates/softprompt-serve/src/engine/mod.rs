@@ -76,7 +76,22 @@ pub struct GenItem {
     pub prompt_kv: Vec<Arc<PromptKv>>,
     pub source: Vec<u32>,
     pub params: DecodeParams,
+    /// Streaming: every token is sent here as soon as it is chosen (the answer still comes
+    /// whole in the reply, with the finish reason and the text cut at a stop string).
+    pub stream: Option<TokenSender>,
 }
+
+/// One generated token, sent while the batch runs on ([`GenItem::stream`]).
+#[derive(Clone, Debug)]
+pub struct TokenEvent {
+    pub token: u32,
+    /// Its log-probability (mean over the ensemble's prompts).
+    pub logprob: Option<f32>,
+    /// The step's most likely tokens (`DecodeParams::top_logprobs` of them).
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+pub type TokenSender = tokio::sync::mpsc::UnboundedSender<TokenEvent>;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct GenOutput {
@@ -84,6 +99,9 @@ pub struct GenOutput {
     pub tokens: Vec<u32>,
     /// Log-probability of each chosen token (mean over the ensemble's prompts).
     pub logprobs: Vec<f32>,
+    /// Per token, the step's `top_logprobs` most likely tokens (empty unless asked for).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// `eos`, `stop`, `length` or `cancelled`.
     pub finish_reason: &'static str,
 }
@@ -95,6 +113,7 @@ impl GenOutput {
             finish_reason: seq.finish.map_or("length", |f| f.as_str()),
             tokens: seq.tokens,
             logprobs: seq.logprobs,
+            top_logprobs: seq.top_logprobs,
         })
     }
 }
@@ -157,7 +176,18 @@ impl<'a> GenerationBatch<'a> {
     pub(crate) fn new(model: &'a Model, items: &[GenItem]) -> Result<Self> {
         let tokenizer = model.tokenizer()?;
         let eos = model.backbone.info().eos_token_ids.clone();
-        let decoder = DecodeStep::new(items.iter().map(|it| it.params.clone()), eos, Some(tokenizer))?;
+        let mut decoder = DecodeStep::new(items.iter().map(|it| it.params.clone()), eos, Some(tokenizer))?;
+        let sinks: Vec<Option<TokenSender>> = items.iter().map(|it| it.stream.clone()).collect();
+        if sinks.iter().any(Option::is_some) {
+            decoder = decoder.on_token(Box::new(move |i, seq| {
+                if let (Some(Some(tx)), Some(&token)) = (sinks.get(i), seq.tokens.last()) {
+                    let top_logprobs = seq.top_logprobs.last().cloned().unwrap_or_default();
+                    // A send fails only when the client has gone; the step's cancellation
+                    // check frees its row.
+                    let _ = tx.send(TokenEvent { token, logprob: seq.logprobs.last().copied(), top_logprobs });
+                }
+            }));
+        }
         let (mut owners, mut prompts) = (Vec::new(), Vec::new());
         for (i, it) in items.iter().enumerate() {
             if decoder.sequences[i].is_finished() {

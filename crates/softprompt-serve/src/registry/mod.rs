@@ -72,6 +72,9 @@ pub struct Task {
     pub prompt_kv: Vec<Arc<PromptKv>>,
     /// The prompts were trained after BOS (task.json `prompt_after_bos`).
     pub prompt_after_bos: bool,
+    /// Inputs are rendered as the user's turn of the model's chat template (task.json
+    /// `chat`, `softprompt train --chat`).
+    pub chat: bool,
     /// Member folder names (`"."` for a single adapter).
     pub members: Vec<String>,
     pub template: Option<String>,
@@ -92,8 +95,18 @@ impl Task {
 
     /// The input ids of `text`: the template applied; BOS first when the tokenizer adds it,
     /// except with `prompt_after_bos`, where BOS is part of the prefix (as in `softprompt eval`).
+    ///
+    /// A chat task renders the formatted text as the user's turn of the model's chat
+    /// template, ending with the generation prompt, as `softprompt train --chat` did.
     pub fn encode(&self, tokenizer: &Tokenizer, text: &str) -> softprompt::Result<Vec<u32>> {
         let text = self.format(text);
+        if self.chat {
+            let Some(template) = softprompt::chat::ChatTemplate::of(tokenizer)? else {
+                softprompt::bail!("task `{}` was trained on chat-formatted examples, but the model has no chat template", self.name);
+            };
+            let user = [softprompt::chat::Message::new("user", text)];
+            return template.encode(tokenizer, &user, true, self.prompt_after_bos);
+        }
         if self.prompt_after_bos {
             tokenizer.encode(&text)
         } else {
@@ -117,6 +130,7 @@ impl Task {
                 .map(|p| p.dim(0).unwrap_or(0).saturating_sub(usize::from(self.prompt_after_bos)))
                 .collect::<Vec<_>>(),
             "prompt_after_bos": self.prompt_after_bos,
+            "chat": self.chat,
             "template": self.template,
         })
     }
@@ -389,6 +403,10 @@ fn load_task(dir: &Path, name: &str, model: &Model, limits: &StoreLimits, kv: &A
         Some(d) => TaskMeta::read(d)?.unwrap_or_default(),
         None => TaskMeta::default(),
     };
+    if meta.chat && model.tokenizer()?.chat_template().is_none() {
+        let at = meta_dir.unwrap_or(dir).join(softprompt::task::TASK_FILE);
+        return Err(softprompt::Error::config(at, "chat", "the prompt was trained on chat-formatted examples, but the model has no chat template"));
+    }
     if let Err(e) = check_template(&meta) {
         let at = meta_dir.unwrap_or(dir).join(softprompt::task::TASK_FILE);
         return Err(softprompt::Error::config(at, "template", e));
@@ -413,6 +431,7 @@ fn load_task(dir: &Path, name: &str, model: &Model, limits: &StoreLimits, kv: &A
         prompt_kv: prompts.iter().map(|_| Arc::new(PromptKv::new(kv))).collect(),
         prompts,
         prompt_after_bos: meta.prompt_after_bos,
+        chat: meta.chat,
         members,
         template: meta.template,
         labels: meta.labels,

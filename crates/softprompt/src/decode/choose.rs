@@ -19,12 +19,18 @@ pub struct DecodeParams {
     pub stop: Vec<String>,
     /// Seed of the sampler; `None`: seeded from the operating system.
     pub seed: Option<u64>,
+    /// Nucleus sampling: draw only from the most likely tokens whose probabilities (after the
+    /// temperature) add up to at least `top_p`; 1 keeps every token. Greedy ignores it.
+    pub top_p: f32,
+    /// How many of the most likely tokens to record at every step, with their
+    /// log-probabilities under the model (before temperature): [`Sequence::top_logprobs`].
+    pub top_logprobs: usize,
 }
 
 impl DecodeParams {
     /// Greedy decoding of at most `max_new_tokens`, no stop strings.
     pub fn greedy(max_new_tokens: usize) -> Self {
-        DecodeParams { max_new_tokens, temperature: 0.0, stop: Vec::new(), seed: None }
+        DecodeParams { max_new_tokens, temperature: 0.0, stop: Vec::new(), seed: None, top_p: 1.0, top_logprobs: 0 }
     }
 }
 
@@ -60,6 +66,9 @@ pub struct Sequence {
     /// Log-probability of each chosen token (mean over the sequence's rows); empty with
     /// [`DecodeStep::without_logprobs`].
     pub logprobs: Vec<f32>,
+    /// Per new token, the `top_logprobs` most likely tokens of its step with their
+    /// log-probabilities, most likely first (empty when `top_logprobs` is 0).
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
     /// `None` while it runs.
     pub finish: Option<Finish>,
     /// The decoded text cut before the stop string, when one ended it.
@@ -74,6 +83,7 @@ impl Sequence {
         Sequence {
             tokens: Vec::new(),
             logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
             finish: (params.max_new_tokens == 0).then_some(Finish::Length),
             stop_text: None,
             params,
@@ -94,6 +104,10 @@ impl Sequence {
     }
 }
 
+/// Told about every token as soon as it is chosen: the sequence's index and the sequence
+/// (its new token last, `finish` set when it ended the sequence).
+pub type TokenObserver<'t> = Box<dyn FnMut(usize, &Sequence) + Send + 't>;
+
 /// The token choice and stop rules of a batch of sequences.
 pub struct DecodeStep<'t> {
     pub sequences: Vec<Sequence>,
@@ -103,6 +117,8 @@ pub struct DecodeStep<'t> {
     tokenizer: Option<&'t Tokenizer>,
     /// Whether [`Sequence::logprobs`] is filled (a pass over the vocabulary per row and step).
     logprobs: bool,
+    /// See [`DecodeStep::on_token`].
+    observer: Option<TokenObserver<'t>>,
 }
 
 impl<'t> DecodeStep<'t> {
@@ -117,12 +133,24 @@ impl<'t> DecodeStep<'t> {
         if tokenizer.is_none() && sequences.iter().any(|s| !s.params.stop.is_empty()) {
             crate::bail!("stop strings need a tokenizer to decode the generated tokens");
         }
-        Ok(DecodeStep { sequences, stop_ids, tokenizer, logprobs: true })
+        for (i, seq) in sequences.iter().enumerate() {
+            if !(seq.params.top_p > 0.0 && seq.params.top_p <= 1.0) {
+                crate::bail!("sequence {i}: top_p must be in (0, 1] (got {})", seq.params.top_p);
+            }
+        }
+        Ok(DecodeStep { sequences, stop_ids, tokenizer, logprobs: true, observer: None })
     }
 
     /// Leaves [`Sequence::logprobs`] empty, for callers that only want the tokens.
     pub fn without_logprobs(mut self) -> Self {
         self.logprobs = false;
+        self
+    }
+
+    /// Calls `observer` after every chosen token (streaming: the server sends each token to
+    /// its client while the batch runs on).
+    pub fn on_token(mut self, observer: TokenObserver<'t>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -156,13 +184,20 @@ impl<'t> DecodeStep<'t> {
             };
             if seq.finish.is_none() {
                 let rows: Vec<&[f32]> = logits[r..end].iter().map(Vec::as_slice).collect();
-                let (tok, lp) = choose(&rows, &mut seq.picker, self.logprobs);
-                chosen[i] = Some(tok);
-                seq.tokens.push(tok);
-                seq.logprobs.extend(lp);
+                let top_n = seq.params.top_logprobs;
+                let choice = choose(&rows, &mut seq.picker, self.logprobs, top_n);
+                chosen[i] = Some(choice.token);
+                seq.tokens.push(choice.token);
+                seq.logprobs.extend(choice.logprob);
+                if top_n > 0 {
+                    seq.top_logprobs.push(choice.top);
+                }
                 seq.finish = stop_rule(seq, &self.stop_ids, self.tokenizer)?;
                 if seq.finish.is_none() && cancelled(i) {
                     seq.finish = Some(Finish::Cancelled);
+                }
+                if let Some(observe) = self.observer.as_mut() {
+                    observe(i, seq);
                 }
             }
             r = end;
@@ -203,18 +238,42 @@ fn log_softmax(row: &[f32]) -> Vec<f32> {
     row.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 
+/// One step's choice for a sequence.
+struct Choice {
+    token: u32,
+    /// Its (mean) log-probability, when asked for.
+    logprob: Option<f32>,
+    /// The `top_k` most likely tokens and their (mean) log-probabilities, most likely first.
+    top: Vec<(u32, f32)>,
+}
+
+/// The `k` highest of `logprobs [V]` with their ids, highest first (ties: lower id first).
+fn top_k(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut ids: Vec<u32> = (0..logprobs.len() as u32).collect();
+    let by_score = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
+    let k = k.min(ids.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    // Partial selection first: a vocabulary is large and k small.
+    ids.select_nth_unstable_by(k - 1, by_score);
+    ids.truncate(k);
+    ids.sort_by(by_score);
+    ids.into_iter().map(|i| (i, logprobs[i as usize])).collect()
+}
+
 /// Picks the next token from a sequence's rows of logits `[V]` (one per prompt; several vote
-/// by their mean log-probability) and returns it with its (mean) log-probability when
-/// `logprob`.
-fn choose(rows: &[&[f32]], picker: &mut Picker, logprob: bool) -> (u32, Option<f32>) {
+/// by their mean log-probability); the chosen token's (mean) log-probability when `logprob`,
+/// and the `top_k` most likely tokens.
+fn choose(rows: &[&[f32]], picker: &mut Picker, logprob: bool, top_k_count: usize) -> Choice {
     let Some(first) = rows.first() else {
-        return (0, None);
+        return Choice { token: 0, logprob: None, top: Vec::new() };
     };
-    if rows.len() == 1 {
+    if rows.len() == 1 && top_k_count == 0 {
         // One row: the logits choose; only the chosen token's log-probability is needed.
         let tok = picker.pick(first);
         let lp = first.get(tok).filter(|_| logprob).map(|&x| (x as f64 - log_sum_exp(first)) as f32);
-        return (tok as u32, lp);
+        return Choice { token: tok as u32, logprob: lp, top: Vec::new() };
     }
     let mut mean = vec![0f32; first.len()];
     for r in rows {
@@ -223,14 +282,14 @@ fn choose(rows: &[&[f32]], picker: &mut Picker, logprob: bool) -> (u32, Option<f
         }
     }
     let tok = picker.pick(&mean);
-    (tok as u32, mean.get(tok).copied())
+    Choice { token: tok as u32, logprob: mean.get(tok).copied(), top: top_k(&mean, top_k_count) }
 }
 
 /// How a sequence picks its next token from scores `[V]`.
 enum Picker {
     Argmax,
-    /// A draw from `softmax(scores / temperature)`.
-    Sample { temperature: f32, rng: Box<rand::rngs::StdRng> },
+    /// A draw from `softmax(scores / temperature)`, within the nucleus `top_p`.
+    Sample { temperature: f32, top_p: f32, rng: Box<rand::rngs::StdRng> },
 }
 
 impl Picker {
@@ -242,16 +301,19 @@ impl Picker {
             Some(s) => rand::rngs::StdRng::seed_from_u64(s),
             None => rand::rngs::StdRng::from_os_rng(),
         };
-        Picker::Sample { temperature: params.temperature, rng: Box::new(rng) }
+        Picker::Sample { temperature: params.temperature, top_p: params.top_p, rng: Box::new(rng) }
     }
 
     fn pick(&mut self, scores: &[f32]) -> usize {
-        let Picker::Sample { temperature, rng } = self else {
+        let Picker::Sample { temperature, top_p, rng } = self else {
             return argmax(scores);
         };
         let scaled: Vec<f32> = scores.iter().map(|s| s / *temperature).collect();
         let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f64> = scaled.iter().map(|&s| ((s - max) as f64).exp()).collect();
+        let mut weights: Vec<f64> = scaled.iter().map(|&s| ((s - max) as f64).exp()).collect();
+        if *top_p < 1.0 {
+            nucleus(&mut weights, *top_p as f64);
+        }
         let total: f64 = weights.iter().sum();
         let mut u = rng.random::<f64>() * total;
         let mut pick = weights.len().saturating_sub(1);
@@ -263,6 +325,26 @@ impl Picker {
             u -= w;
         }
         pick
+    }
+}
+
+/// Zeroes every weight outside the nucleus: the fewest most likely tokens whose share of
+/// the total reaches `top_p` (ties at the edge: lower ids first).
+fn nucleus(weights: &mut [f64], top_p: f64) {
+    let total: f64 = weights.iter().sum();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+    let mut kept = 0.0;
+    let mut keep = order.len();
+    for (n, &i) in order.iter().enumerate() {
+        kept += weights[i];
+        if kept >= top_p * total {
+            keep = n + 1;
+            break;
+        }
+    }
+    for &i in &order[keep..] {
+        weights[i] = 0.0;
     }
 }
 
@@ -376,5 +458,56 @@ mod tests {
         assert!(draw(11, 1.0).iter().collect::<std::collections::HashSet<_>>().len() > 1);
         // A very low temperature is argmax.
         assert!(draw(12, 1e-4).iter().all(|&t| t == 7));
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_under_the_model() {
+        let row: Vec<f32> = vec![0.5, 3.0, -1.0, 2.0, 2.0, 0.0, 0.0, 1.0];
+        let p = DecodeParams { top_logprobs: 3, ..params(1) };
+        let mut d = DecodeStep::new([p], vec![], None).unwrap();
+        d.step(std::slice::from_ref(&row), &[0], &never).unwrap();
+        let seq = &d.sequences[0];
+        let want = log_softmax(&row);
+        // 1 first, then the tie 3 / 4 in id order.
+        let ids: Vec<u32> = seq.top_logprobs[0].iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, vec![1, 3, 4]);
+        for &(t, lp) in &seq.top_logprobs[0] {
+            assert!((lp - want[t as usize]).abs() < 1e-6);
+        }
+        assert!((seq.logprobs[0] - want[1]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn nucleus_keeps_the_fewest_tokens_reaching_top_p() {
+        let mut w = vec![0.1, 0.4, 0.2, 0.3];
+        nucleus(&mut w, 0.65); // 0.4 + 0.3 = 0.7 >= 0.65
+        assert_eq!(w, vec![0.0, 0.4, 0.0, 0.3]);
+        let mut w = vec![0.1, 0.4, 0.2, 0.3];
+        nucleus(&mut w, 1.0);
+        assert_eq!(w, vec![0.1, 0.4, 0.2, 0.3]);
+        // Sampling with a small top_p only ever draws the most likely token.
+        let row: Vec<f32> = vec![1.0, 1.5, 0.2, 1.4];
+        let p = DecodeParams { temperature: 1.0, top_p: 0.05, seed: Some(3), ..params(32) };
+        let mut d = DecodeStep::new([p], vec![], None).unwrap();
+        for _ in 0..32 {
+            d.step(std::slice::from_ref(&row), &[0], &never).unwrap();
+        }
+        assert!(d.sequences[0].tokens.iter().all(|&t| t == 1));
+        let bad = DecodeParams { top_p: 0.0, ..params(1) };
+        assert!(DecodeStep::new([bad], vec![], None).is_err());
+    }
+
+    #[test]
+    fn the_observer_sees_every_token_as_it_is_chosen() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let observer: TokenObserver = Box::new(move |i, seq| {
+            log.lock().unwrap().push((i, *seq.tokens.last().unwrap(), seq.finish));
+        });
+        let mut d = DecodeStep::new([params(2), params(1)], vec![], None).unwrap().on_token(observer);
+        d.step(&[peak(3, 5.0), peak(4, 5.0)], &[0, 1], &never).unwrap();
+        d.step(&[peak(5, 5.0)], &[0], &never).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, vec![(0, 3, None), (1, 4, Some(Finish::Length)), (0, 5, Some(Finish::Length))]);
     }
 }

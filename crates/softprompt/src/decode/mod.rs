@@ -11,7 +11,7 @@
 
 mod choose;
 
-pub use choose::{DecodeParams, DecodeStep, Finish, Sequence};
+pub use choose::{DecodeParams, DecodeStep, Finish, Sequence, TokenObserver};
 
 use crate::model::{Backbone, CausalLm, KvCache, LogitsAt, Seq2SeqLm};
 use crate::Result;

@@ -569,18 +569,22 @@ fn tokenizer(meta: &Meta, arch: &str, bos: Option<u32>, eos: Option<u32>) -> Res
         ));
     }
     let model = meta.string("tokenizer.ggml.model")?;
-    match model.as_str() {
-        "gpt2" => gguf_bpe::tokenizer(meta, bos, eos),
-        "llama" => super::gguf_spm::tokenizer(meta, arch, bos, eos),
-        other => Err(Error::config(
-            meta.path,
-            "tokenizer.ggml.model",
-            format!(
-                "unsupported tokenizer `{other}` (supported: gpt2 = byte-level BPE, llama = \
-                 SentencePiece-style BPE)"
-            ),
-        )),
-    }
+    let mut tokenizer = match model.as_str() {
+        "gpt2" => gguf_bpe::tokenizer(meta, bos, eos)?,
+        "llama" => super::gguf_spm::tokenizer(meta, arch, bos, eos)?,
+        other => {
+            return Err(Error::config(
+                meta.path,
+                "tokenizer.ggml.model",
+                format!(
+                    "unsupported tokenizer `{other}` (supported: gpt2 = byte-level BPE, llama = \
+                     SentencePiece-style BPE)"
+                ),
+            ))
+        }
+    };
+    tokenizer.set_chat_template(meta.opt("tokenizer.chat_template", Meta::string)?);
+    Ok(tokenizer)
 }
 
 /// The first line of an error message (candle appends a backtrace when RUST_BACKTRACE is set).

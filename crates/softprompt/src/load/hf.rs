@@ -70,6 +70,7 @@ pub fn build(dir: &Path, weights: &Weights, device: &Device) -> Result<Model> {
         let bos_first = matches!(model_type.as_str(), "llama" | "mistral" | "gemma2" | "gemma3_text");
         tok.add_bos = add_bos_token(dir)?.unwrap_or(bos_first)
             && info.bos_token_id.is_some();
+        tok.set_chat_template(chat_template(dir)?);
         Some(tok)
     } else {
         None
@@ -80,6 +81,29 @@ pub fn build(dir: &Path, weights: &Weights, device: &Device) -> Result<Model> {
         path: dir.to_path_buf(),
         device: device.clone(),
     })
+}
+
+/// The folder's chat template: `chat_template.jinja` (newer transformers), else
+/// `tokenizer_config.json` `chat_template`, a string or a list of named templates (the one
+/// named `default`, as transformers picks it).
+fn chat_template(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        return std::fs::read_to_string(&jinja).map(Some).map_err(|e| Error::io(&jinja, e));
+    }
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    match read_json(&path)?.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(serde_json::Value::Array(named)) => {
+            let default = named.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+            Ok(default.and_then(|t| t.get("template")).and_then(|t| t.as_str()).map(str::to_string))
+        }
+        Some(_) => Err(Error::config(&path, "chat_template", "expected a string or a list of {name, template}")),
+    }
 }
 
 /// `add_bos_token` of the folder's `tokenizer_config.json`, when it has one.

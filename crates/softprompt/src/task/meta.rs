@@ -63,6 +63,11 @@ pub struct TaskMeta {
     /// (`softprompt train --prompt-after-bos`); see [`crate::prompt::prefix_after_bos`].
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub prompt_after_bos: bool,
+    /// Examples were rendered with the model's chat template (`softprompt train --chat`):
+    /// the input as the user's turn, the target as the assistant's; the server renders
+    /// inputs the same way ([`crate::chat`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub chat: bool,
     /// Built-in task name (`movie-sentiment`).
     pub name: Option<String>,
     /// Input template with `{text}`.
