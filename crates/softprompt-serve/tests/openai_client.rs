@@ -318,11 +318,15 @@ fn a_streaming_client_that_disconnects_is_cancelled() {
     cfg.max_new_tokens = 1500;
     let server = Server::start(model.clone(), cfg).unwrap();
     let addr = server.addr;
-    // Greedy decoding of this input runs to the length limit (checked first, unstreamed).
-    let request = json!({"model": "base", "prompt": "w5 w6", "max_tokens": 1500, "temperature": 0});
-    let (status, whole) = post(addr, "/v1/completions", &request, None);
-    assert_eq!(status, 200, "{whole}");
-    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    // An input whose greedy decoding runs to the length limit (no EOS), found unstreamed.
+    let request = (3..100)
+        .map(|w| json!({"model": "base", "prompt": format!("w{w} w{}", w + 1), "max_tokens": 1500, "temperature": 0}))
+        .find(|request| {
+            let (status, whole) = post(addr, "/v1/completions", request, None);
+            assert_eq!(status, 200, "{whole}");
+            whole["choices"][0]["finish_reason"] == "length"
+        })
+        .expect("an input that never reaches EOS");
     let mut body = request.clone();
     body["stream"] = json!(true);
     let body = body.to_string();

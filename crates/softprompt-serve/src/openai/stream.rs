@@ -150,7 +150,12 @@ impl Streaming {
         let Ok(text) = tokenizer.decode(&self.tokens) else {
             return;
         };
-        let safe = &text[..text.len() - held_back(&text, &self.job.stop)];
+        // A stop string ends the sequence at this very token: the text stops before it.
+        let text = match self.job.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+            Some(cut) => &text[..cut],
+            None => &text[..],
+        };
+        let safe = &text[..text.len() - held_back(text, &self.job.stop)];
         if safe.len() > self.sent.len() && safe.starts_with(self.sent.as_str()) {
             let delta = safe[self.sent.len()..].to_string();
             let logprobs = std::mem::take(&mut self.unsent_logprobs);
