@@ -300,6 +300,16 @@ fn chat_without_a_template_is_a_clear_400() {
     let (status, v) = post(server.addr, "/v1/generate", &json!({"task": "nope", "input": "w5"}), None);
     assert_eq!(status, 404);
     assert!(v["error"].is_string(), "{v}");
+    // /openapi.json documents both APIs.
+    let (status, doc) = softprompt_serve::client::request(server.addr, "GET", "/openapi.json", None, None).unwrap();
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    for path in ["/v1/models", "/v1/models/{model}", "/v1/completions", "/v1/chat/completions", "/v1/generate", "/v1/classify"] {
+        assert!(doc["paths"].get(path).is_some(), "{path}");
+    }
+    for schema in ["CompletionRequest", "ChatCompletionRequest", "Completion", "ChatCompletion", "OpenAIError", "GenerateRequest"] {
+        assert!(doc["components"]["schemas"].get(schema).is_some(), "{schema}");
+    }
     // An unknown field is refused by name.
     let body = json!({"model": "base", "prompt": "w5", "frobnicate": 1});
     let (status, v) = post(server.addr, "/v1/completions", &body, None);
@@ -412,4 +422,39 @@ fn the_openai_client_matches_the_native_endpoints_on_smollm2() {
     let (text, finish, _) = joined(&r[7]);
     assert_eq!(text, chat);
     assert_eq!(finish, r[6]["choices"][0]["finish_reason"].as_str().unwrap());
+}
+
+/// A task trained on chat-formatted examples (task.json `chat: true`, `softprompt train
+/// --chat`) renders its inputs as the user's turn of the model's template on every endpoint;
+/// on a model without a template it is not served (listed by `GET /v1/tasks?errors`).
+#[test]
+fn a_chat_trained_task_renders_its_inputs_with_the_template() {
+    let model = tiny(true);
+    let dir = tempfile::tempdir().unwrap();
+    let meta = TaskMeta { chat: true, ..TaskMeta::default() };
+    let prompt = random_prompt(&model, 3, 21, 0.8);
+    write_task_folder(&dir.path().join("chatty"), std::slice::from_ref(&prompt), &model, Some(&meta)).unwrap();
+    let server = serve(&model, dir.path(), None);
+    let addr = server.addr;
+    let input = "w30 w31";
+    let (status, gen) = post(addr, "/v1/generate", &json!({"task": "chatty", "input": input, "max_new_tokens": 5}), None);
+    assert_eq!(status, 200, "{gen}");
+    let tokenizer = model.tokenizer().unwrap();
+    let template = ChatTemplate::of(tokenizer).unwrap().unwrap();
+    let ids = template.encode(tokenizer, &[Message::new("user", input)], true, false).unwrap();
+    let opts = GenerateOptions { max_new_tokens: 5, stop_at_eos: true };
+    let lib = greedy(&model.backbone, Some(&prompt), &[ids], &opts, &Device::Cpu).unwrap();
+    assert_eq!(common::as_u32s(&gen["tokens"]), lib.tokens[0]);
+    // The chat endpoint renders the same conversation, so it answers the same.
+    let body = json!({"model": "chatty", "messages": [{"role": "user", "content": input}], "max_tokens": 5, "temperature": 0});
+    let (status, chat) = post(addr, "/v1/chat/completions", &body, None);
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["choices"][0]["message"]["content"], gen["text"]);
+    drop(server);
+
+    let plain = tiny(false);
+    let server = serve(&plain, dir.path(), None);
+    let (status, errors) = softprompt_serve::client::request(server.addr, "GET", "/v1/tasks?errors", None, None).unwrap();
+    assert_eq!(status, 200);
+    assert!(errors.contains("chatty") && errors.contains("chat template"), "{errors}");
 }

@@ -224,7 +224,7 @@ fn decode_params(s: &AppState, sm: &Sampling, max_tokens: Option<usize>, default
         return Err(OpenAiError::bad_param("temperature", format!("temperature must be between 0 and 2 (got {temperature})")));
     }
     let top_p = sm.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
+    if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
         return Err(OpenAiError::bad_param("top_p", format!("top_p must be in (0, 1] (got {top_p})")));
     }
     let stop = match &sm.stop {

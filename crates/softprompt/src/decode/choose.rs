@@ -134,7 +134,8 @@ impl<'t> DecodeStep<'t> {
             crate::bail!("stop strings need a tokenizer to decode the generated tokens");
         }
         for (i, seq) in sequences.iter().enumerate() {
-            if !(seq.params.top_p > 0.0 && seq.params.top_p <= 1.0) {
+            let top_p = seq.params.top_p;
+            if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
                 crate::bail!("sequence {i}: top_p must be in (0, 1] (got {})", seq.params.top_p);
             }
         }
