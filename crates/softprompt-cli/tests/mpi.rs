@@ -13,6 +13,13 @@ use std::process::Command;
 /// `softprompt train` on the set-up's data: global batch 8 (16 examples of 3 to 5 tokens, so
 /// the two shards of a batch would be padded differently if they were batched alone),
 /// accumulation 2, dev evaluation and checkpoints every 2 steps, accuracy on the labels.
+///
+/// AdamW at 0.01: the ranks' gradient differs from one process's by float reassociation only
+/// (about 1e-7 relative: one process sums the 8 rows inside its matmuls, two ranks sum two
+/// halves), but Adam's normalisation `m / sqrt(v)` turns a relative error of a component whose
+/// gradient nearly cancels into an absolute error of the update times the learning rate; at
+/// 0.05 one of the 128 prompt values differs by 7e-6 after 4 steps (Adafactor, which divides
+/// by factored second moments with eps 1e-30, by 7e-6 at 0.05 and 0.3), at 0.01 by 1.2e-7.
 fn train_args(s: &Setup, out: &Path, steps: usize) -> Vec<String> {
     let mut args: Vec<String> = ["train", "--model"].map(String::from).to_vec();
     args.push(s.model.display().to_string());
@@ -30,7 +37,7 @@ fn train_args(s: &Setup, out: &Path, steps: usize) -> Vec<String> {
         ("--checkpoint-every", "2".into()),
         ("--seed", "3".into()),
         ("--optimizer", "adamw".into()),
-        ("--lr", "0.05".into()),
+        ("--lr", "0.01".into()),
         ("--collective-timeout", "60".into()),
     ] {
         args.push(flag.into());
@@ -108,11 +115,13 @@ fn two_ranks_train_the_single_process_prompt_and_resume_exactly() {
     assert_ne!(m1[1].dev_loss, m1[3].dev_loss, "the prompt did not train");
     for (a, b) in m1.iter().zip(&m2) {
         assert_eq!(a.step, b.step);
-        assert!((a.loss - b.loss).abs() < 1e-6, "{a:?} vs {b:?}");
-        assert!((a.grad_norm - b.grad_norm).abs() < 1e-6, "{a:?} vs {b:?}");
+        // Relative: the losses and norms are about 5-10.
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * x.abs().max(1.0);
+        assert!(close(a.loss, b.loss), "{a:?} vs {b:?}");
+        assert!(close(a.grad_norm, b.grad_norm), "{a:?} vs {b:?}");
         assert_eq!(a.dev_accuracy, b.dev_accuracy);
         match (a.dev_loss, b.dev_loss) {
-            (Some(x), Some(y)) => assert!((x - y).abs() < 1e-6, "{x} vs {y}"),
+            (Some(x), Some(y)) => assert!(close(x, y), "{x} vs {y}"),
             (x, y) => assert_eq!(x, y),
         }
         assert!(b.comm_s.is_some_and(|c| c >= 0.0) && a.comm_s.is_none());
