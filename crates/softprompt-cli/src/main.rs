@@ -4,6 +4,7 @@ mod common;
 mod eval;
 mod fetch;
 mod inspect;
+mod ranks;
 mod run;
 mod score;
 mod serve;

@@ -1,6 +1,7 @@
 //! `softprompt train`: prompt tuning on a JSONL data set, with the paper's recipe as defaults.
 
 use crate::common;
+use crate::ranks::{ParallelArgs, Ranks};
 use anyhow::{bail, Result};
 use clap::Args;
 use softprompt::prompt::EncoderKind;
@@ -92,6 +93,8 @@ pub struct TrainArgs {
     /// inputs the same way. JSONL --data/--dev, decoder-only models with a template.
     #[arg(long)]
     pub chat: bool,
+    #[command(flatten)]
+    pub ranks: ParallelArgs,
 }
 
 impl TrainArgs {
@@ -111,18 +114,25 @@ impl TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     // Cheap checks first, before loading anything.
     args.method.check_flags(&args.method_flags())?;
+    let ranks = Ranks::start(&args.ranks)?;
+    let result = run_on(args, &ranks);
+    ranks.finish(result)
+}
+
+/// The run on this rank (all of it in one process).
+fn run_on(args: TrainArgs, ranks: &Ranks) -> Result<()> {
     if args.write_splits.is_some() && !recipe::is_builtin(&args.data.data) {
         bail!("--write-splits needs --data {BUILTIN_TASK}");
     }
     let data = TrainData::resolve(args.data.clone())?;
     let init = recipe::prompt_init(&args.init, &data.labels)?;
     let lr = args.optimizer.learning_rate(args.method)?;
-    if let (Some(dir), Some(t)) = (&args.write_splits, &data.task) {
+    if let (Some(dir), Some(t), true) = (&args.write_splits, &data.task, ranks.is_root()) {
         recipe::write_splits(dir, t)?;
         let (train, dev, test) = (t.train.len(), t.dev.len(), t.test.len());
         eprintln!("wrote {train} train / {dev} dev / {test} test examples of {} to {}", t.name, dir.display());
     }
-    let device = common::device()?;
+    let device = ranks.device()?;
     let model = common::load(&args.model, &device)?;
     let (train_set, dev_set) = if args.chat { chat_examples(&args.data, &model)? } else { data.examples(&model)? };
     let classes = match data.dev_classes(args.select_by, dev_set.as_deref(), &model)? {
@@ -148,7 +158,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.checkpoint_every = args.checkpoint_every;
     cfg.log_every = args.log_every;
     cfg.resume = args.resume;
-    cfg.quiet = args.quiet;
+    // One progress bar: rank 0's.
+    cfg.quiet = args.quiet || !ranks.is_root();
+    cfg.parallel = ranks.parallel.clone();
     cfg.prompt_after_bos = args.prompt_after_bos;
     cfg.classes = classes;
     cfg.select_by = args.select_by;
@@ -162,8 +174,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     match args.method {
         Method::PromptTuning => {
             let report = train(&model, &train_set, dev_set.as_deref(), &cfg)?;
-            println!("{}", report.summary(cfg.select_by));
-            println!("adapter (prompt of step {}) written to {}", report.exported_step, args.output.display());
+            if ranks.is_root() {
+                println!("{}", report.summary(cfg.select_by));
+                println!("adapter (prompt of step {}) written to {}", report.exported_step, args.output.display());
+            }
         }
         Method::ModelTuning => {
             cfg.task.lr = Some(lr);
@@ -171,13 +185,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let path = model.path.clone();
             drop(model);
             let report = model_tuning(&path, &device, &train_set, dev_set.as_deref(), &cfg)?;
-            println!("{}\ntuned model folder written to {}", report.summary(), args.output.display());
+            if ranks.is_root() {
+                println!("{}\ntuned model folder written to {}", report.summary(), args.output.display());
+            }
         }
         Method::PTuning => {
             let kind = args.encoder.unwrap_or(EncoderKind::Mlp);
             let hidden = args.encoder_hidden.unwrap_or(model.backbone.info().d_model);
             let (report, _) = p_tuning(&model, &train_set, dev_set.as_deref(), &cfg, kind, hidden)?;
-            println!("{}\nadapter (the encoder's output) written to {}", report.summary(), args.output.display());
+            if ranks.is_root() {
+                println!("{}\nadapter (the encoder's output) written to {}", report.summary(), args.output.display());
+            }
         }
     }
     Ok(())

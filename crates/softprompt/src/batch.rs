@@ -164,6 +164,40 @@ pub struct Batch {
 
 /// Batches examples for a model with a prompt of `n_prompt` virtual tokens.
 pub fn collate(examples: &[Example], info: &ModelInfo, n_prompt: usize, device: &Device) -> Result<Batch> {
+    collate_to_width(examples, info, n_prompt, 0, device)
+}
+
+/// The examples `range` of `batch`, batched as they are in the whole `batch`: decoder-only
+/// rows are left padded to the whole batch's longest row, so each token keeps the position
+/// (and the distance to the prompt) it has in the whole batch. This is one rank's shard in
+/// data-parallel training; its losses are those of the same rows of `collate(batch)`.
+pub fn collate_shard(
+    batch: &[Example],
+    range: std::ops::Range<usize>,
+    info: &ModelInfo,
+    n_prompt: usize,
+    device: &Device,
+) -> Result<Batch> {
+    let Some(shard) = batch.get(range.clone()) else {
+        crate::bail!("shard {range:?} of a batch of {} examples", batch.len());
+    };
+    let width = if info.is_encoder_decoder() {
+        // Encoder rows are right padded: their width changes no token's position.
+        0
+    } else {
+        batch.iter().map(|e| e.source.len() + e.target.len()).max().unwrap_or(0)
+    };
+    collate_to_width(shard, info, n_prompt, width, device)
+}
+
+/// [`collate`] with decoder-only rows padded to at least `min_width` tokens.
+fn collate_to_width(
+    examples: &[Example],
+    info: &ModelInfo,
+    n_prompt: usize,
+    min_width: usize,
+    device: &Device,
+) -> Result<Batch> {
     if examples.is_empty() {
         crate::bail!("cannot make a batch of no examples");
     }
@@ -197,7 +231,7 @@ pub fn collate(examples: &[Example], info: &ModelInfo, n_prompt: usize, device: 
     } else {
         // `source + target`, left padded.
         let rows: Vec<Vec<u32>> = examples.iter().map(|e| [e.source.as_slice(), &e.target].concat()).collect();
-        let inputs = pad_ids(&rows, Side::Left, pad, 0, device)?; // [B, S]
+        let inputs = pad_ids(&rows, Side::Left, pad, min_width, device)?; // [B, S]
         let full = n_prompt + inputs.width;
         for (i, (e, row)) in examples.iter().zip(&rows).enumerate() {
             let pads = Side::Left.lead(row.len(), inputs.width);

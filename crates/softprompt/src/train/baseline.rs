@@ -4,7 +4,7 @@
 use crate::batch::Example;
 use crate::train::config::TrainConfig;
 use crate::train::run_state::CheckpointKind;
-use crate::train::step_loop::{BatchLoss, LoopOutcome, StepLoop};
+use crate::train::step_loop::{LoopOutcome, ShardLoss, StepLoop};
 use crate::Result;
 use candle_core::{Device, Var};
 
@@ -55,7 +55,7 @@ pub(crate) fn run_baseline(
     cfg: &TrainConfig,
     method: &str,
     named: Vec<(String, Var)>,
-    loss: &dyn Fn(&[Example]) -> Result<BatchLoss>,
+    loss: &ShardLoss<'_>,
     config_hash: &str,
     device: &Device,
     train: &[Example],

@@ -4,6 +4,7 @@
 use crate::task::TaskMeta;
 use crate::prompt::init::PromptInit;
 use crate::train::optim::{AdafactorConfig, OptimizerConfig};
+use crate::train::parallel::Parallel;
 use crate::train::schedule::Schedule;
 use std::path::PathBuf;
 
@@ -64,6 +65,9 @@ pub struct TrainConfig {
     /// Decoder-only models: the prompt goes after BOS, `[embed(BOS); P; embed(X)]` (the
     /// prompt-tuning code's `prefix_prompt_after_bos`); see [`crate::prompt::prefix_after_bos`].
     pub prompt_after_bos: bool,
+    /// The ranks of a data-parallel run (see [`crate::train::parallel`]); one process by
+    /// default. Not part of the run's identity: a checkpoint resumes on any number of ranks.
+    pub parallel: Parallel,
 }
 
 impl TrainConfig {
@@ -92,6 +96,7 @@ impl TrainConfig {
             quiet: false,
             task: TaskMeta::default(),
             prompt_after_bos: false,
+            parallel: Parallel::single(),
         }
     }
 }

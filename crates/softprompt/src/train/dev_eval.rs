@@ -10,6 +10,7 @@ use crate::model::ModelInfo;
 use crate::objective::target_nll;
 use crate::train::config::TrainConfig;
 use crate::train::data::{after_bos, model_prefix, prefix_len};
+use crate::train::step_loop::{DevShare, Tally};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 
@@ -50,23 +51,27 @@ pub fn gold_labels(
 /// With `cfg.prompt_after_bos`, the sources' leading BOS is removed and the prompt placed
 /// after BOS, as in training.
 pub fn dev_nll(model: &Model, prompt: &Tensor, dev: &[Example], cfg: &TrainConfig) -> Result<f64> {
-    prepared_dev_nll(model, prompt, &after_bos(model, cfg, dev), cfg)
+    Ok(prepared_dev_nll(model, prompt, &after_bos(model, cfg, dev), cfg, DevShare::ALL)?.mean())
 }
 
-/// [`dev_nll`] of examples already without their leading BOS when `cfg.prompt_after_bos`.
+/// [`dev_nll`]'s sum and count on `share`'s batches, of examples already without their leading
+/// BOS when `cfg.prompt_after_bos`.
 pub(crate) fn prepared_dev_nll(
     model: &Model,
     prompt: &Tensor,
     dev: &[Example],
     cfg: &TrainConfig,
-) -> Result<f64> {
+    share: DevShare,
+) -> Result<Tally> {
     let prefix = model_prefix(model, cfg, &prompt.detach())?; // [N(+1), D]
     let mut order: Vec<usize> = (0..dev.len()).collect();
     order.sort_by_key(|&i| dev[i].source.len() + dev[i].target.len());
     let batches = order
         .chunks(cfg.batch_size.max(1))
-        .map(|chunk| chunk.iter().map(|&i| dev[i].clone()).collect::<Vec<_>>());
-    mean_target_nll(model, Some(&prefix), prefix_len(cfg), batches)
+        .enumerate()
+        .filter(|&(b, _)| share.takes(b))
+        .map(|(_, chunk)| chunk.iter().map(|&i| dev[i].clone()).collect::<Vec<_>>());
+    target_nll_tally(model, Some(&prefix), prefix_len(cfg), batches)
 }
 
 /// Mean target-token NLL of `dev` with no prompt (model tuning's dev loss), in batches of
@@ -77,16 +82,17 @@ pub(crate) fn dev_nll_without_prompt(
     cfg: &TrainConfig,
 ) -> Result<f64> {
     let batches = dev.chunks(cfg.batch_size.max(1)).map(|c| c.to_vec());
-    mean_target_nll(model, None, 0, batches)
+    Ok(target_nll_tally(model, None, 0, batches)?.mean())
 }
 
-/// Mean over every target token of `batches` of its NLL given `prefix` (`[n_prefix, D]`).
-fn mean_target_nll(
+/// Sum and count over every target token of `batches` of its NLL given `prefix`
+/// (`[n_prefix, D]`).
+fn target_nll_tally(
     model: &Model,
     prefix: Option<&Tensor>,
     n_prefix: usize,
     batches: impl Iterator<Item = Vec<Example>>,
-) -> Result<f64> {
+) -> Result<Tally> {
     let info = model.backbone.info();
     let mut total = 0f64;
     let mut count = 0usize;
@@ -96,7 +102,10 @@ fn mean_target_nll(
         total += nll.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
         count += nll.dim(0)?;
     }
-    Ok(total / count.max(1) as f64)
+    Ok(Tally {
+        sum: total,
+        count: count as f64,
+    })
 }
 
 /// Rank-classification accuracy on `dev` under `prompt` (no gradient): each example's class
@@ -111,17 +120,16 @@ pub fn dev_accuracy(
     cfg: &TrainConfig,
 ) -> Result<f64> {
     let gold = gold_labels(dev, classes, model.backbone.info())?;
-    prepared_dev_accuracy(
-        model,
-        prompt,
-        &after_bos(model, cfg, dev),
-        classes,
-        &gold,
-        cfg,
-    )
+    let dev = after_bos(model, cfg, dev);
+    Ok(prepared_dev_accuracy(model, prompt, &dev, classes, &gold, cfg, DevShare::ALL)?.mean())
 }
 
-/// [`dev_accuracy`] of examples already without their leading BOS when `cfg.prompt_after_bos`.
+/// [`dev_accuracy`]'s correct and scored examples among `share`'s batches, of examples already
+/// without their leading BOS when `cfg.prompt_after_bos`.
+///
+/// The batches are those [`label_log_likelihoods`] makes of the whole dev set (sources in
+/// length order, stable, `cfg.batch_size` at a time), so each example is scored in the same
+/// batch, with the same padding, on any number of ranks.
 pub(crate) fn prepared_dev_accuracy(
     model: &Model,
     prompt: &Tensor,
@@ -129,9 +137,23 @@ pub(crate) fn prepared_dev_accuracy(
     classes: &[Vec<u32>],
     gold: &[usize],
     cfg: &TrainConfig,
-) -> Result<f64> {
+    share: DevShare,
+) -> Result<Tally> {
     let prefix = model_prefix(model, cfg, &prompt.detach())?; // [N(+1), D]
-    let sources: Vec<Vec<u32>> = dev.iter().map(|e| e.source.clone()).collect();
+    let mut order: Vec<usize> = (0..dev.len()).collect();
+    order.sort_by_key(|&i| dev[i].source.len());
+    // Whole batches but the last, so this share's batches are batched again as they are here.
+    let mine: Vec<usize> = order
+        .chunks(cfg.batch_size.max(1))
+        .enumerate()
+        .filter(|&(b, _)| share.takes(b))
+        .flat_map(|(_, chunk)| chunk.iter().copied())
+        .collect();
+    let sources: Vec<Vec<u32>> = mine.iter().map(|&i| dev[i].source.clone()).collect();
+    let gold: Vec<usize> = mine.iter().map(|&i| gold.get(i).copied().unwrap_or(usize::MAX)).collect();
+    if sources.is_empty() {
+        return Ok(Tally::default());
+    }
     let scores = label_log_likelihoods(
         &model.backbone,
         Some(&prefix),
@@ -141,5 +163,9 @@ pub(crate) fn prepared_dev_accuracy(
         &model.device,
     )?; // [examples][classes]
     let predicted: Vec<usize> = scores.iter().map(|s| argmax(s)).collect();
-    Ok(crate::eval::metrics::accuracy(&predicted, gold))
+    let correct = predicted.iter().zip(&gold).filter(|(p, g)| p == g).count();
+    Ok(Tally {
+        sum: correct as f64,
+        count: predicted.len() as f64,
+    })
 }

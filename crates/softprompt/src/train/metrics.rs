@@ -28,6 +28,15 @@ pub struct StepMetrics {
     /// this step and the task's classes are known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_accuracy: Option<f64>,
+    /// Seconds of this step (forward, backward, exchanges and optimizer; not the dev
+    /// evaluation or checkpoint after it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_s: Option<f64>,
+    /// Data-parallel runs: mean seconds per step spent in collectives (the gradient
+    /// all-reduce, the sums of losses and dev scores, waiting for the slowest rank included)
+    /// since the previous line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_s: Option<f64>,
 }
 
 /// Reads `metrics.jsonl` (an absent file is empty); a bad line is an error naming it.
@@ -60,7 +69,8 @@ fn read_inner(path: &Path, tolerate_torn_tail: bool) -> Result<Vec<StepMetrics>>
 /// Appends lines to `metrics.jsonl`, flushing each one.
 pub struct MetricsLog {
     path: PathBuf,
-    file: std::fs::File,
+    /// `None`: the lines are kept but not written (a data-parallel rank other than 0).
+    file: Option<std::fs::File>,
     /// Every line of the file, in order (for the plot).
     pub rows: Vec<StepMetrics>,
 }
@@ -71,13 +81,7 @@ impl MetricsLog {
     /// the checkpoint by the run that stopped), which the resumed run logs again.
     pub fn open(output: &Path, keep_up_to: Option<usize>) -> Result<Self> {
         let path = output.join(FILE);
-        let rows: Vec<StepMetrics> = match keep_up_to {
-            None => Vec::new(),
-            Some(step) => read_inner(&path, true)?
-                .into_iter()
-                .filter(|m| m.step <= step)
-                .collect(),
-        };
+        let rows = Self::kept_rows(&path, keep_up_to)?;
         let mut text = String::new();
         for r in &rows {
             text.push_str(&to_line(r)?);
@@ -87,15 +91,44 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(MetricsLog { path, file, rows })
+        Ok(MetricsLog {
+            path,
+            file: Some(file),
+            rows,
+        })
+    }
+
+    /// The log [`MetricsLog::open`] would give, without touching the file: the lines of a
+    /// resumed run are read, appended ones only kept in memory. Data-parallel ranks other
+    /// than 0 log this way (rank 0 writes the file).
+    pub fn read_only(output: &Path, keep_up_to: Option<usize>) -> Result<Self> {
+        let path = output.join(FILE);
+        let rows = Self::kept_rows(&path, keep_up_to)?;
+        Ok(MetricsLog {
+            path,
+            file: None,
+            rows,
+        })
+    }
+
+    /// The lines of a fresh (none) or resumed run (those up to its checkpoint's step).
+    fn kept_rows(path: &Path, keep_up_to: Option<usize>) -> Result<Vec<StepMetrics>> {
+        Ok(match keep_up_to {
+            None => Vec::new(),
+            Some(step) => read_inner(path, true)?
+                .into_iter()
+                .filter(|m| m.step <= step)
+                .collect(),
+        })
     }
 
     pub fn append(&mut self, m: StepMetrics) -> Result<()> {
-        let line = to_line(&m)?;
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.flush())
-            .map_err(|e| Error::io(&self.path, e))?;
+        if let Some(file) = &mut self.file {
+            let line = to_line(&m)?;
+            file.write_all(line.as_bytes())
+                .and_then(|_| file.flush())
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
         self.rows.push(m);
         Ok(())
     }

@@ -13,7 +13,7 @@
 //! with the trained tensors, the optimizer's state and the data position), written every
 //! `checkpoint_every` steps and at the end; with `resume` a run continues from it exactly.
 
-use crate::batch::{collate, Example};
+use crate::batch::{collate_shard, Example};
 use crate::fsutil::write_atomic;
 use crate::load::{export, gguf, hf, model_name, Model, Weights};
 use crate::model::{llama, Backbone};
@@ -93,8 +93,8 @@ pub fn model_tuning(
         dev,
         serde_json::json!({"method": MODEL_TUNING}),
     );
-    let loss = |examples: &[Example]| -> Result<BatchLoss> {
-        let batch = collate(examples, &info, 0, device)?;
+    let loss = |examples: &[Example], shard: std::ops::Range<usize>| -> Result<BatchLoss> {
+        let batch = collate_shard(examples, shard, &info, 0, device)?;
         let nll = target_nll(&build()?.backbone, None, &batch)?; // [M]
         Ok(BatchLoss {
             nll,
@@ -108,6 +108,10 @@ pub fn model_tuning(
         None => None,
     };
 
+    if !cfg.parallel.is_root() {
+        // Rank 0 writes; every rank holds the same weights.
+        return Ok(BaselineReport::from_run(&run, dev_loss));
+    }
     // The output folder is a loadable model folder.
     let tensors: HashMap<String, Tensor> = names
         .iter()

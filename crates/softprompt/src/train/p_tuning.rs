@@ -6,7 +6,7 @@
 //! records the encoder.
 
 use crate::task::{describe_init, EncoderMeta};
-use crate::batch::{collate, Example};
+use crate::batch::{collate_shard, Example};
 use crate::load::Model;
 use crate::objective::target_nll;
 use crate::prompt::{EncoderKind, PromptEncoder};
@@ -54,8 +54,8 @@ pub fn p_tuning(
         dev,
         serde_json::json!({"method": P_TUNING, "encoder": kind.name(), "hidden": hidden}),
     );
-    let loss = |examples: &[Example]| -> Result<BatchLoss> {
-        let batch = collate(examples, info, cfg.n_tokens, &model.device)?;
+    let loss = |examples: &[Example], shard: std::ops::Range<usize>| -> Result<BatchLoss> {
+        let batch = collate_shard(examples, shard, info, cfg.n_tokens, &model.device)?;
         let prompt = encoder.forward()?; // [N, D]
         let nll = target_nll(&model.backbone, Some(&prompt), &batch)?; // [M]
         Ok(BatchLoss {
@@ -78,6 +78,11 @@ pub fn p_tuning(
         Some(d) => Some(dev_nll(model, &prompt, d, cfg)?),
         None => None,
     };
+    let report = BaselineReport::from_run(&run, dev_loss);
+    if !cfg.parallel.is_root() {
+        // Rank 0 writes; every rank holds the same encoder.
+        return Ok((report, encoder));
+    }
     save_prompt_adapter(model, cfg, &prompt, false)?;
     let params: HashMap<String, Tensor> = encoder
         .named_vars()
@@ -93,5 +98,5 @@ pub fn p_tuning(
     task.init = Some(describe_init(&cfg.init));
     write_task_json(cfg, task)?;
     plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;
-    Ok((BaselineReport::from_run(&run, dev_loss), encoder))
+    Ok((report, encoder))
 }

@@ -14,12 +14,20 @@
 //! is kept, with a copy of the trained tensors, and `patience` evaluations without a better one
 //! stop the run. Every `checkpoint_every` steps and at the end the state is checkpointed (see
 //! [`CheckpointKind`]) and the loss plotted; `metrics.jsonl` gets a line every `log_every` steps.
+//!
+//! Data parallel ([`TrainConfig::parallel`], see [`super::parallel`]): every rank walks the same
+//! data order and computes its shard of each batch ([`shard_range`]), scaled by the whole
+//! step's target tokens, so the sum over the ranks ([`final_gradients`]) is the single-process
+//! gradient; the losses, token counts and dev scores are summed the same way. Every rank then
+//! takes the same decisions (divergence, clipping, optimizer step, best evaluation, early
+//! stop) on the same numbers; rank 0 alone writes the checkpoint, metrics and plot.
 
 use crate::batch::Example;
 use crate::train::config::{SelectBy, TrainConfig};
 use crate::train::data::epoch_batches;
 use crate::train::metrics::{MetricsLog, StepMetrics};
 use crate::train::optim::{clip_grad_norm, Optimizer};
+use crate::train::parallel::{shard_range, Parallel, BUCKET_FLOATS};
 use crate::train::plot;
 use crate::train::run_state::{BestEval, CheckpointKind, RunState};
 use crate::{bail, Result};
@@ -36,8 +44,39 @@ pub(crate) struct BatchLoss {
 }
 
 /// A dev metric of given values of the trained vars (one tensor per var, in their order),
-/// computed without gradient.
-pub(crate) type DevMetric<'a> = &'a dyn Fn(&[Tensor]) -> Result<f64>;
+/// computed without gradient on this rank's share of the dev set (see [`DevShare`]).
+pub(crate) type DevMetric<'a> = &'a dyn Fn(&[Tensor], DevShare) -> Result<Tally>;
+
+/// Which dev batches a rank scores: of the dev set's batches (in the metric's own order),
+/// those whose index is `rank` modulo `size`. One process scores them all.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DevShare {
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl DevShare {
+    pub const ALL: DevShare = DevShare { rank: 0, size: 1 };
+
+    /// Whether batch `index` is this rank's.
+    pub fn takes(self, index: usize) -> bool {
+        index % self.size.max(1) == self.rank
+    }
+}
+
+/// A metric's sum and count over some examples (the metric is `sum / count`), which add up
+/// over the ranks' shares.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Tally {
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl Tally {
+    pub fn mean(self) -> f64 {
+        self.sum / self.count.max(1.0)
+    }
+}
 
 /// Dev evaluation during training.
 pub(crate) struct DevHook<'a> {
@@ -55,14 +94,19 @@ pub(crate) struct StepLoop<'a> {
     /// The trained vars, in the optimizer's (and the checkpoint's) order.
     pub vars: Vec<Var>,
     pub optimizer: Box<dyn Optimizer>,
-    /// The loss of a micro-batch of examples.
-    pub loss: &'a dyn Fn(&[Example]) -> Result<BatchLoss>,
+    /// The loss of the examples `range` of a micro-batch (this rank's shard; all of it in one
+    /// process), laid out as in the whole micro-batch ([`crate::batch::collate_shard`]).
+    pub loss: &'a ShardLoss<'a>,
     pub dev: Option<DevHook<'a>>,
     pub checkpoint: CheckpointKind<'a>,
     /// [`crate::train::run_id`] of the run, stored in and checked against its checkpoint.
     pub config_hash: &'a str,
     pub device: &'a Device,
 }
+
+/// The loss of the examples `range` of a micro-batch: see [`StepLoop::loss`].
+pub(crate) type ShardLoss<'a> =
+    dyn Fn(&[Example], std::ops::Range<usize>) -> Result<BatchLoss> + 'a;
 
 /// What [`StepLoop::run`] did.
 pub(crate) struct LoopOutcome {
@@ -94,7 +138,13 @@ impl StepLoop<'_> {
             resumed_from = Some(r.state.step);
             state = r.state;
         }
-        let mut log = MetricsLog::open(out, resumed_from)?;
+        let par = &cfg.parallel;
+        check_ranks_agree(par, self.config_hash, resumed_from)?;
+        let mut log = if par.is_root() {
+            MetricsLog::open(out, resumed_from)?
+        } else {
+            MetricsLog::read_only(out, resumed_from)?
+        };
         self.recover_best_accuracy(&mut state, &log)?;
 
         let bar = progress_bar(cfg, state.step);
@@ -106,7 +156,7 @@ impl StepLoop<'_> {
         while state.step < cfg.steps && !state.stopped_early {
             let started = Instant::now();
             let micro = data.next_step(&mut state, cfg.grad_accum);
-            let (mut grads, loss_sum, n_tokens) = self.accumulate(&micro)?;
+            let (mut grads, loss_sum, n_tokens) = self.accumulate(&micro, state.step + 1)?;
             if !loss_sum.is_finite() {
                 bail!(
                     "training diverged at step {}: the loss is {loss_sum} (try a lower learning \
@@ -148,19 +198,24 @@ impl StepLoop<'_> {
                 Some((loss, accuracy)) => (Some(loss), accuracy),
                 None => (None, None),
             };
+            let comm_s = par.take_comm_seconds();
+            pending.add_comm(comm_s);
             if last
                 || dev_loss.is_some()
                 || state.stopped_early
                 || state.step.is_multiple_of(cfg.log_every.max(1))
             {
+                let (loss, comm_s) = pending.take();
                 log.append(StepMetrics {
                     step: state.step,
-                    loss: pending.take(),
+                    loss,
                     lr,
                     grad_norm,
                     tokens_per_s,
+                    step_s: Some(elapsed),
                     dev_loss,
                     dev_accuracy,
+                    comm_s: (par.size() > 1).then_some(comm_s),
                 })?;
             }
             if dev_accuracy.is_some() {
@@ -176,7 +231,7 @@ impl StepLoop<'_> {
             let save = last
                 || state.stopped_early
                 || (cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every));
-            if save {
+            if save && par.is_root() {
                 self.checkpoint.save(
                     out,
                     &state,
@@ -196,17 +251,23 @@ impl StepLoop<'_> {
         })
     }
 
-    /// Forward and backward passes of the micro-batches of one step: the summed gradient of
-    /// each var, the step's loss (the mean over all their target tokens) and the non-pad
-    /// tokens read.
-    fn accumulate(&self, micro: &[Vec<Example>]) -> Result<(GradStore, f64, usize)> {
+    /// Forward and backward passes of this rank's shards of the micro-batches of step `step`:
+    /// the summed gradient of each var, the step's loss (the mean over all their target
+    /// tokens) and the non-pad tokens read, all summed over the ranks.
+    fn accumulate(&self, micro: &[Vec<Example>], step: usize) -> Result<(GradStore, f64, usize)> {
+        let par = &self.cfg.parallel;
+        // Every rank has every batch: the step's token count needs no exchange.
         let target_tokens: usize = micro.iter().flatten().map(|e| e.target.len()).sum();
         let scale = 1.0 / target_tokens as f64;
         let mut grads = GradStore::default();
         let mut loss_sum = 0f64;
         let mut n_tokens = 0usize;
         for examples in micro {
-            let batch = (self.loss)(examples)?;
+            let shard = shard_range(examples.len(), par.rank(), par.size());
+            if shard.is_empty() {
+                continue;
+            }
+            let batch = (self.loss)(examples, shard)?;
             n_tokens += batch.tokens;
             // This batch's share of the step's mean.
             let loss = batch.nll.sum_all()?.affine(scale, 0.0)?;
@@ -222,23 +283,41 @@ impl StepLoop<'_> {
                 }
             }
         }
+        let (loss_sum, n_tokens) =
+            final_gradients(par, step, &mut grads, &self.vars, loss_sum, n_tokens)?;
         if !self.vars.iter().any(|v| grads.get(v.as_tensor()).is_some()) {
             bail!(
                 "the trained parameters received no gradient: the model's forward pass goes \
                  through an operation without a backward pass (e.g. a fused candle kernel)"
             );
         }
-        final_gradients(&mut grads, &self.vars)?;
         Ok((grads, loss_sum, n_tokens))
+    }
+
+    /// A dev metric summed over the ranks' shares of the dev set.
+    fn dev_metric(&self, metric: DevMetric<'_>, params: &[Tensor], what: &str) -> Result<f64> {
+        let par = &self.cfg.parallel;
+        let share = DevShare {
+            rank: par.rank(),
+            size: par.size(),
+        };
+        let tally = metric(params, share)?;
+        let mut sums = [tally.sum, tally.count];
+        par.all_reduce_sum_f64(what, &mut sums)?;
+        Ok(Tally {
+            sum: sums[0],
+            count: sums[1],
+        }
+        .mean())
     }
 
     /// Evaluates the vars' current values on the dev set and updates the best evaluation and
     /// the early-stopping counter; returns the dev loss and accuracy.
     fn evaluate(&self, dev: &DevHook<'_>, state: &mut RunState) -> Result<(f64, Option<f64>)> {
         let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = (dev.loss)(&params)?;
+        let loss = self.dev_metric(dev.loss, &params, "the sum of the dev loss")?;
         let accuracy = match dev.accuracy {
-            Some(accuracy) => Some(accuracy(&params)?),
+            Some(accuracy) => Some(self.dev_metric(accuracy, &params, "the sum of the dev accuracy")?),
             None => None,
         };
         let improved = match (&state.best, self.cfg.select_by) {
@@ -292,7 +371,7 @@ impl StepLoop<'_> {
             .and_then(|r| r.dev_accuracy);
         best.dev_accuracy = Some(match logged {
             Some(a) => a,
-            None => accuracy(&best.params)?,
+            None => self.dev_metric(accuracy, &best.params, "the sum of the dev accuracy")?,
         });
         Ok(())
     }
@@ -347,9 +426,100 @@ impl<'a> DataCursor<'a> {
 }
 
 /// The one place where a step's gradients are final (summed over its micro-batches) and not
-/// yet clipped: training on several machines would all-reduce (average) each var's gradient
-/// here, so that clipping, the divergence checks and the optimizer see the global gradient.
-fn final_gradients(_grads: &mut GradStore, _vars: &[Var]) -> Result<()> {
+/// yet clipped: with several ranks, each var's gradient, the loss and the token count are
+/// summed over the ranks here (each rank's gradient is already scaled by the whole step's
+/// target tokens, so the sum is the single-process mean), so that clipping, the divergence
+/// checks and the optimizer see the global gradient. Returns the global loss and tokens.
+///
+/// The vars are packed into buckets of about [`BUCKET_FLOATS`] (model tuning reduces every
+/// weight); a var no rank computed a gradient for stays without one.
+fn final_gradients(
+    par: &Parallel,
+    step: usize,
+    grads: &mut GradStore,
+    vars: &[Var],
+    loss_sum: f64,
+    n_tokens: usize,
+) -> Result<(f64, usize)> {
+    if par.size() == 1 {
+        return Ok((loss_sum, n_tokens));
+    }
+    // [loss, tokens, whether this rank has var i's gradient...]
+    let mut scalars = vec![loss_sum, n_tokens as f64];
+    scalars.extend(
+        vars.iter()
+            .map(|v| f64::from(u8::from(grads.get(v.as_tensor()).is_some()))),
+    );
+    par.all_reduce_sum_f64(&format!("the sum of the losses of step {step}"), &mut scalars)?;
+    let what = format!("the all-reduce of the gradients of step {step}");
+    let mut start = 0;
+    while start < vars.len() {
+        // Consecutive vars up to a bucket (a larger var alone).
+        let mut end = start + 1;
+        let mut floats = vars[start].elem_count();
+        while end < vars.len() && floats + vars[end].elem_count() <= BUCKET_FLOATS {
+            floats += vars[end].elem_count();
+            end += 1;
+        }
+        let bucket = &vars[start..end];
+        let mut flat = Vec::with_capacity(floats);
+        for var in bucket {
+            match grads.get(var.as_tensor()) {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
+            }
+        }
+        par.all_reduce_sum_f32(&what, &mut flat)?;
+        let mut offset = 0;
+        for (i, var) in bucket.iter().enumerate() {
+            let n = var.elem_count();
+            if scalars[2 + start + i] > 0.0 {
+                let g = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
+                    .to_dtype(var.dtype())?;
+                grads.insert(var.as_tensor(), g);
+            }
+            offset += n;
+        }
+        start = end;
+    }
+    Ok((scalars[0], scalars[1] as usize))
+}
+
+/// Every rank must run the same configuration on the same data (the hash of both) and resume
+/// from the same step (the output folder on a file system every rank sees).
+fn check_ranks_agree(par: &Parallel, config_hash: &str, resumed_from: Option<usize>) -> Result<()> {
+    if par.size() == 1 {
+        return Ok(());
+    }
+    // 12 hex digits: 48 bits, exact in an f64.
+    let hash_prefix = u64::from_str_radix(config_hash.get(..12).unwrap_or(config_hash), 16)
+        .map_or(-1.0, |h| h as f64);
+    let step = resumed_from.map_or(-1.0, |s| s as f64);
+    let mut root = [hash_prefix, step];
+    par.broadcast_f64("the check that every rank runs the same job", &mut root)?;
+    if root[0] != hash_prefix {
+        bail!(
+            "rank {}: this rank's run (configuration and data) differs from rank 0's: every \
+             rank must read the same data with the same options",
+            par.rank()
+        );
+    }
+    if root[1] != step {
+        let at = |s: f64| {
+            if s < 0.0 {
+                "starts afresh".to_string()
+            } else {
+                format!("resumes at step {s}")
+            }
+        };
+        bail!(
+            "rank {} {} but rank 0 {}: every rank must see the same output folder (a shared file \
+             system) to resume",
+            par.rank(),
+            at(step),
+            at(root[1])
+        );
+    }
     Ok(())
 }
 
@@ -368,10 +538,12 @@ fn global_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     Ok(sum_sq.sqrt())
 }
 
-/// Mean of the step losses since the previous metrics line.
+/// Mean of the step losses and of the seconds in collectives per step since the previous
+/// metrics line.
 #[derive(Default)]
 struct LogAccumulator {
     sum: f64,
+    comm_s: f64,
     n: usize,
 }
 
@@ -380,8 +552,13 @@ impl LogAccumulator {
         self.sum += loss;
         self.n += 1;
     }
-    fn take(&mut self) -> f64 {
-        let v = self.sum / self.n.max(1) as f64;
+    fn add_comm(&mut self, seconds: f64) {
+        self.comm_s += seconds;
+    }
+    /// (mean loss, mean seconds in collectives per step).
+    fn take(&mut self) -> (f64, f64) {
+        let n = self.n.max(1) as f64;
+        let v = (self.sum / n, self.comm_s / n);
         *self = LogAccumulator::default();
         v
     }
@@ -462,8 +639,8 @@ mod tests {
         let device = Device::Cpu;
         let w = Var::zeros(1, DType::F32, &device)?;
         let names = vec!["w".to_string()];
-        let loss = |examples: &[Example]| -> Result<BatchLoss> {
-            let targets: Vec<f32> = examples
+        let loss = |examples: &[Example], range: std::ops::Range<usize>| -> Result<BatchLoss> {
+            let targets: Vec<f32> = examples[range]
                 .iter()
                 .flat_map(|e| e.target.iter().map(|&t| t as f32))
                 .collect();
@@ -517,6 +694,44 @@ mod tests {
             "{} vs {grad}",
             rows[0].grad_norm
         );
+    }
+
+    /// Two ranks (threads), each computing half of every batch, give the single process's
+    /// losses and gradient norms (so its trained values: each step's loss is of the previous
+    /// step's), the same bits on both ranks; rank 0 alone writes the log.
+    #[test]
+    fn two_ranks_train_as_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let one_dir = dir.path().join("one");
+        let mut cfg = config(&one_dir);
+        cfg.steps = 3;
+        run(&cfg, &|w, t| Ok((w - t)?.sqr()?)).unwrap();
+        let one_rows = metrics::read(&one_dir.join(metrics::FILE)).unwrap();
+
+        let two_dir = dir.path().join("two");
+        let mut two_cfg = cfg.clone();
+        two_cfg.output = two_dir.clone();
+        let ranks = crate::train::parallel::tests::on_ranks(2, move |par| {
+            let mut cfg = two_cfg.clone();
+            cfg.parallel = par;
+            let run = run(&cfg, &|w, t| Ok((w - t)?.sqr()?)).unwrap();
+            let seen: Vec<(u64, u64)> = run
+                .log
+                .rows
+                .iter()
+                .map(|r| (r.loss.to_bits(), r.grad_norm.to_bits()))
+                .collect();
+            seen
+        });
+        assert_eq!(ranks[0], ranks[1]);
+        let two_rows = metrics::read(&two_dir.join(metrics::FILE)).unwrap();
+        assert_eq!(two_rows.len(), 3);
+        assert_eq!(one_rows.len(), 3);
+        for (a, b) in one_rows.iter().zip(&two_rows) {
+            assert!((a.loss - b.loss).abs() < 1e-6, "{} vs {}", a.loss, b.loss);
+            assert!((a.grad_norm - b.grad_norm).abs() < 1e-6);
+            assert!(b.comm_s.is_some() && a.comm_s.is_none());
+        }
     }
 
     #[test]

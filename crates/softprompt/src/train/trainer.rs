@@ -13,7 +13,7 @@
 //! prompt of the best dev evaluation, or the last one without a dev set), `task.json`,
 //! `metrics.jsonl`, `loss.svg`, and `checkpoint/` (see [`super::checkpoint`]).
 
-use crate::batch::{collate, Example};
+use crate::batch::{collate_shard, Example};
 use crate::load::Model;
 use crate::objective::target_nll;
 use crate::prompt::init::{init_prompt, PromptInit};
@@ -23,7 +23,7 @@ use crate::task::{describe_init, ExampleLayout};
 use crate::train::export::{run_task_fields, save_prompt_adapter, write_task_json};
 use crate::train::plot;
 use crate::train::run_state::CheckpointKind;
-use crate::train::step_loop::{BatchLoss, DevHook, DevMetric, StepLoop};
+use crate::train::step_loop::{BatchLoss, DevHook, DevMetric, DevShare, StepLoop, Tally};
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 
@@ -113,8 +113,8 @@ pub fn train(
 
     let prompt = Var::from_tensor(&initial)?;
     let n_prefix = prefix_len(cfg);
-    let loss = |examples: &[Example]| -> Result<BatchLoss> {
-        let batch = collate(examples, info, n_prefix, &model.device)?;
+    let loss = |examples: &[Example], shard: std::ops::Range<usize>| -> Result<BatchLoss> {
+        let batch = collate_shard(examples, shard, info, n_prefix, &model.device)?;
         let prefix = model_prefix(model, cfg, prompt.as_tensor())?; // [N(+1), D]
         let nll = target_nll(&model.backbone, Some(&prefix), &batch)?; // [M]
         Ok(BatchLoss {
@@ -122,19 +122,23 @@ pub fn train(
             tokens: batch.n_tokens,
         })
     };
-    let dev_loss = |p: &[Tensor]| match (dev, p) {
-        (Some(dev), [prompt]) => prepared_dev_nll(model, prompt, dev, cfg),
+    let dev_loss = |p: &[Tensor], share: DevShare| -> Result<Tally> {
+        match (dev, p) {
+        (Some(dev), [prompt]) => prepared_dev_nll(model, prompt, dev, cfg, share),
         _ => Err(Error::invalid(
             "dev evaluation needs a dev set and one prompt",
         )),
+        }
     };
-    let dev_accuracy = |p: &[Tensor]| match (dev, &cfg.classes, &dev_gold, p) {
+    let dev_accuracy = |p: &[Tensor], share: DevShare| -> Result<Tally> {
+        match (dev, &cfg.classes, &dev_gold, p) {
         (Some(dev), Some(classes), Some(gold), [prompt]) => {
-            prepared_dev_accuracy(model, prompt, dev, classes, gold, cfg)
+            prepared_dev_accuracy(model, prompt, dev, classes, gold, cfg, share)
         }
         _ => Err(Error::invalid(
             "dev accuracy needs a dev set, classes and one prompt",
         )),
+        }
     };
     let run = StepLoop {
         cfg,
@@ -153,6 +157,7 @@ pub fn train(
 
     // (A resumed run with nothing left to do still rewrites its outputs below.)
     let state = &run.state;
+    let writes = cfg.parallel.is_root();
     let (exported, exported_step) = match &state.best {
         Some(b) => match b.params.first() {
             Some(p) => (p.clone(), b.step),
@@ -160,8 +165,11 @@ pub fn train(
         },
         None => (prompt.as_tensor().detach().copy()?, state.step),
     };
-    export(model, cfg, &exported, &train, dev)?;
-    plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;
+    // Rank 0 writes; the other ranks of a data-parallel run hold the same prompt.
+    if writes {
+        export(model, cfg, &exported, &train, dev)?;
+        plot::plot_loss(&run.log.rows, &out.join(plot::FILE))?;
+    }
     Ok(TrainReport {
         steps: state.step,
         resumed_from: run.resumed_from,
