@@ -152,6 +152,7 @@ impl Base {
             tensors,
             config,
             tokenizer,
+            ..
         } = gguf::read(path, device)?;
         let base = Base::Gguf {
             path: path.to_path_buf(),
