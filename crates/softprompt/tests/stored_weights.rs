@@ -86,8 +86,9 @@ fn logits(m: &Model, ids: &[u32]) -> Tensor {
     lm(m).forward(&embeds, &mask, None, LogitsAt::All).unwrap()
 }
 
-/// Stored and f32 loads of `path` compute the same logits, loss and prompt gradient, and the
-/// stored load keeps `expect_stored` of its matrices in their encoding (f32: none).
+/// Stored and f32 loads of `path` compute the same logits, loss and prompt gradient; the
+/// stored load keeps its matrices in their encoding (all of them when `expect_all_stored`,
+/// else some: a real file may store a few as F32), the f32 load none.
 fn check_same(what: &str, path: &Path, ids: &[u32], expect_all_stored: bool) {
     let mut stored = load_model_with(path, &Device::Cpu, WeightStorage::Stored).unwrap();
     let mut dense = load_model_with(path, &Device::Cpu, WeightStorage::F32).unwrap();
