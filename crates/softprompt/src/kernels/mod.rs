@@ -53,7 +53,7 @@ pub struct Kernels {
     /// candle's quantised matmul instead of dequantising them: much faster, but the
     /// activations are rounded to 8 bits on the way, so the logits are close to, not equal
     /// to, the exact path's. Off unless a generation entry point asks for it; the decoder
-    /// applies it to generation calls only (a KV cache and the last position's logits).
+    /// applies it to generation steps only (a non-empty KV cache, the last position's logits).
     pub quantized_decode: bool,
 }
 

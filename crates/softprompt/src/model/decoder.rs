@@ -92,7 +92,7 @@ impl Decoder {
     ) -> Result<Tensor> {
         let name = self.info.arch.name();
         let n = self.blocks.len();
-        let kernels = self.kernels_for(cache.is_some(), &at);
+        let kernels = self.kernels_for(cache.as_deref(), &at);
         let (b, t, past) =
             check_decoder_input(name, embeds, mask, cache.as_deref(), self.info.d_model, n)?;
         let device = embeds.device();
@@ -159,10 +159,12 @@ impl Decoder {
 }
 
 impl Decoder {
-    /// The policy of one call: quantised products only for generation (a KV cache and the
-    /// last position's logits), never for scoring or classification.
-    fn kernels_for(&self, cached: bool, at: &LogitsAt) -> Kernels {
-        let generating = cached && matches!(at, LogitsAt::Last);
+    /// The policy of one call: quantised products only for generation steps (a KV cache that
+    /// already holds positions, the last position's logits), never for scoring,
+    /// classification or filling an empty cache (the server's cached prompts serve
+    /// classification too).
+    fn kernels_for(&self, cache: Option<&KvCache>, at: &LogitsAt) -> Kernels {
+        let generating = cache.is_some_and(|c| c.seq_len() > 0) && matches!(at, LogitsAt::Last);
         self.kernels.with_quantized_decode(self.kernels.quantized_decode && generating)
     }
 
@@ -190,7 +192,7 @@ impl CausalLm for Decoder {
         cache: Option<&mut KvCache>,
         at: LogitsAt,
     ) -> Result<Tensor> {
-        let kernels = self.kernels_for(cache.is_some(), &at);
+        let kernels = self.kernels_for(cache.as_deref(), &at);
         let picked = self.run(embeds, mask, cache, None, at)?;
         self.head.forward_with(kernels, &picked)
     }
