@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use softprompt::eval::adapters::AdapterSet;
-use softprompt::load::{load_model, Model};
+use softprompt::load::{load_model_with, Model, WeightStorage};
 use std::path::{Path, PathBuf};
 
 /// `--model`: a path, or the name of a model `softprompt fetch` knows (fetched on first use).
@@ -52,9 +52,22 @@ pub fn device() -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-pub fn load(spec: &str, device: &Device) -> Result<Model> {
+/// Loads `--model`, its frozen weights kept as `weights` says (`--weights`).
+pub fn load(spec: &str, device: &Device, weights: WeightStorage) -> Result<Model> {
     let path = resolve_model(spec)?;
-    load_model(&path, device).with_context(|| format!("loading model {}", path.display()))
+    load_model_with(&path, device, weights).with_context(|| format!("loading model {}", path.display()))
+}
+
+/// [`load`] for generation and serving: with stored weights, generation steps multiply the
+/// quantised blocks directly (`Kernels::quantized_decode`; scoring and classification stay
+/// on the exact path).
+pub fn load_generating(spec: &str, device: &Device, weights: WeightStorage) -> Result<Model> {
+    let mut model = load(spec, device, weights)?;
+    if weights == WeightStorage::Stored {
+        let kernels = model.backbone.kernels().with_quantized_decode(true);
+        model.backbone.set_kernels(kernels);
+    }
+    Ok(model)
 }
 
 /// Loads a PEFT adapter folder, checked against the model, as the model sees it before the

@@ -12,6 +12,7 @@ use softprompt::eval::report::Mode;
 use softprompt::task::formats::{Format, ReadOptions};
 use std::io::Write;
 use std::path::PathBuf;
+use softprompt::load::WeightStorage;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Method {
@@ -26,6 +27,11 @@ pub struct EvalArgs {
     /// Model: a GGUF file, a Hugging Face model folder, or `smollm2`.
     #[arg(long)]
     pub model: String,
+    /// How the frozen weights are kept in memory: `stored` (GGUF blocks as the file stores
+    /// them, dequantised one matrix at a time when a product runs; same results, a fraction
+    /// of the memory) or `f32` (all dequantised at load).
+    #[arg(long, value_enum, default_value_t = WeightStorage::Stored)]
+    pub weights: WeightStorage,
     /// PEFT prompt-tuning adapter folder; several: a prompt ensemble (majority vote and mean
     /// log-probability). A `task.json` beside the first adapter (written by `softprompt
     /// train`) supplies the template, labels and verbalizer unless given here.
@@ -163,7 +169,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         None => None,
     };
     let device = common::device()?;
-    let mut model = common::load(&args.model, &device)?;
+    let mut model = common::load(&args.model, &device, args.weights)?;
     let prompts = adapters.load_prompts(&mut model)?;
     let outcome = evaluate_plan(&model, &prompts, plan, mode, &args.decode, args.batch_size)?;
     if let Some(w) = out.as_mut() {

@@ -8,6 +8,7 @@ use softprompt::eval::inspect::{embedding_table, nearest_tokens};
 use softprompt::prompt::PeftAdapter;
 use softprompt::task::TaskMeta;
 use std::path::PathBuf;
+use softprompt::load::WeightStorage;
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -16,6 +17,11 @@ pub struct InspectArgs {
     /// Model: a GGUF file, a Hugging Face model folder, or `smollm2`.
     #[arg(long)]
     pub model: String,
+    /// How the frozen weights are kept in memory: `stored` (GGUF blocks as the file stores
+    /// them, dequantised one matrix at a time when a product runs; same results, a fraction
+    /// of the memory) or `f32` (all dequantised at load).
+    #[arg(long, value_enum, default_value_t = WeightStorage::Stored)]
+    pub weights: WeightStorage,
     /// Neighbours per prompt position.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
@@ -29,7 +35,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         anyhow::bail!("--top must be at least 1");
     }
     let device = common::device()?;
-    let model = common::load(&args.model, &device)?;
+    let model = common::load(&args.model, &device, args.weights)?;
     // The trained prompt itself (not the BOS row placed before it): its task.json must read.
     TaskMeta::read(&args.adapter)?;
     let adapter = PeftAdapter::load(&args.adapter, &device)?;

@@ -12,6 +12,7 @@ use softprompt::task::movie;
 use softprompt::train::trainer::train;
 use std::path::PathBuf;
 use std::time::Instant;
+use softprompt::load::WeightStorage;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -20,6 +21,11 @@ pub struct RunArgs {
     /// The frozen model: a known name (`smollm2`, `gemma3-270m`), a GGUF file or a folder.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
+    /// How the frozen weights are kept in memory: `stored` (GGUF blocks as the file stores
+    /// them, dequantised one matrix at a time when a product runs; same results, a fraction
+    /// of the memory) or `f32` (all dequantised at load).
+    #[arg(long, value_enum, default_value_t = WeightStorage::Stored)]
+    pub weights: WeightStorage,
     /// Output folder (adapter, metrics, plot, results.json).
     #[arg(long, default_value = "runs/movie-sentiment")]
     pub output: PathBuf,
@@ -60,7 +66,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let device = crate::common::device()?;
     eprintln!("fetching {} and the movie-review snippets (cached after the first run)...", args.model);
-    let model = crate::common::load(&args.model, &device)?;
+    let model = crate::common::load(&args.model, &device, args.weights)?;
     let task = movie::load().context("preparing movie-sentiment")?;
     let info = model.backbone.info();
     let test = match args.test_limit {

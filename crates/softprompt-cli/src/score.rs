@@ -8,12 +8,18 @@ use softprompt::eval::generate::{greedy, GenerateOptions};
 use softprompt::objective::target_nll;
 use softprompt::task::{encode_pair_with, read_jsonl};
 use std::path::PathBuf;
+use softprompt::load::WeightStorage;
 
 #[derive(Args)]
 pub struct ScoreArgs {
     /// Model: a GGUF file, a Hugging Face model folder, or `smollm2`.
     #[arg(long)]
     pub model: String,
+    /// How the frozen weights are kept in memory: `stored` (GGUF blocks as the file stores
+    /// them, dequantised one matrix at a time when a product runs; same results, a fraction
+    /// of the memory) or `f32` (all dequantised at load).
+    #[arg(long, value_enum, default_value_t = WeightStorage::Stored)]
+    pub weights: WeightStorage,
     /// PEFT prompt-tuning adapter folder to prepend.
     #[arg(long)]
     pub prompt: Option<PathBuf>,
@@ -32,7 +38,7 @@ pub struct ScoreArgs {
 
 pub fn run_score(args: ScoreArgs) -> Result<()> {
     let device = common::device()?;
-    let mut model = common::load(&args.model, &device)?;
+    let mut model = common::load(&args.model, &device, args.weights)?;
     let prompt = common::load_prompt(args.prompt.as_deref(), &mut model)?;
     let n_prompt = prompt.as_ref().map(|p| p.dim(0)).transpose()?.unwrap_or(0);
     let tokenizer = model.tokenizer()?;
@@ -86,6 +92,13 @@ pub struct GenerateArgs {
     /// Model: a GGUF file, a Hugging Face model folder, or `smollm2`.
     #[arg(long)]
     pub model: String,
+    /// How the frozen weights are kept in memory: `stored` (GGUF blocks as the file stores
+    /// them; generation steps multiply quantised blocks directly, with 8-bit activations, so
+    /// the tokens can differ slightly from f32's) or `f32` (all dequantised at load, exact).
+    /// Default f32: candle's quantised decode is still slower than the f32 path on this
+    /// project's CPUs (docs/performance.md).
+    #[arg(long, value_enum, default_value_t = WeightStorage::F32)]
+    pub weights: WeightStorage,
     /// PEFT prompt-tuning adapter folder to prepend.
     #[arg(long)]
     pub prompt: Option<PathBuf>,
@@ -98,7 +111,7 @@ pub struct GenerateArgs {
 
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
     let device = common::device()?;
-    let mut model = common::load(&args.model, &device)?;
+    let mut model = common::load_generating(&args.model, &device, args.weights)?;
     let prompt = common::load_prompt(args.prompt.as_deref(), &mut model)?;
     let tokenizer = model.tokenizer()?;
     let mut source = tokenizer.encode_input(&args.input)?;

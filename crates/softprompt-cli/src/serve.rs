@@ -7,12 +7,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use softprompt::load::WeightStorage;
 
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model folder, GGUF file, or a known name (`smollm2`).
     #[arg(long)]
     pub model: String,
+    /// How the frozen weights are kept in memory: `stored` (GGUF blocks as the file stores
+    /// them, dequantised one matrix at a time when a product runs; same results, a fraction
+    /// of the memory; generation steps multiply the quantised blocks directly) or `f32` (all
+    /// dequantised at load). Default f32 for serving: candle's quantised decode is still
+    /// slower than the f32 path on this project's CPUs (docs/performance.md).
+    #[arg(long, value_enum, default_value_t = WeightStorage::F32)]
+    pub weights: WeightStorage,
     /// Folder of tasks: one adapter folder per task (or adapters in its subfolders: an
     /// ensemble), each with task.json for templates and labels. Uploads are written here.
     #[arg(long)]
@@ -98,7 +106,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         anyhow::bail!("--max-tasks and --max-prompt-tokens must be at least 1");
     }
     let device = crate::common::device()?;
-    let model = crate::common::load(&args.model, &device)?;
+    let model = crate::common::load_generating(&args.model, &device, args.weights)?;
     let mut cfg = ServeConfig::new(&args.prompts);
     cfg.addr = args.addr;
     cfg.batch.max_batch = args.max_batch;

@@ -9,6 +9,7 @@ use softprompt::recipe::{self, DataSpec, DevClasses, InitSpec, Method, MethodFla
 use softprompt::train::trainer::SelectBy;
 use softprompt::train::{model_tuning, p_tuning, train, TrainConfig};
 use std::path::PathBuf;
+use softprompt::load::WeightStorage;
 
 /// Defaults are the prompt-tuning paper's recipe (Lester et al. 2021).
 #[derive(Args)]
@@ -17,6 +18,11 @@ pub struct TrainArgs {
     /// file writes a Hugging Face folder).
     #[arg(long)]
     pub model: String,
+    /// How the frozen weights are kept in memory: `stored` (GGUF blocks as the file stores
+    /// them, dequantised one matrix at a time when a product runs; same results, a fraction
+    /// of the memory) or `f32` (all dequantised at load).
+    #[arg(long, value_enum, default_value_t = WeightStorage::Stored)]
+    pub weights: WeightStorage,
     /// What is trained: the soft prompt (the paper's method), all the model's weights
     /// (model tuning), or a prompt encoder (P-tuning).
     #[arg(long, value_enum, default_value_t = Method::PromptTuning)]
@@ -133,7 +139,7 @@ fn run_on(args: TrainArgs, ranks: &Ranks) -> Result<()> {
         eprintln!("wrote {train} train / {dev} dev / {test} test examples of {} to {}", t.name, dir.display());
     }
     let device = ranks.device()?;
-    let model = common::load(&args.model, &device)?;
+    let model = common::load(&args.model, &device, args.weights)?;
     let (train_set, dev_set) = if args.chat { chat_examples(&args.data, &model)? } else { data.examples(&model)? };
     let classes = match data.dev_classes(args.select_by, dev_set.as_deref(), &model)? {
         DevClasses::None(Some(note)) => {

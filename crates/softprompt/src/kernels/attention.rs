@@ -368,14 +368,14 @@ impl AttentionOp {
         (if bb == 1 { 0 } else { bi }) * hb + if hb == 1 { 0 } else { hi }
     }
 
-    pub(super) fn lock(&self) -> Operands<'_> {
+    pub(super) fn lock(&self) -> Result<Operands<'_>> {
         let a = &self.args;
-        Operands {
+        Ok(Operands {
             norm: a.norm.lock(),
-            q: a.q.lock(),
-            k: a.k.lock(),
-            v: a.v.lock(),
-            o: a.o.lock(),
+            q: a.q.lock()?,
+            k: a.k.lock()?,
+            v: a.v.lock()?,
+            o: a.o.lock()?,
             rope: a.rope.as_ref().map(|r| RopeLock {
                 cos: ReadLock::new(&r.cos),
                 sin: ReadLock::new(&r.sin),
@@ -383,12 +383,12 @@ impl AttentionOp {
             }),
             head_norms: a.head_norms.as_ref().map(|[q, k]| [q.lock(), k.lock()]),
             bias: ReadLock::new(&a.bias),
-        }
+        })
     }
 
     /// The output (`[B*T, D]`, or `[M, D]` at rows) and the activations of `x [B*T, D]`.
     pub(super) fn forward(&self, x: &[f32]) -> Result<(Vec<f32>, Activations)> {
-        let ops = self.lock();
+        let ops = self.lock()?;
         let n = ops.norm.forward_rows(x, self.dims.d)?; // [R, D]
         match &self.rows {
             Some(rows) => self.forward_rows(x, n, rows, &ops),
@@ -560,7 +560,7 @@ impl CustomOp1 for AttentionOp {
         let dy = dy.contiguous()?;
         let (x_lock, dy_lock) = (ReadLock::new(x), ReadLock::new(&dy));
         let (xd, dyd) = (x_lock.f32()?, dy_lock.f32()?);
-        let ops = self.lock();
+        let ops = self.lock()?;
         let dx = match &self.rows {
             Some(rows) => self.backward_rows(xd, dyd, rows, saved, &ops)?,
             None => self.backward_all(xd, dyd, saved, &ops)?,

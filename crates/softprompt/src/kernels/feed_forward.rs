@@ -61,7 +61,7 @@ pub(crate) fn feed_forward_block(x: &Tensor, args: FeedForwardArgs) -> Result<Te
             if up.dims("up")? != g {
                 candle_core::bail!(
                     "feed-forward block: gate {g:?} and up {:?} differ",
-                    up.w.dims()
+                    up.w.dims2()?
                 );
             }
             g
@@ -71,7 +71,7 @@ pub(crate) fn feed_forward_block(x: &Tensor, args: FeedForwardArgs) -> Result<Te
     if d2 != d || args.down.dims("down")? != (d, f) {
         candle_core::bail!(
             "feed-forward block: input [{f}, {d2}] and down {:?} for D {d}",
-            args.down.w.dims()
+            args.down.w.dims2()?
         );
     }
     let op = FeedForwardOp {
@@ -184,19 +184,19 @@ impl CustomOp1 for FeedForwardOp {
         let n = self.args.norm.lock().forward_rows(x, d)?; // [R, D]
         let (s, saved) = match &self.args.inner {
             FfnInner::Gated { gate, up } => {
-                let g = project(&n, r, d, &gate.lock())?; // [R, F]
-                let u = project(&n, r, d, &up.lock())?;
+                let g = project(&n, r, d, &gate.lock()?)?; // [R, F]
+                let u = project(&n, r, d, &up.lock()?)?;
                 let s = with_act!(act, act_fwd(&g, Some(&u)));
                 (s, FfnSaved::Gated(g, u))
             }
             FfnInner::Plain(w) => {
-                let a = project(&n, r, d, &w.lock())?; // [R, F]
+                let a = project(&n, r, d, &w.lock()?)?; // [R, F]
                 let s = with_act!(act, act_fwd(&a, None));
                 (s, FfnSaved::Plain(a))
             }
         };
         drop(n);
-        let down = self.args.down.lock();
+        let down = self.args.down.lock()?;
         let mut y = match self.args.residual {
             true => residual(x, d, down.b()?),
             false => bias_rows(r, d, down.b()?),
@@ -218,18 +218,18 @@ impl CustomOp1 for FeedForwardOp {
         let (x_lock, dy_lock) = (ReadLock::new(x), ReadLock::new(&dy));
         let (xd, dyd) = (x_lock.f32()?, dy_lock.f32()?);
         let mut ds = vec![0f32; r * f]; // ds = dy @ Wd   [R, F]
-        input_grad(&mut ds, false, dyd, self.args.down.lock().w()?, (r, d, f))?;
+        input_grad(&mut ds, false, dyd, self.args.down.lock()?.w()?, (r, d, f))?;
         let mut dn = vec![0f32; r * d];
         match (&self.args.inner, saved) {
             (FfnInner::Gated { gate, up }, FfnSaved::Gated(g, u)) => {
                 let du = with_act!(act, act_bwd(&mut ds, g, Some(u)))
                     .ok_or_else(|| candle_core::Error::Msg("gated backward without du".into()))?;
-                input_grad(&mut dn, false, &ds, gate.lock().w()?, (r, f, d))?;
-                input_grad(&mut dn, true, &du, up.lock().w()?, (r, f, d))?;
+                input_grad(&mut dn, false, &ds, gate.lock()?.w()?, (r, f, d))?;
+                input_grad(&mut dn, true, &du, up.lock()?.w()?, (r, f, d))?;
             }
             (FfnInner::Plain(w), FfnSaved::Plain(a)) => {
                 with_act!(act, act_bwd(&mut ds, a, None));
-                input_grad(&mut dn, false, &ds, w.lock().w()?, (r, f, d))?;
+                input_grad(&mut dn, false, &ds, w.lock()?.w()?, (r, f, d))?;
             }
             _ => candle_core::bail!("feed-forward block: saved activations of the wrong kind"),
         }

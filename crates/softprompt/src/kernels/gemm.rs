@@ -3,6 +3,7 @@
 //! slice, a transposed weight or a bias-initialised output in place.
 
 use super::cpu::{gemm_parallelism, ReadLock, Result, SharedOut, MIN_ROWS};
+use super::weight::FrozenWeight;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -134,10 +135,10 @@ pub(crate) fn input_grad(
 }
 
 /// A frozen projection `x @ w^T + b` as the block kernels take it: `w [N, K]` (nn.Linear
-/// layout), `b [N]`.
+/// layout; a tensor or stored blocks), `b [N]`.
 #[derive(Clone, Debug)]
 pub(crate) struct ProjWeights {
-    pub w: Tensor,
+    pub w: FrozenWeight,
     pub b: Option<Tensor>,
 }
 
@@ -153,29 +154,46 @@ impl ProjWeights {
         Ok((n, k))
     }
 
+    /// The tensors the kernels read in place (a stored weight is not one: it is frozen by
+    /// construction and read through its own decoding).
     pub(crate) fn tensors<'a>(&'a self, out: &mut Vec<&'a Tensor>) {
-        out.push(&self.w);
+        out.extend(self.w.as_dense());
         out.extend(&self.b);
     }
 
-    /// Read locks on the weight and bias, for [`ProjLock::data`].
-    pub(crate) fn lock(&self) -> ProjLock<'_> {
-        ProjLock {
-            w: ReadLock::new(&self.w),
+    /// Read access to the weight and bias, for [`ProjLock::data`]: a read lock on a tensor,
+    /// or a stored weight dequantised now into a buffer the lock owns (dropped with it, so
+    /// no f32 copy outlives the product that needed it).
+    pub(crate) fn lock(&self) -> Result<ProjLock<'_>> {
+        let w = match &self.w {
+            FrozenWeight::Dense(t) => WeightData::Locked(ReadLock::new(t)),
+            stored => WeightData::Decoded(stored.to_f32_vec()?),
+        };
+        Ok(ProjLock {
+            w,
             b: self.b.as_ref().map(ReadLock::new),
-        }
+        })
     }
 }
 
+/// A weight's f32 values for the duration of a product.
+enum WeightData<'a> {
+    Locked(ReadLock<'a>),
+    Decoded(Vec<f32>),
+}
+
 pub(crate) struct ProjLock<'a> {
-    w: ReadLock<'a>,
+    w: WeightData<'a>,
     b: Option<ReadLock<'a>>,
 }
 
 impl ProjLock<'_> {
     /// The weight's data `[N, K]`.
     pub(crate) fn w(&self) -> Result<&[f32]> {
-        self.w.f32()
+        match &self.w {
+            WeightData::Locked(l) => l.f32(),
+            WeightData::Decoded(v) => Ok(v),
+        }
     }
 
     /// The bias's data `[N]`, when there is one.

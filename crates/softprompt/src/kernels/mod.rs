@@ -31,6 +31,7 @@ pub(crate) mod norm;
 mod op;
 pub(crate) mod rope;
 pub(crate) mod softmax;
+pub(crate) mod weight;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -48,6 +49,12 @@ pub struct Kernels {
     pub fused_ops: bool,
     /// Fused residual sub-blocks (attention, feed-forward) with a hand-written backward.
     pub fused_blocks: bool,
+    /// Generation steps (few rows, no gradient) multiply stored quantised matrices with
+    /// candle's quantised matmul instead of dequantising them: much faster, but the
+    /// activations are rounded to 8 bits on the way, so the logits are close to, not equal
+    /// to, the exact path's. Off unless a generation entry point asks for it; the decoder
+    /// applies it to generation steps only (a non-empty KV cache, the last position's logits).
+    pub quantized_decode: bool,
 }
 
 impl Kernels {
@@ -56,6 +63,7 @@ impl Kernels {
         Kernels {
             fused_ops: true,
             fused_blocks: true,
+            quantized_decode: false,
         }
     }
 
@@ -64,6 +72,7 @@ impl Kernels {
         Kernels {
             fused_ops: false,
             fused_blocks: false,
+            quantized_decode: false,
         }
     }
 
@@ -72,7 +81,24 @@ impl Kernels {
         Kernels {
             fused_ops: true,
             fused_blocks: false,
+            quantized_decode: false,
         }
+    }
+
+    /// The same policy with quantised generation steps on or off.
+    pub const fn with_quantized_decode(self, on: bool) -> Self {
+        Kernels {
+            quantized_decode: on,
+            ..self
+        }
+    }
+
+    /// Whether a product on `x [.., K]` runs on quantised blocks: the policy allows it, `x`
+    /// needs no gradient and has at most [`QUANTIZED_MAX_ROWS`] rows (beyond, dequantising
+    /// the matrix once and running the f32 gemm is faster).
+    pub(crate) fn quantized_applies(self, x: &Tensor) -> bool {
+        let rows = x.dims().split_last().map_or(0, |(_, r)| r.iter().product::<usize>());
+        self.quantized_decode && !x.track_op() && rows <= QUANTIZED_MAX_ROWS && all_cpu_f32(&[x])
     }
 
     /// Whether the fused element-wise ops run on these tensors: on, all on the CPU, all f32.
@@ -90,6 +116,10 @@ impl Kernels {
             && frozen.iter().all(|t| !t.track_op() && t.is_contiguous())
     }
 }
+
+/// Rows up to which a product without gradient may run on quantised blocks (a decode step
+/// of a batch of this many sequences).
+pub(crate) const QUANTIZED_MAX_ROWS: usize = 32;
 
 impl Default for Kernels {
     fn default() -> Self {

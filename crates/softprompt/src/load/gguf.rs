@@ -1,4 +1,5 @@
-//! GGUF files (llama.cpp): weights dequantized to f32, a config and a tokenizer (byte-level
+//! GGUF files (llama.cpp): matrices kept in their file encoding ([`WeightStorage::Stored`],
+//! see [`crate::kernels::weight`]) or dequantized to f32, a config and a tokenizer (byte-level
 //! BPE in [`super::gguf_bpe`], SentencePiece-style in [`super::gguf_spm`]) built from the
 //! metadata. Llama-layout files (`llama`, `mistral`, `qwen2`, `qwen3`, `phi3`) are read here,
 //! with a family's extra tensor names from its description; Gemma's metadata and tensor names
@@ -8,18 +9,20 @@
 //! model uses GGML's adjacent-pair RoPE (`rope_interleaved`), which gives the same numbers as
 //! un-permuting them; the other families' converters do not permute.
 
-use super::{gguf_bpe, model_name, Model, Weights};
+use super::{gguf_bpe, model_name, Model, WeightStorage, Weights};
 use crate::model::rope::RopeFrequencies;
 use crate::model::{gemma, llama, mistral, phi3, qwen2, qwen3, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Architectures (`general.architecture`) this loader knows.
 const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3";
@@ -29,13 +32,22 @@ pub struct GgufLlama {
     /// f32 tensors under Hugging Face names; q/k rows in GGUF's permuted order (see the
     /// module doc and [`super::export::unpermute_rows`]).
     pub tensors: HashMap<String, Tensor>,
+    /// Matrices kept in their file encoding (empty when read as f32), same names and order.
+    pub stored: HashMap<String, Arc<QTensor>>,
     /// The config from the metadata (`rope_interleaved` set).
     pub config: llama::Config,
     /// The byte-level BPE tokenizer built from the metadata.
     pub tokenizer: Tokenizer,
 }
 
+/// Loads the GGUF file `path`, its matrices kept as stored (see [`load_with`]).
 pub fn load(path: &Path, device: &Device) -> Result<Model> {
+    load_with(path, device, WeightStorage::Stored)
+}
+
+/// Loads the GGUF file `path`; `storage` says whether its matrices stay in their file
+/// encoding (on the CPU) or are dequantised to f32 now.
+pub fn load_with(path: &Path, device: &Device, storage: WeightStorage) -> Result<Model> {
     let (content, mut reader) = open(path)?;
     let meta = Meta {
         path,
@@ -53,17 +65,17 @@ pub fn load(path: &Path, device: &Device) -> Result<Model> {
             let mut config = gemma::gguf_config(&meta, version, vocab_size(path, &content)?)?;
             let has_head = content.tensor_infos.keys().any(|n| rename(n).as_deref() == Some("lm_head.weight"));
             config.base.tie_word_embeddings = Some(!has_head);
-            let tensors = read_tensors(path, &content, &mut reader, device, rename, |w| {
+            let (tensors, stored) = read_tensors(path, &content, &mut reader, device, storage, rename, |w| {
                 gemma::Gemma::new(version, &config, w, String::new())
             })?;
             let eos = config.base.eos_token_id.as_ref().and_then(|e| e.to_vec().first().copied());
             let tokenizer = tokenizer(&meta, &arch, config.base.bos_token_id, eos)?;
-            let weights = Weights::new(tensors, path);
+            let weights = Weights::new(tensors, path).with_stored(stored);
             (gemma::Gemma::new(version, &config, &weights, name)?, tokenizer)
         }
         _ => {
-            let (llama, sliding_window) = read_llama(&meta, &content, &mut reader, device)?;
-            let weights = Weights::new(llama.tensors, path);
+            let (llama, sliding_window) = read_llama(&meta, &content, &mut reader, device, storage)?;
+            let weights = Weights::new(llama.tensors, path).with_stored(llama.stored);
             let decoder = build_llama_layout(&arch, llama.config, sliding_window, &weights, name)?;
             (decoder, llama.tokenizer)
         }
@@ -93,7 +105,7 @@ pub fn read(path: &Path, device: &Device) -> Result<GgufLlama> {
             format!("`{arch}`: only llama GGUF files can be read as a Llama model"),
         ));
     }
-    let (llama, window) = read_llama(&meta, &content, &mut reader, device)?;
+    let (llama, window) = read_llama(&meta, &content, &mut reader, device, WeightStorage::F32)?;
     if let Some(w) = window {
         return Err(Error::config(
             path,
@@ -111,6 +123,7 @@ fn read_llama(
     content: &Content,
     reader: &mut BufReader<File>,
     device: &Device,
+    storage: WeightStorage,
 ) -> Result<(GgufLlama, Option<usize>)> {
     let path = meta.path;
     let arch = meta.string("general.architecture")?;
@@ -130,7 +143,7 @@ fn read_llama(
     let config = config(meta, &arch, vocab_size(path, content)?, divisors.as_deref())?;
     let window = meta.opt(&format!("{arch}.attention.sliding_window"), Meta::usize)?;
     let rename = |n: &str| hf_name(n, layer_part);
-    let mut tensors = read_tensors(path, content, reader, device, rename, |w| {
+    let (mut tensors, stored) = read_tensors(path, content, reader, device, storage, rename, |w| {
         if let Some(d) = &divisors {
             w.get(ROPE_FREQS, &[d.len()])?; // taken: the config holds them
         }
@@ -142,6 +155,7 @@ fn read_llama(
     Ok((
         GgufLlama {
             tensors,
+            stored,
             config,
             tokenizer,
         },
@@ -234,37 +248,54 @@ fn open(path: &Path) -> Result<(Content, BufReader<File>)> {
     Ok((content, reader))
 }
 
-/// The tensors `rename` gives a Hugging Face name, dequantised to f32 on `device`, after
-/// checking (`gguf_checks::check_referenced`, nothing decoded yet) that `build`, the family's
-/// builder with the parsed config, takes every tensor of the file with its shape.
+/// A stored tensor or one dequantised to f32.
+enum Read {
+    Stored(Arc<QTensor>),
+    F32(Tensor),
+}
+
+/// The tensors `rename` gives a Hugging Face name, after checking
+/// (`gguf_checks::check_referenced`, nothing decoded yet) that `build`, the family's builder
+/// with the parsed config, takes every tensor of the file with its shape. With
+/// [`WeightStorage::Stored`] on the CPU, the matrices not stored as F32 are kept in their
+/// encoding (second map); every other tensor is dequantised to f32 on `device` (first map).
 fn read_tensors<T>(
     path: &Path,
     content: &Content,
     reader: &mut BufReader<File>,
     device: &Device,
+    storage: WeightStorage,
     rename: impl Fn(&str) -> Option<String>,
     build: impl FnOnce(&Weights) -> Result<T>,
-) -> Result<HashMap<String, Tensor>> {
+) -> Result<(HashMap<String, Tensor>, HashMap<String, Arc<QTensor>>)> {
     super::gguf_checks::check_referenced(path, content, &rename, build)?;
+    let keep = storage == WeightStorage::Stored && device.is_cpu();
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());
-    for name in content.tensor_infos.keys() {
+    let mut stored = HashMap::new();
+    for (name, info) in &content.tensor_infos {
         let Some(hf) = rename(name) else {
             continue; // none left: `check_referenced` refused tensors without a name
         };
-        let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
+        let kept = keep && info.shape.rank() == 2 && info.ggml_dtype != GgmlDType::F32;
+        let t = catch_unwind(AssertUnwindSafe(|| -> candle_core::Result<Read> {
             let q = content.tensor(reader, name, &Device::Cpu)?;
-            q.dequantize(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .to_device(device)
+            if kept {
+                return Ok(Read::Stored(Arc::new(q)));
+            }
+            let t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?.to_device(device)?;
+            Ok(Read::F32(t))
         }))
         .map_err(|_| {
             let msg = format!("not a valid GGUF file (truncated or corrupt): tensor `{name}` cannot be decoded");
             Error::format(path, msg)
         })?
         .map_err(|e| Error::format(path, format!("tensor `{name}`: {}", first_line(&e))))?;
-        tensors.insert(hf, t);
+        match t {
+            Read::Stored(q) => stored.insert(hf, q).map(drop),
+            Read::F32(t) => tensors.insert(hf, t).map(drop),
+        };
     }
-    Ok(tensors)
+    Ok((tensors, stored))
 }
 
 /// llama.cpp's per-frequency RoPE divisors (llama3 scaling), kept under this name until the

@@ -1,7 +1,7 @@
 //! Hugging Face model folders: `config.json` + `model.safetensors` (or a sharded index) +
 //! `tokenizer.json`.
 
-use super::{model_name, Model, Weights};
+use super::{model_name, Model, WeightStorage, Weights};
 use crate::model::{gemma, gpt2, llama, mistral, phi3, qwen2, qwen3, t5, Backbone};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -49,7 +49,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn load(dir: &Path, device: &Device) -> Result<Model> {
-    let weights = Weights::from_safetensors(&weight_files(dir)?, device)?;
+    load_with(dir, device, WeightStorage::Stored)
+}
+
+/// Loads the folder `dir`; with [`WeightStorage::Stored`], bf16/f16 matrices stay in half
+/// precision (the Llama-layout and Gemma families hold them so; the others read f32).
+pub fn load_with(dir: &Path, device: &Device, storage: WeightStorage) -> Result<Model> {
+    let weights = Weights::from_safetensors_with(&weight_files(dir)?, device, storage)?;
     build(dir, &weights, device)
 }
 

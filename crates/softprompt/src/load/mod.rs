@@ -9,6 +9,7 @@ pub mod hf;
 mod weights;
 
 pub use weights::Weights;
+pub use crate::kernels::weight::FrozenWeight;
 
 use crate::model::Backbone;
 use crate::tokenizer::Tokenizer;
@@ -34,12 +35,31 @@ impl Model {
     }
 }
 
-/// Loads `path`: a `.gguf` file, or a folder with `config.json` + safetensors weights.
+/// How a loaded model keeps its frozen matrices (`--weights`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum WeightStorage {
+    /// As the file stores them (GGUF blocks; bf16/f16 safetensors matrices in half
+    /// precision), dequantised one matrix at a time when a product runs; same results as
+    /// `f32`, a fraction of the memory. On the CPU only (another device loads f32).
+    #[default]
+    Stored,
+    /// Every weight dequantised to f32 at load (the reference path).
+    F32,
+}
+
+/// Loads `path`: a `.gguf` file, or a folder with `config.json` + safetensors weights,
+/// keeping the frozen matrices as stored ([`WeightStorage::Stored`]).
 pub fn load_model(path: &Path, device: &Device) -> Result<Model> {
+    load_model_with(path, device, WeightStorage::default())
+}
+
+/// [`load_model`] with the weights kept as `storage` says.
+pub fn load_model_with(path: &Path, device: &Device, storage: WeightStorage) -> Result<Model> {
     if path.is_dir() {
-        hf::load(path, device)
+        hf::load_with(path, device, storage)
     } else if path.is_file() {
-        gguf::load(path, device)
+        gguf::load_with(path, device, storage)
     } else {
         Err(Error::io(
             path,

@@ -3,7 +3,8 @@
 //! its config and weights: the layers, the position scheme and the facts in [`ModelInfo`].
 
 use super::layers::{
-    Attention, AttentionContext, Embedding, FeedForward, LmHead, Norm, Rotary, SlidingContext,
+    Attention, AttentionContext, Embedding, FeedForward, FfnInner, LmHead, Norm, Rotary,
+    SlidingContext,
 };
 use super::rope::{plain_inv_freq, RopeFrequencies};
 use super::{attention_bias, ops, sliding_window_bias, CausalLm, KvCache, LogitsAt, ModelInfo};
@@ -91,6 +92,7 @@ impl Decoder {
     ) -> Result<Tensor> {
         let name = self.info.arch.name();
         let n = self.blocks.len();
+        let kernels = self.kernels_for(cache.as_deref(), &at);
         let (b, t, past) =
             check_decoder_input(name, embeds, mask, cache.as_deref(), self.info.d_model, n)?;
         let device = embeds.device();
@@ -131,7 +133,7 @@ impl Decoder {
                     bias,
                     rotary: local.as_ref().or(rotary.as_ref()),
                 }),
-            kernels: self.kernels,
+            kernels,
         };
         let rows = ops::logit_rows(at, b, t, device)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -141,9 +143,9 @@ impl Decoder {
             let last_rows = if i + 1 == n { rows.as_ref() } else { None };
             let fill = cache.as_deref_mut().map(|c| (c, i));
             x = block.attention.forward(&x, &ctx, last_rows, fill)?;
-            x = block.feed_forward.forward(self.kernels, &x)?;
+            x = block.feed_forward.forward(kernels, &x)?;
         }
-        let out = self.final_norm.forward(self.kernels, &x)?;
+        let out = self.final_norm.forward(kernels, &x)?;
         if let Some(s) = states {
             // [0] is the input of block 0, [i] the output of block i-1; the last block's
             // output is pushed after the final norm.
@@ -157,6 +159,15 @@ impl Decoder {
 }
 
 impl Decoder {
+    /// The policy of one call: quantised products only for generation steps (a KV cache that
+    /// already holds positions, the last position's logits), never for scoring,
+    /// classification or filling an empty cache (the server's cached prompts serve
+    /// classification too).
+    fn kernels_for(&self, cache: Option<&KvCache>, at: &LogitsAt) -> Kernels {
+        let generating = cache.is_some_and(|c| c.seq_len() > 0) && matches!(at, LogitsAt::Last);
+        self.kernels.with_quantized_decode(self.kernels.quantized_decode && generating)
+    }
+
     /// The window of the sliding-window layers (one per model; the families check it).
     fn window(&self) -> Option<usize> {
         self.blocks
@@ -181,8 +192,9 @@ impl CausalLm for Decoder {
         cache: Option<&mut KvCache>,
         at: LogitsAt,
     ) -> Result<Tensor> {
+        let kernels = self.kernels_for(cache.as_deref(), &at);
         let picked = self.run(embeds, mask, cache, None, at)?;
-        self.head.forward(&picked)
+        self.head.forward_with(kernels, &picked)
     }
 
     fn hidden_states(&self, embeds: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
@@ -244,6 +256,20 @@ impl CausalLm for Decoder {
 
     fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
+    }
+
+    fn stored_matrices(&self) -> (usize, usize) {
+        let mut ws = vec![self.embedding.table(), self.head.weight()];
+        for b in &self.blocks {
+            let a = &b.attention;
+            ws.extend([&a.q.w, &a.k.w, &a.v.w, &a.o.w, &b.feed_forward.down.w]);
+            match &b.feed_forward.inner {
+                FfnInner::Gated { gate, up } => ws.extend([&gate.w, &up.w]),
+                FfnInner::Plain(w) => ws.push(&w.w),
+            }
+        }
+        let stored = ws.iter().filter(|w| w.stored_dtype().is_some()).count();
+        (stored, ws.len())
     }
 }
 

@@ -275,7 +275,7 @@ impl Gemma {
                 false => Norm::rms_plus_one(weight, eps),
             })
         };
-        let embed = w.get("model.embed_tokens.weight", &[v, d])?;
+        let embed = w.get_frozen("model.embed_tokens.weight", &[v, d])?;
         let mut blocks = Vec::new(); // not with_capacity: the count comes from the file
         for (i, &sliding) in r.sliding.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -285,11 +285,11 @@ impl Gemma {
                     true => Some(w.get(&format!("{name}.bias"), &shape[..1])?),
                     false => None,
                 };
-                Ok(Linear::new(w.get(&format!("{name}.weight"), &shape)?, bias))
+                Ok(Linear::frozen(w.get_frozen(&format!("{name}.weight"), &shape)?, bias))
             };
             let mlp = |n: &str, shape: [usize; 2]| -> Result<Linear> {
-                Ok(Linear::new(
-                    w.get(&format!("{p}.mlp.{n}.weight"), &shape)?,
+                Ok(Linear::frozen(
+                    w.get_frozen(&format!("{p}.mlp.{n}.weight"), &shape)?,
                     None,
                 ))
             };
@@ -333,10 +333,10 @@ impl Gemma {
         }
         // Gemma ties the head to the embedding unless the config says otherwise.
         let lm_head = match cfg.base.tie_word_embeddings {
-            Some(false) => w.get("lm_head.weight", &[v, d])?,
+            Some(false) => w.get_frozen("lm_head.weight", &[v, d])?,
             _ => embed.clone(),
         };
-        let head = LmHead::new(lm_head, None);
+        let head = LmHead::frozen(lm_head, None);
         let arch = version.arch();
         let info = ModelInfo {
             arch,
@@ -358,7 +358,7 @@ impl Gemma {
         };
         Ok(Decoder {
             info,
-            embedding: Embedding::new(embed, arch.name()).scaled((d as f64).sqrt()),
+            embedding: Embedding::frozen(embed, arch.name()).scaled((d as f64).sqrt()),
             positions: Positions::Rotary {
                 head_dim: hd,
                 frequencies: RopeFrequencies::plain(hd, r.theta),

@@ -126,13 +126,7 @@ impl Gpt2 {
             }
             // c_attn stacks q, k, v: rows of `w [3D, D]` and `b [3D]` (contiguous views).
             let qkv = conv1d(w, &format!("{p}.attn.c_attn"), d, 3 * d)?;
-            let part = |j: usize| -> Result<Linear> {
-                let b = match &qkv.b {
-                    Some(b) => Some(b.narrow(0, j * d, d)?),
-                    None => None,
-                };
-                Ok(Linear::new(qkv.w.narrow(0, j * d, d)?, b))
-            };
+            let part = |j: usize| qkv.rows(j * d, d);
             blocks.push(Block {
                 attention: Attention {
                     norm: layer_norm(w, &format!("{p}.ln_1"), d, eps)?,

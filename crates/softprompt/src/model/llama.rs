@@ -195,18 +195,18 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
     if ff.checked_mul(2).is_none() {
         return Err(bad(format!("bad intermediate_size {ff}")));
     }
-    let embed = w.get("model.embed_tokens.weight", &[v, d])?;
+    let embed = w.get_frozen("model.embed_tokens.weight", &[v, d])?;
     let mut blocks = Vec::new(); // not with_capacity: the count comes from the file
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let linear = |n: &str, shape: [usize; 2], bias_required: bool| -> Result<Linear> {
-            let weight = w.get(&format!("{p}.{n}.weight"), &shape)?;
+            let weight = w.get_frozen(&format!("{p}.{n}.weight"), &shape)?;
             let bias = format!("{p}.{n}.bias");
             let bias = match bias_required {
                 true => Some(w.get(&bias, &shape[..1])?),
                 false => w.get_opt(&bias, &shape[..1])?,
             };
-            Ok(Linear::new(weight, bias))
+            Ok(Linear::frozen(weight, bias))
         };
         let norm = |n: &str, width: usize| -> Result<Norm> {
             Ok(Norm::rms(w.get(&format!("{p}.{n}.weight"), &[width])?, eps))
@@ -278,7 +278,7 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
     let lm_head = match cfg.tie_word_embeddings {
         Some(true) => embed.clone(),
         _ => w
-            .get_opt("lm_head.weight", &[v, d])?
+            .get_frozen_opt("lm_head.weight", &[v, d])?
             .unwrap_or_else(|| embed.clone()),
     };
     let info = ModelInfo {
@@ -308,7 +308,7 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
     };
     Ok(Decoder {
         info,
-        embedding: Embedding::new(embed, layout.arch.name()),
+        embedding: Embedding::frozen(embed, layout.arch.name()),
         positions: Positions::Rotary {
             head_dim: hd,
             frequencies: rope,
@@ -316,7 +316,7 @@ pub(crate) fn build(cfg: &Config, w: &Weights, name: String, layout: Layout) -> 
         },
         blocks,
         final_norm: Norm::rms(w.get("model.norm.weight", &[d])?, eps),
-        head: LmHead::new(lm_head, None),
+        head: LmHead::frozen(lm_head, None),
         sliding_rope_theta: None,
         kernels: Kernels::fast(),
     })

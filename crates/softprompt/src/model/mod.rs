@@ -168,6 +168,12 @@ pub trait CausalLm: Send + Sync {
     fn set_kernels(&mut self, kernels: Kernels) {
         let _ = kernels;
     }
+
+    /// How many of the model's frozen matrices (projections, embedding, head) are kept in
+    /// their file encoding, of how many (`--weights stored` keeps a GGUF file's).
+    fn stored_matrices(&self) -> (usize, usize) {
+        (0, 0)
+    }
 }
 
 /// Encoder-decoder language model (T5, flan-T5). The soft prompt goes before the encoder input.

@@ -5,6 +5,7 @@
 //! candle's own fused kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope`) have no
 //! backward and silently drop gradients, so training never uses them.
 
+use crate::kernels::weight::FrozenWeight;
 use crate::kernels::{activation, frozen_matmul, loss, norm, rope as rope_kernel, softmax};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
@@ -33,6 +34,35 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// [`linear`] on a frozen weight in any encoding: a tensor runs [`linear`] itself; stored
+/// blocks are dequantised for this product only (the same values load-time dequantisation
+/// gave, so the same result; a large matrix panel by panel) by the stored frozen matmul,
+/// whose backward dequantises again rather than keeping an f32 copy alive.
+pub fn linear_frozen(x: &Tensor, w: &FrozenWeight, b: Option<&Tensor>) -> Result<Tensor> {
+    if let FrozenWeight::Dense(w) = w {
+        return linear(x, w, b);
+    }
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.reshape((rows, k))?;
+    let (n, k2) = w.dims2()?;
+    let y = if k == k2 && rows > 0 && n > 0 && k > 0 && x2.dtype() == DType::F32 && x2.device().is_cpu() {
+        frozen_matmul::stored_matmul_t(&x2, w)?
+    } else {
+        let dense = w.to_f32()?.to_device(x.device())?;
+        x2.matmul(&dense.t()?)?
+    }; // [rows, N]
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = n;
     Ok(y.reshape(out)?)
 }
 

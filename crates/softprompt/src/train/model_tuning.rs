@@ -156,6 +156,7 @@ impl Base {
             tensors,
             config,
             tokenizer,
+            ..
         } = gguf::read(path, device)?;
         let base = Base::Gguf {
             path: path.to_path_buf(),

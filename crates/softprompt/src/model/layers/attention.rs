@@ -110,7 +110,9 @@ impl Attention {
             None => true,
             Some((c, i)) => !x.track_op() && c.layers.get(*i).is_none_or(Option::is_none),
         };
-        if fresh {
+        // A generation step on quantised blocks runs the composite path, whose projections
+        // take them (see `Linear::forward_with`).
+        if fresh && !self.o.quantized_for(ctx.kernels, x) {
             if let Some(args) = self.kernel_args(ctx)?.filter(|a| a.applies(x, ctx.kernels)) {
                 return match cache {
                     None => Ok(attention_block(x, args, rows)?),
@@ -145,7 +147,7 @@ impl Attention {
         let h = self.norm.forward(kernels, x)?;
         let (q, k, v) = match &self.qkv {
             Some(qkv) => {
-                let y = qkv.forward(&h)?; // [B, T, (H + 2 H_kv) Dh]
+                let y = qkv.forward_with(kernels, &h)?; // [B, T, (H + 2 H_kv) Dh]
                 let (nq, nkv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
                 (
                     y.narrow(2, 0, nq)?,
@@ -154,9 +156,9 @@ impl Attention {
                 )
             }
             None => (
-                self.q.forward(&h)?,
-                self.k.forward(&h)?,
-                self.v.forward(&h)?,
+                self.q.forward_with(kernels, &h)?,
+                self.k.forward_with(kernels, &h)?,
+                self.v.forward_with(kernels, &h)?,
             ),
         };
         let q = split_heads(&q, self.heads)?; // [B, H, T, Dh]
@@ -176,7 +178,7 @@ impl Attention {
         };
         let cap = self.options.logit_softcap;
         let a = ops::attention_capped(kernels, &q, &k, &v, bias, self.scale, cap)?; // [B, H, T, Dh]
-        let y = self.o.forward(&merge_heads(&a)?)?; // [B, T, D]
+        let y = self.o.forward_with(kernels, &merge_heads(&a)?)?; // [B, T, D]
         let y = match &self.options.output_norm {
             Some(n) => n.forward(kernels, &y)?,
             None => y,

@@ -32,6 +32,9 @@ impl FeedForward {
     /// The fused op (one candle op with a hand-written backward) where `kernels` and the
     /// operands allow it and the activation has a fused kernel, else [`Self::composite`].
     pub fn forward(&self, kernels: Kernels, x: &Tensor) -> Result<Tensor> {
+        if self.down.quantized_for(kernels, x) {
+            return self.composite(kernels, x); // generation step on quantised blocks
+        }
         match self.kernel_args()? {
             Some(args) if args.applies(x, kernels) => {
                 let y = feed_forward_block(x, args)?;
@@ -78,12 +81,12 @@ impl FeedForward {
         let h = self.norm.forward(kernels, x)?;
         let a = match &self.inner {
             FfnInner::Gated { gate, up } => {
-                let (g, u) = (gate.forward(&h)?, up.forward(&h)?); // [B, T, F]
+                let (g, u) = (gate.forward_with(kernels, &h)?, up.forward_with(kernels, &h)?); // [B, T, F]
                 self.act.apply_mul(kernels, &g, &u)?
             }
-            FfnInner::Plain(w) => self.act.apply(kernels, &w.forward(&h)?)?,
+            FfnInner::Plain(w) => self.act.apply(kernels, &w.forward_with(kernels, &h)?)?,
         };
-        let y = self.down.forward(&a)?; // [B, T, D]
+        let y = self.down.forward_with(kernels, &a)?; // [B, T, D]
         let y = match &self.output_norm {
             Some(n) => n.forward(kernels, &y)?,
             None => y,

@@ -98,9 +98,9 @@ fn attention(
 /// `attn` with its q, k, v stacked into `qkv` and replaced by views of it.
 fn stacked(mut attn: Attention) -> Attention {
     let parts = [&attn.q, &attn.k, &attn.v];
-    let w = Tensor::cat(&parts.map(|p| &p.w), 0).unwrap();
+    let w = Tensor::cat(&parts.map(|p| p.w.as_dense().unwrap()), 0).unwrap();
     let b = Tensor::cat(&parts.map(|p| p.b.as_ref().unwrap()), 0).unwrap();
-    let sizes = parts.map(|p| p.w.dim(0).unwrap());
+    let sizes = parts.map(|p| p.w.dims2().unwrap().0);
     let mut start = 0;
     for (p, n) in [&mut attn.q, &mut attn.k, &mut attn.v]
         .into_iter()
