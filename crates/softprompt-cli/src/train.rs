@@ -32,9 +32,10 @@ pub struct TrainArgs {
     /// --labels (or a built-in task) and every dev target to be one of them.
     #[arg(long, value_enum, default_value_t = SelectBy::Loss)]
     pub select_by: SelectBy,
-    /// With --data movie-sentiment: also write the task's seeded train/dev/test splits to
-    /// this folder as `train.jsonl`, `dev.jsonl`, `test.jsonl` ({"input": template applied,
-    /// "target": verbalizer}, the format --data and `softprompt eval --data` read).
+    /// With --data naming a task (movie-sentiment, bigbench:<task>): also write its seeded
+    /// train/dev/test splits to this folder as `train.jsonl`, `dev.jsonl`, `test.jsonl`
+    /// ({"input": template applied, "target": what is trained on}, the format --data and
+    /// `softprompt eval --data` read).
     #[arg(long)]
     pub write_splits: Option<PathBuf>,
     /// Prompt length in virtual tokens [default: 100, the paper's; 20 is nearly as good;
@@ -105,16 +106,16 @@ impl TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     // Cheap checks first, before loading anything.
     args.method.check_flags(&args.method_flags())?;
-    if args.write_splits.is_some() && !recipe::is_builtin(&args.data.data) {
-        bail!("--write-splits needs --data {BUILTIN_TASK}");
+    if args.write_splits.is_some() && recipe::task_name(&args.data.data).is_none() {
+        bail!("--write-splits needs --data naming a task ({BUILTIN_TASK}, bigbench:<task>)");
     }
     let data = TrainData::resolve(args.data.clone())?;
     let init = recipe::prompt_init(&args.init, &data.labels)?;
     let lr = args.optimizer.learning_rate(args.method)?;
     if let (Some(dir), Some(t)) = (&args.write_splits, &data.task) {
         recipe::write_splits(dir, t)?;
-        let (train, dev, test) = (t.train.len(), t.dev.len(), t.test.len());
-        eprintln!("wrote {train} train / {dev} dev / {test} test examples of {} to {}", t.name, dir.display());
+        let (train, dev, test) = t.sizes();
+        eprintln!("wrote {train} train / {dev} dev / {test} test examples of {} to {}", args.data.data.display(), dir.display());
     }
     let device = common::device()?;
     let model = common::load(&args.model, &device)?;

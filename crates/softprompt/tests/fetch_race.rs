@@ -112,7 +112,12 @@ fn fetched(child: Child) -> PathBuf {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = stdout.lines().find_map(|l| l.strip_prefix("FETCHED ")).unwrap_or_else(|| panic!("no path in: {stdout}"));
+    // libtest prints the line after its own `test fetch_child ... `.
+    let line = stdout
+        .split("FETCHED ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or_else(|| panic!("no path in: {stdout}"));
     PathBuf::from(line)
 }
 
