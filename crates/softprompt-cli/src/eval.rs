@@ -10,8 +10,9 @@ use softprompt::eval::outcome::{evaluate_plan, DecodeSpec};
 use softprompt::eval::plan::{EvalPlan, EvalSource, LabelSpec, Split};
 use softprompt::eval::report::Mode;
 use softprompt::task::formats::{Format, ReadOptions};
+use softprompt::task::named::is_task_name;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use softprompt::load::WeightStorage;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -37,7 +38,9 @@ pub struct EvalArgs {
     /// train`) supplies the template, labels and verbalizer unless given here.
     #[arg(long)]
     pub prompt: Vec<PathBuf>,
-    /// `movie-sentiment` or `bigbench:<task name>`.
+    /// `movie-sentiment`, `bigbench:<task name>` (or `bigbench:<path>/task.json`): its
+    /// seeded split, the one `softprompt train --data <task>` trains on; or any data file
+    /// (JSONL, CSV, TSV), evaluated whole as with --data.
     #[arg(long)]
     pub task: Option<String>,
     /// A data file to evaluate (all of it): JSONL, CSV or TSV.
@@ -123,7 +126,12 @@ impl EvalArgs {
 
     /// --task or --data, with the options that go with each.
     fn source(&self) -> Result<Option<EvalSource>> {
-        Ok(match (&self.task, &self.data) {
+        // `--task FILE` (not a task name): the file, as --data.
+        let (task, data) = match (&self.task, &self.data) {
+            (Some(t), None) if !is_task_name(t) && Path::new(t).is_file() => (None, Some(PathBuf::from(t))),
+            (t, d) => (t.clone(), d.clone()),
+        };
+        Ok(match (&task, &data) {
             (Some(_), Some(_)) => bail!("give either --task or --data, not both"),
             (Some(_), None) if self.train_data.is_some() => {
                 bail!("--train-data is for --data; a --task has its own train split")

@@ -39,9 +39,10 @@ pub struct TrainArgs {
     /// --labels (or a built-in task) and every dev target to be one of them.
     #[arg(long, value_enum, default_value_t = SelectBy::Loss)]
     pub select_by: SelectBy,
-    /// With --data movie-sentiment: also write the task's seeded train/dev/test splits to
-    /// this folder as `train.jsonl`, `dev.jsonl`, `test.jsonl` ({"input": template applied,
-    /// "target": verbalizer}, the format --data and `softprompt eval --data` read).
+    /// With --data naming a task (movie-sentiment, bigbench:<task>): also write its seeded
+    /// train/dev/test splits to this folder as `train.jsonl`, `dev.jsonl`, `test.jsonl`
+    /// ({"input": template applied, "target": what is trained on}, the format --data and
+    /// `softprompt eval --data` read).
     #[arg(long)]
     pub write_splits: Option<PathBuf>,
     /// Prompt length in virtual tokens [default: 100, the paper's; 20 is nearly as good;
@@ -127,16 +128,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 /// The run on this rank (all of it in one process).
 fn run_on(args: TrainArgs, ranks: &Ranks) -> Result<()> {
-    if args.write_splits.is_some() && !recipe::is_builtin(&args.data.data) {
-        bail!("--write-splits needs --data {BUILTIN_TASK}");
+    if args.write_splits.is_some() && recipe::task_name(&args.data.data).is_none() {
+        bail!("--write-splits needs --data naming a task ({BUILTIN_TASK}, bigbench:<task>)");
     }
     let data = TrainData::resolve(args.data.clone())?;
     let init = recipe::prompt_init(&args.init, &data.labels)?;
     let lr = args.optimizer.learning_rate(args.method)?;
     if let (Some(dir), Some(t), true) = (&args.write_splits, &data.task, ranks.is_root()) {
         recipe::write_splits(dir, t)?;
-        let (train, dev, test) = (t.train.len(), t.dev.len(), t.test.len());
-        eprintln!("wrote {train} train / {dev} dev / {test} test examples of {} to {}", t.name, dir.display());
+        let (train, dev, test) = t.sizes();
+        eprintln!("wrote {train} train / {dev} dev / {test} test examples of {} to {}", args.data.data.display(), dir.display());
     }
     let device = ranks.device()?;
     let model = common::load(&args.model, &device, args.weights)?;
@@ -209,8 +210,8 @@ fn run_on(args: TrainArgs, ranks: &Ranks) -> Result<()> {
 
 /// `--chat`: the train and dev examples rendered with the model's chat template.
 fn chat_examples(spec: &DataSpec, model: &softprompt::Model) -> Result<(Vec<softprompt::batch::Example>, Option<Vec<softprompt::batch::Example>>)> {
-    if recipe::is_builtin(&spec.data) || spec.dev.as_deref().is_some_and(recipe::is_builtin) {
-        bail!("--chat needs JSONL --data (and --dev) of {{\"input\", \"target\"}} pairs, not {BUILTIN_TASK}");
+    if recipe::task_name(&spec.data).is_some() || spec.dev.as_deref().is_some_and(|d| recipe::task_name(d).is_some()) {
+        bail!("--chat needs JSONL --data (and --dev) of {{\"input\", \"target\"}} pairs, not a named task ({BUILTIN_TASK}, bigbench:<task>)");
     }
     let train = softprompt::chat::read_examples(&spec.data, model)?;
     let mut dev = spec.dev.as_deref().map(|p| softprompt::chat::read_examples(p, model)).transpose()?;

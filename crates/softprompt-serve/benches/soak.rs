@@ -19,10 +19,13 @@
 //! fails, or when any answer is neither 200, 429, 503 nor 504. RSS is the whole process's:
 //! server, model and load generator.
 //!
-//! The client side is `soak/traffic.rs`. `--adversarial` mixes attacks into the soak's
-//! arrivals (see `soak/adversarial.rs`: oversized inputs, slow heads and bodies) and fails
-//! when any of them is not answered as it should be (413, 408, closed, or 503 at the
-//! connection cap).
+//! The client side is `soak/traffic.rs`. `--adversarial` mixes attacks and task churn into
+//! the soak's arrivals (see `soak/adversarial.rs`: oversized inputs, slow heads and bodies;
+//! PUT/DELETE of tasks and requests to them, under a small `--kv-cache-bytes` so that prompt
+//! keys/values are evicted all the time) and fails when any of them is not answered as it
+//! should be (413, 408, closed, 503 at the connection cap; 200/201/404 for churn), when no
+//! prompt was evicted, or when the store is not consistent afterwards (hidden staging
+//! folders left, folders and served tasks differ, a served churn task not answering).
 //!
 //! `cargo bench -p softprompt-serve --bench soak` (or, without a release build, `cargo test
 //! -p softprompt-serve --bench soak`); `-- --tiny` runs the fixture model for 2 s (a smoke
@@ -60,7 +63,9 @@ usage: cargo bench -p softprompt-serve --bench soak [-- --tiny | --adversarial |
                           SOAK_MAX_INFLIGHT=400 (a smoke test, a few seconds)
   --adversarial           4 arrivals in 10 are attacks: inputs over --max-input-chars and
                           --max-input-tokens, slow heads, slow bodies (server header and
-                          body timeouts 2 s); each must get its answer within 10 s
+                          body timeouts 2 s); each must get its answer within 10 s;
+                          2 in 10 are task churn (PUT/DELETE of 5 churn tasks, classify on
+                          them), writes allowed, --kv-cache-bytes SOAK_KV_CACHE_BYTES
 
 environment (defaults in brackets):
   SOAK_MODEL              smollm2 | fixture (tiny llama, word-level tokenizer) [smollm2]
@@ -75,6 +80,8 @@ environment (defaults in brackets):
   SOAK_QUEUE, SOAK_MAX_BATCH, SOAK_TIMEOUT_MS, SOAK_MAX_CONNECTIONS
                           server --queue [256], --max-batch [16], --timeout-ms [60000],
                           --max-connections [512]
+  SOAK_KV_CACHE_BYTES     server --kv-cache-bytes [1 GiB; --adversarial: 2 MiB with
+                          SmolLM2 (about 45 prompt positions), 4 KiB with the fixture (16)]
 ";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -101,6 +108,7 @@ struct Settings {
     max_batch: usize,
     timeout: Duration,
     max_connections: usize,
+    kv_cache_bytes: Option<usize>,
 }
 
 fn settings() -> Settings {
@@ -143,6 +151,12 @@ fn settings() -> Settings {
         max_batch,
         timeout: Duration::from_millis(env_or("SOAK_TIMEOUT_MS", 60_000u64)),
         max_connections: env_or("SOAK_MAX_CONNECTIONS", 512usize).max(1),
+        kv_cache_bytes: match (std::env::var("SOAK_KV_CACHE_BYTES").is_ok(), adversarial) {
+            (true, _) => Some(env_or("SOAK_KV_CACHE_BYTES", 0usize)),
+            // Small enough that the stable and churn tasks' prompts evict each other.
+            (false, true) => Some(if fixture { 4 << 10 } else { 2 << 20 }),
+            (false, false) => None,
+        },
     }
 }
 
@@ -154,9 +168,10 @@ struct Setup {
     dir: std::path::PathBuf,
     /// `/v1/classify` bodies, every (task, input) pair.
     bodies: Vec<serde_json::Value>,
-    /// Attack bodies: an input over the character limit, one over the token limit.
-    oversized: (Vec<u8>, Vec<u8>),
-    tasks: usize,
+    /// What the adversarial mode sends besides `bodies`.
+    attacks: adversarial::Attacks,
+    /// Names of the stable tasks (never changed by the churn).
+    task_names: Vec<String>,
 }
 
 /// A random prompt `[n, D]` with small values.
@@ -237,8 +252,23 @@ fn setup(fixture: bool) -> Setup {
         .iter()
         .flat_map(|input| tasks.iter().map(move |(task, ..)| serde_json::json!({"task": task, "input": input})))
         .collect();
-    let oversized = adversarial::oversized_bodies(tasks[0].0, if fixture { "w5" } else { "word" });
-    Setup { model, name: name.to_string(), dir, _dir: tmp, bodies, oversized, tasks: tasks.len() }
+    let (too_many_chars, too_many_tokens) = adversarial::oversized_bodies(tasks[0].0, if fixture { "w5" } else { "word" });
+    // Churn uploads: a two-label task (the first task's template and labels), random prompts.
+    let churn_meta = serde_json::to_value(&tasks[0].2).expect("task.json as JSON");
+    let uploads = adversarial::CHURN_PROMPT_ROWS
+        .iter()
+        .map(|&n| {
+            let d = model.backbone.info().d_model;
+            let rows: Vec<Vec<f32>> = (0..n).map(|_| (0..d).map(|_| rng.random_range(-0.1f32..0.1)).collect()).collect();
+            serde_json::json!({"prompt": rows, "task": churn_meta}).to_string().into_bytes()
+        })
+        .collect();
+    let churn_classify = (0..adversarial::CHURN_TASKS)
+        .map(|k| serde_json::json!({"task": format!("churn{k}"), "input": inputs[k % inputs.len()]}).to_string().into_bytes())
+        .collect();
+    let attacks = adversarial::Attacks { too_many_chars, too_many_tokens, uploads, churn_classify };
+    let task_names = tasks.iter().map(|t| t.0.to_string()).collect();
+    Setup { model, name: name.to_string(), dir, _dir: tmp, bodies, attacks, task_names }
 }
 
 /// `/proc/self/status` fields in MiB: (VmRSS, VmHWM); `None` off Linux.
@@ -273,6 +303,54 @@ fn answers(addr: SocketAddr, bodies: &[serde_json::Value]) -> Result<Vec<Answer>
         .collect()
 }
 
+/// After the soak: the stable tasks are all served, no folder failed, every served task has
+/// its folder and no other visible folder exists, no hidden staging folder (`.NAME.upload-*`,
+/// `.old-*`, `.deleted-*`) is left, and every served churn task answers. Returns a summary.
+fn store_check(addr: SocketAddr, dir: &Path, stable: &[String]) -> Result<String, String> {
+    let (status, text) = request(addr, "GET", "/v1/tasks", None, None).map_err(|e| format!("GET /v1/tasks: {e}"))?;
+    let list: serde_json::Value =
+        serde_json::from_str(&text).map_err(|_| format!("GET /v1/tasks: {status}: {text}"))?;
+    let mut served: Vec<String> = list
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["name"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    served.sort();
+    if let Some(missing) = stable.iter().find(|t| !served.contains(t)) {
+        return Err(format!("stable task {missing} no longer served ({served:?})"));
+    }
+    let (_, errors) = request(addr, "GET", "/v1/tasks?errors", None, None).map_err(|e| format!("GET /v1/tasks?errors: {e}"))?;
+    if errors.trim() != "[]" {
+        return Err(format!("folders that could not be served: {errors}"));
+    }
+    let mut visible = Vec::new();
+    let mut hidden = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            hidden.push(name);
+        } else {
+            visible.push(name);
+        }
+    }
+    visible.sort();
+    if !hidden.is_empty() {
+        return Err(format!("hidden folders left in the prompts folder: {hidden:?}"));
+    }
+    if visible != served {
+        return Err(format!("folders {visible:?} but served tasks {served:?}"));
+    }
+    let churn: Vec<&String> = served.iter().filter(|t| !stable.contains(t)).collect();
+    for task in &churn {
+        let body = serde_json::json!({"task": task, "input": "one more"});
+        match post_json(addr, "/v1/classify", &body) {
+            Ok((200, _)) => {}
+            Ok((status, v)) => return Err(format!("churn task {task}: {status} {v}")),
+            Err(e) => return Err(format!("churn task {task}: {e}")),
+        }
+    }
+    Ok(format!("{} tasks served ({} churn tasks, each answering 200), folders match, no staging folder left", served.len(), churn.len()))
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -293,7 +371,13 @@ fn main() {
         // Slow clients are dropped within the soak, well inside ATTACK_PATIENCE.
         cfg.connections.header_timeout = Duration::from_secs(2);
         cfg.connections.body_timeout = Duration::from_secs(2);
+        // The churn uploads and deletes tasks.
+        cfg.allow_writes = true;
     }
+    if let Some(bytes) = s.kv_cache_bytes {
+        cfg.store.kv_cache_bytes = bytes;
+    }
+    let kv_budget = cfg.store.kv_cache_bytes;
     cfg.connections.max_connections = s.max_connections;
     let max_connections = s.max_connections;
     let max_wait_ms = cfg.batch.max_wait.as_millis();
@@ -302,7 +386,7 @@ fn main() {
     eprintln!(
         "soak: {}, {} tasks, {} bodies; server max_batch {}, max_wait {max_wait_ms} ms, queue {}, timeout {} ms",
         setup.name,
-        setup.tasks,
+        setup.task_names.len(),
         setup.bodies.len(),
         s.max_batch,
         s.queue,
@@ -350,8 +434,8 @@ fn main() {
         s.factor,
         s.soak.as_secs_f64()
     );
-    let oversized = s.adversarial.then(|| Arc::new(setup.oversized.clone()));
-    let mut out = soak(&rt, addr, &bodies, oversized, rate, &s);
+    let attacks = s.adversarial.then_some(Arc::new(setup.attacks));
+    let mut out = soak(&rt, addr, &bodies, attacks, rate, &s);
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.join().unwrap_or_default();
     drop(rt);
@@ -385,6 +469,10 @@ fn main() {
         }
         Err(e) => (0, f64::NAN, Some(e.clone())),
     };
+    let store = store_check(addr, &setup.dir, &setup.task_names);
+    let evictions = request(addr, "GET", "/metrics", None, None)
+        .ok()
+        .and_then(|(_, text)| metric(&text, "softprompt_prompt_kv_evictions_total"));
     let recovered = depth == Some(0.0) && recovery_error.is_none() && same == reference.len() && max_diff <= 1e-4 && health == 200;
     let rss_after = rss_mib();
     server.shutdown().expect("shutdown");
@@ -423,7 +511,7 @@ fn main() {
     println!();
     println!("| soak | |");
     println!("|---|---|");
-    println!("| model | {}, {} tasks (one an ensemble of 2 prompts), {} bodies |", setup.name, setup.tasks, setup.bodies.len());
+    println!("| model | {}, {} tasks (one an ensemble of 2 prompts), {} bodies |", setup.name, setup.task_names.len(), setup.bodies.len());
     println!(
         "| server | max_batch {}, max_wait {max_wait_ms} ms, queue {}, timeout {} ms, max_connections {max_connections}{} |",
         s.max_batch,
@@ -459,7 +547,7 @@ fn main() {
     );
     println!("| unanswered at the end | {} |", out.unfinished);
     let mut wrong_answers = Vec::new();
-    for kind in [Kind::TooManyChars, Kind::TooManyTokens, Kind::SlowHead, Kind::SlowBody] {
+    for kind in Kind::ADVERSARIAL {
         let ends: Vec<String> = out
             .tally
             .attacks
@@ -473,7 +561,15 @@ fn main() {
             })
             .collect();
         if !ends.is_empty() {
-            println!("| attack: {} | {} |", kind.name(), ends.join(", "));
+            let mut secs = out.tally.attack_latency.remove(&kind).unwrap_or_default();
+            secs.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "| {} | {}; latency of answers p50 / p99 {:.0} / {:.0} ms |",
+                kind.name(),
+                ends.join(", "),
+                percentile(&secs, 0.5) * 1e3,
+                percentile(&secs, 0.99) * 1e3
+            );
         }
     }
     println!(
@@ -501,6 +597,17 @@ fn main() {
         if rss_ok { "under the cap" } else { "EXCEEDED" }
     );
     println!("| RSS every {step:.1} s from the soak's start (MiB) | {} |", rss_trace.join(", "));
+    let kv_ok = out.max_kv_bytes.is_none_or(|b| b <= kv_budget as f64);
+    println!(
+        "| prompt KV: budget / largest seen (/metrics every 250 ms) / evictions | {kv_budget} / {} / {} bytes, evictions ({}) |",
+        out.max_kv_bytes.map_or("n/a".to_string(), |b| format!("{b:.0}")),
+        evictions.map_or("n/a".to_string(), |e| format!("{e:.0}")),
+        if kv_ok { "within the budget" } else { "OVER THE BUDGET" }
+    );
+    println!("| task store after the soak | {} |", match &store {
+        Ok(summary) => format!("consistent: {summary}"),
+        Err(e) => format!("INCONSISTENT: {e}"),
+    });
     println!(
         "| RSS after recovery, VmHWM (includes loading) | {} , {} |",
         mib(rss_after.map(|r| r.0)),
@@ -523,6 +630,16 @@ fn main() {
     }
     if !other.is_empty() {
         failed.push("answers other than 200/429/503/504");
+    }
+    if !kv_ok {
+        failed.push("cached prompt keys/values over --kv-cache-bytes");
+    }
+    if let Err(e) = &store {
+        eprintln!("soak: task store: {e}");
+        failed.push("task store inconsistent after the soak");
+    }
+    if s.adversarial && !evictions.is_some_and(|e| e > 0.0) {
+        failed.push("no prompt keys/values evicted (lower SOAK_KV_CACHE_BYTES)");
     }
     if !wrong_answers.is_empty() {
         eprintln!("soak: attacks answered wrongly: {}", wrong_answers.join("; "));

@@ -376,7 +376,9 @@ async fn health(State(s): State<Arc<AppState>>, headers: HeaderMap) -> AppResult
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> AppResult {
-    let text = s.metrics.render(s.batcher.depth(), s.registry.len());
+    let kv = s.registry.kv_store();
+    let gauges = crate::metrics::PromptKvGauges { bytes: kv.bytes(), budget: kv.budget(), evictions: kv.evictions() };
+    let text = s.metrics.render(s.batcher.depth(), s.registry.len(), gauges);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -58,6 +58,14 @@ struct Inner {
     connections_refused: u64,
 }
 
+/// The prompt-KV store's state at the time of a `/metrics` request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PromptKvGauges {
+    pub bytes: usize,
+    pub budget: usize,
+    pub evictions: u64,
+}
+
 pub struct Metrics {
     inner: Mutex<Inner>,
 }
@@ -142,7 +150,7 @@ impl Metrics {
         self.lock().connections_refused += 1;
     }
 
-    pub fn render(&self, queue_depth: usize, n_tasks: usize) -> String {
+    pub fn render(&self, queue_depth: usize, n_tasks: usize, prompt_kv: PromptKvGauges) -> String {
         let m = self.lock();
         let mut out = String::new();
         let _ = writeln!(out, "# HELP softprompt_queue_depth Requests waiting for the batcher.");
@@ -151,6 +159,16 @@ impl Metrics {
         let _ = writeln!(out, "# HELP softprompt_tasks Tasks being served.");
         let _ = writeln!(out, "# TYPE softprompt_tasks gauge");
         let _ = writeln!(out, "softprompt_tasks {n_tasks}");
+        // The prompt-KV budget (`--kv-cache-bytes`): what is cached now and how often it evicted.
+        let _ = writeln!(out, "# HELP softprompt_prompt_kv_bytes Bytes of cached prompt keys/values.");
+        let _ = writeln!(out, "# TYPE softprompt_prompt_kv_bytes gauge");
+        let _ = writeln!(out, "softprompt_prompt_kv_bytes {}", prompt_kv.bytes);
+        let _ = writeln!(out, "# HELP softprompt_prompt_kv_budget_bytes Most bytes of cached prompt keys/values (--kv-cache-bytes).");
+        let _ = writeln!(out, "# TYPE softprompt_prompt_kv_budget_bytes gauge");
+        let _ = writeln!(out, "softprompt_prompt_kv_budget_bytes {}", prompt_kv.budget);
+        let _ = writeln!(out, "# HELP softprompt_prompt_kv_evictions_total Prompts whose cached keys/values were evicted (least recently used first) to stay within the budget.");
+        let _ = writeln!(out, "# TYPE softprompt_prompt_kv_evictions_total counter");
+        let _ = writeln!(out, "softprompt_prompt_kv_evictions_total {}", prompt_kv.evictions);
         let _ = writeln!(out, "# HELP softprompt_requests_total HTTP requests by endpoint and status.");
         let _ = writeln!(out, "# TYPE softprompt_requests_total counter");
         for ((e, s), c) in &m.requests {

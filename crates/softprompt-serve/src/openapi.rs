@@ -94,6 +94,9 @@ fn native_document(cfg: &ServeConfig) -> Value {
                     "n_prompts": {"type": "integer"}, "prompt_tokens": {"type": "array", "items": {"type": "integer"}},
                     "prompt_after_bos": {"type": "boolean", "description": "the prompts were trained after BOS: the model sees [BOS; prompt; input]"},
                     "template": {"type": "string", "nullable": true}}},
+                "TaskError": {"type": "object", "required": ["name", "error"], "properties": {
+                    "name": {"type": "string", "description": "the folder's name under the prompts folder"},
+                    "error": {"type": "string", "description": "why it is not served (the error logged at start-up)"}}},
                 "Prompt": {"oneOf": [
                     {"type": "array", "items": {"type": "array", "items": {"type": "number"}}, "description": "N rows of D floats (D = the model's hidden size)"},
                     {"type": "string", "format": "byte", "description": "base64 of an adapter_model.safetensors holding `prompt_embeddings` [N, D]"}]},
@@ -112,8 +115,14 @@ fn native_document(cfg: &ServeConfig) -> Value {
                 "responses": common(json!({"200": ok("GenerateResponse", "generated text")}))}},
             "/v1/classify": {"post": {"summary": "Rank classification over the task's labels", "requestBody": json_body("ClassifyRequest"),
                 "responses": common(json!({"200": ok("ClassifyResponse", "best label and scores")}))}},
-            "/v1/tasks": {"get": {"summary": "List served tasks", "responses": {"200": {"description": "tasks",
-                "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}}}}}}},
+            "/v1/tasks": {"get": {"summary": "List served tasks, or with `?errors` the task folders that could not be served",
+                "parameters": [{"name": "errors", "in": "query", "required": false, "allowEmptyValue": true,
+                    "schema": {"type": "boolean"},
+                    "description": "`GET /v1/tasks?errors` (no value): instead of the tasks, the folders skipped at start-up (unreadable, invalid or over a limit), with why; an upload or deletion of the name removes its entry"}],
+                "responses": {"200": {"description": "the served tasks; with `?errors`, the folders that could not be served",
+                    "content": {"application/json": {"schema": {"oneOf": [
+                        {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
+                        {"type": "array", "items": {"$ref": "#/components/schemas/TaskError"}}]}}}}}}},
             "/v1/tasks/{name}": {
                 "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"}}],
                 "get": {"summary": "One task", "responses": common(json!({"200": ok("Task", "the task")}))},

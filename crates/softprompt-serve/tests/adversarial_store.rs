@@ -214,6 +214,16 @@ fn bad_task_folders_are_skipped_and_listed() {
     let names: Vec<&str> = errors.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["empty", "huge", "twice"]);
     assert_eq!(task_names(server.addr), ["good", "wide"]);
+    // The listing is documented: the query parameter and the shape of its answer.
+    let (status, doc) = call(server.addr, "GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    let get = &doc["paths"]["/v1/tasks"]["get"];
+    assert_eq!(get["parameters"][0]["name"], "errors", "{get}");
+    assert_eq!(get["parameters"][0]["in"], "query", "{get}");
+    let shapes = get["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"].as_array().unwrap();
+    assert!(shapes.iter().any(|s| s["items"]["$ref"] == "#/components/schemas/TaskError"), "{get}");
+    let error_schema = &doc["components"]["schemas"]["TaskError"];
+    assert_eq!(error_schema["required"], serde_json::json!(["name", "error"]), "{error_schema}");
 }
 
 /// A crash in the middle of `PUT` (replace) or `DELETE` leaves hidden folders: on start the
@@ -309,15 +319,25 @@ fn evicted_prompt_keys_are_recomputed_with_identical_answers() {
             }
         }
         let (_, metrics) = softprompt_serve::client::request(server.addr, "GET", "/metrics", None, None).unwrap();
-        let computed: u64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("softprompt_prefill_tokens_total{source=\"computed\"} "))
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        (out, computed)
+        let metric = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        };
+        let computed = metric("softprompt_prefill_tokens_total{source=\"computed\"}");
+        // The budget's state is visible to operators (and to the adversarial soak).
+        let kv = (metric("softprompt_prompt_kv_bytes"), metric("softprompt_prompt_kv_evictions_total"));
+        assert_eq!(metric("softprompt_prompt_kv_budget_bytes"), budget as u64);
+        (out, computed, kv)
     };
-    let (bounded, computed_bounded) = answers(one_prompt * 2);
-    let (cached, computed_cached) = answers(usize::MAX);
+    let (bounded, computed_bounded, (bytes_bounded, evictions_bounded)) = answers(one_prompt * 2);
+    let (cached, computed_cached, (bytes_cached, evictions_cached)) = answers(usize::MAX);
+    // Every task switch but the first evicts the other prompt: p, q, then 2 rounds of p, q.
+    assert_eq!((evictions_bounded, evictions_cached), (5, 0));
+    assert!(bytes_bounded <= (one_prompt * 2) as u64, "{bytes_bounded}");
+    assert_eq!(bytes_cached, (one_prompt / 4 * (4 + 6)) as u64, "both prompts cached");
     for ((path, a), (_, b)) in bounded.iter().zip(&cached) {
         assert_same_answer("evicted vs cached", path, a, b);
         assert_eq!(a, b, "identical answers");

@@ -1,11 +1,13 @@
 //! Training recipes: each method's defaults (learning rate, weight decay, optimizer, prompt
-//! initialisation) and the data a run trains on (a JSONL file or the built-in task), so that
+//! initialisation) and the data a run trains on (a JSONL file, the built-in task or a
+//! BIG-bench task: [`crate::task::named`], the split `softprompt eval --task` uses), so that
 //! every front end turns the same choices into the same [`TrainConfig`] and `task.json`.
 //! Messages name the `softprompt train` options a user sets.
 
 use crate::batch::Example;
 use crate::load::Model;
 use crate::prompt::{PeftAdapter, PromptInit};
+use crate::task::named::{is_task_name, NamedTask, Split};
 use crate::task::{data_source, encode_pair, label_targets, movie, read_jsonl, ClassificationTask, TaskMeta};
 use crate::train::optim::{AdafactorConfig, AdamWConfig, OptimizerConfig};
 use crate::train::schedule::Schedule;
@@ -287,19 +289,28 @@ pub fn is_builtin(path: &Path) -> bool {
     path.as_os_str() == BUILTIN_TASK && !path.exists()
 }
 
+/// `--data` / `--dev` naming a task (the built-in one or `bigbench:<task>`) rather than a
+/// file: its name.
+pub fn task_name(path: &Path) -> Option<&str> {
+    path.to_str().filter(|s| is_task_name(s))
+}
+
 /// Where a run's examples come from (with the `clap` feature, `softprompt train`'s data
 /// options). The labels given by the user (none: the built-in task's) also name the classes.
 #[derive(Clone, Debug)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct DataSpec {
-    /// Training data: JSONL of {"input": ..., "target": ...} lines, or `movie-sentiment`: the
+    /// Training data: JSONL of {"input": ..., "target": ...} lines; or `movie-sentiment`: the
     /// built-in task's train split with its template and verbalizer (the examples of
-    /// `softprompt run movie-sentiment`; its labels are then the default --labels).
+    /// `softprompt run movie-sentiment`; its labels are then the default --labels); or
+    /// `bigbench:<task>` (or `bigbench:<path>/task.json`): the BIG-bench task's train split,
+    /// the seeded split `softprompt eval --task` uses (multiple choice: the gold choice is
+    /// the target).
     #[cfg_attr(feature = "clap", arg(long))]
     pub data: PathBuf,
-    /// Dev data (same format, or `movie-sentiment` with --data movie-sentiment: its dev
-    /// split): evaluated every --eval-every steps (dev loss, and with --labels dev accuracy);
-    /// the prompt of the best evaluation (--select-by) is the one exported.
+    /// Dev data (same format, or the task of --data by name: its dev split): evaluated every
+    /// --eval-every steps (dev loss, and with --labels dev accuracy); the prompt of the best
+    /// evaluation (--select-by) is the one exported.
     #[cfg_attr(feature = "clap", arg(long))]
     pub dev: Option<PathBuf>,
     /// Use only the first N dev examples.
@@ -329,21 +340,24 @@ impl DevClasses {
     }
 }
 
-/// A run's data: the built-in task when `data` names it, its labels, and (once a model is
+/// A run's data: the named task when `data` names one, its labels, and (once a model is
 /// loaded) the tokenized examples.
 pub struct TrainData {
     pub spec: DataSpec,
-    pub task: Option<ClassificationTask>,
-    /// The given labels, or the built-in task's verbalizer.
+    /// The task `data` names (its train split is trained on).
+    pub task: Option<NamedTask>,
+    /// The given labels, or the named classification task's verbalizer.
     pub labels: Vec<String>,
 }
 
 impl TrainData {
-    /// Checks the data options and loads the built-in task when `spec.data` names it.
+    /// Checks the data options and loads the task `spec.data` names, if any.
     pub fn resolve(spec: DataSpec) -> Result<TrainData> {
-        let builtin = is_builtin(&spec.data);
-        if spec.dev.as_deref().is_some_and(is_builtin) && !builtin {
-            bail!("--dev {BUILTIN_TASK} needs --data {BUILTIN_TASK} (its dev split goes with its train split)");
+        let named = task_name(&spec.data);
+        if let Some(dev) = spec.dev.as_deref().and_then(task_name) {
+            if named != Some(dev) {
+                bail!("--dev {dev} needs --data {dev} (its dev split goes with its train split)");
+            }
         }
         if spec.dev_limit.is_some() && spec.dev.is_none() {
             bail!("--dev-limit needs --dev");
@@ -351,8 +365,8 @@ impl TrainData {
         if spec.dev_limit == Some(0) {
             bail!("--dev-limit must be at least 1");
         }
-        let task = if builtin { Some(movie::load()?) } else { None };
-        let labels = match &task {
+        let task = named.map(NamedTask::load).transpose()?;
+        let labels = match task.as_ref().and_then(NamedTask::classification) {
             Some(t) if spec.labels.is_empty() => t.verbalizer.clone(),
             _ => spec.labels.clone(),
         };
@@ -363,13 +377,16 @@ impl TrainData {
     pub fn examples(&self, model: &Model) -> Result<(Vec<Example>, Option<Vec<Example>>)> {
         let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
         let read = |p: &Path| match &self.task {
-            Some(t) if is_builtin(p) => t.examples(tokenizer, info, &t.dev),
+            Some(t) if task_name(p).is_some() => t.examples(tokenizer, info, Split::Dev),
             _ => read_examples(p, model),
         };
         let train = match &self.task {
-            Some(t) => t.examples(tokenizer, info, &t.train)?,
+            Some(t) => t.examples(tokenizer, info, Split::Train)?,
             None => read_examples(&self.spec.data, model)?,
         };
+        if train.is_empty() {
+            bail!("{}: no training examples (the train split is empty)", self.spec.data.display());
+        }
         let mut dev = self.spec.dev.as_deref().map(read).transpose()?;
         if let (Some(dev), Some(n)) = (dev.as_mut(), self.spec.dev_limit) {
             dev.truncate(n);
@@ -396,7 +413,7 @@ impl TrainData {
             return Ok(DevClasses::None(None));
         }
         let (tokenizer, info) = (model.tokenizer()?, model.backbone.info());
-        let classes = match &self.task {
+        let classes = match self.task.as_ref().and_then(NamedTask::classification) {
             Some(t) if self.spec.labels.is_empty() => t.label_targets(tokenizer, info),
             _ => label_targets("--labels", &self.labels, &self.labels, tokenizer, info),
         };
@@ -415,15 +432,13 @@ impl TrainData {
         }
     }
 
-    /// What `task.json` records of the data: the sources, the task (the built-in one's
-    /// template, labels and verbalizer, as `softprompt run` records it, so `softprompt eval`
-    /// finds the task), the formats and the selection metric.
+    /// What `task.json` records of the data: the sources, the task (a named task's name and,
+    /// for classification, its template, labels and verbalizer, as `softprompt run` records
+    /// them, so `softprompt eval` finds the task), the formats and the selection metric.
     pub fn meta(&self, select_by: SelectBy) -> TaskMeta {
+        let name = task_name(&self.spec.data).unwrap_or_default();
         let mut meta = match &self.task {
-            Some(t) => TaskMeta {
-                target_format: Some("the label's verbalizer (encoder-decoder models: followed by EOS)".into()),
-                ..t.meta()
-            },
+            Some(t) => t.meta(name),
             None => TaskMeta {
                 input_format: Some(
                     "the `input` text as model input: BOS first where the model wants one; T5: followed by EOS".into(),
@@ -458,12 +473,13 @@ pub fn read_examples(path: &Path, model: &Model) -> Result<Vec<Example>> {
 }
 
 /// Writes `task`'s splits into `dir` as `train.jsonl`, `dev.jsonl`, `test.jsonl` of
-/// `{"input": template applied, "target": verbalizer}` (what `--data` reads).
-pub fn write_splits(dir: &Path, task: &ClassificationTask) -> Result<()> {
+/// `{"input": template applied, "target": what is trained on}` (what `--data` reads).
+pub fn write_splits(dir: &Path, task: &NamedTask) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    for (name, rows) in [("train", &task.train), ("dev", &task.dev), ("test", &task.test)] {
+    for split in [Split::Train, Split::Dev, Split::Test] {
+        let name = split.name();
         let mut text = String::new();
-        for p in task.pairs(rows) {
+        for p in task.pairs(split) {
             text.push_str(&serde_json::json!({"input": p.input, "target": p.target}).to_string());
             text.push('\n');
         }

@@ -61,8 +61,11 @@ pub struct Tally {
     pub latency: Vec<f64>,
     /// Seconds, of 429 answers.
     pub latency_429: Vec<f64>,
-    /// Attacks (adversarial mode): how each kind ended (a status, `closed`, or an error).
+    /// Adversarial arrivals (attacks, churn): how each kind ended (a status, `closed`, or an
+    /// error).
     pub attacks: BTreeMap<(Kind, String), u64>,
+    /// Seconds, of the adversarial arrivals answered with a status, by kind.
+    pub attack_latency: BTreeMap<Kind, Vec<f64>>,
 }
 
 pub struct Soak {
@@ -74,6 +77,8 @@ pub struct Soak {
     pub unfinished: usize,
     pub tally: Tally,
     pub max_depth: Option<f64>,
+    /// Largest `softprompt_prompt_kv_bytes` seen by the `/metrics` sampler.
+    pub max_kv_bytes: Option<f64>,
 }
 
 /// Closed loop: `clients` clients back to back for `secs`; 200 answers per second.
@@ -112,12 +117,13 @@ pub fn capacity(rt: &tokio::runtime::Runtime, addr: SocketAddr, bodies: &Arc<Vec
 const ATTACK_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Open loop at `rate` requests/s for `s.soak`, then waits for the requests in flight.
-/// With `oversized` (the adversarial mode), 4 arrivals in 10 are attacks ([`Kind::of`]).
+/// With `attacks` (the adversarial mode), 4 arrivals in 10 are attacks and 2 task churn
+/// ([`Kind::of`]).
 pub fn soak(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
     bodies: &Arc<Vec<Vec<u8>>>,
-    oversized: Option<Arc<(Vec<u8>, Vec<u8>)>>,
+    attacks: Option<Arc<adversarial::Attacks>>,
     rate: f64,
     s: &Settings,
 ) -> Soak {
@@ -125,21 +131,25 @@ pub fn soak(
         let tally = Arc::new(Mutex::new(Tally::default()));
         let inflight = Arc::new(AtomicUsize::new(0));
         let timeout = s.timeout + Duration::from_secs(10);
-        // Queue depth from /metrics every 250 ms.
+        // Queue depth and cached prompt-KV bytes from /metrics every 250 ms.
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = {
             let stop = stop.clone();
             tokio::spawn(async move {
-                let mut max: Option<f64> = None;
+                let (mut depth, mut kv): (Option<f64>, Option<f64>) = (None, None);
+                let larger = |m: Option<f64>, x: Option<f64>| match (m, x) {
+                    (Some(m), Some(x)) => Some(m.max(x)),
+                    (m, x) => m.or(x),
+                };
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((200, text)) = send(addr, "GET", "/metrics", b"", Duration::from_secs(5)).await {
-                        if let Some(d) = metric(&String::from_utf8_lossy(&text), "softprompt_queue_depth") {
-                            max = Some(max.map_or(d, |m: f64| m.max(d)));
-                        }
+                        let text = String::from_utf8_lossy(&text);
+                        depth = larger(depth, metric(&text, "softprompt_queue_depth"));
+                        kv = larger(kv, metric(&text, "softprompt_prompt_kv_bytes"));
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                max
+                (depth, kv)
             })
         };
         let start = Instant::now();
@@ -154,7 +164,9 @@ pub fn soak(
                 tokio::time::sleep_until(due.into()).await;
             }
             let body = i as usize % bodies.len();
-            let kind = Kind::of(i, oversized.is_some());
+            let kind = Kind::of(i, attacks.is_some());
+            let churn = adversarial::churn_task(i, kind);
+            let upload = (i / 10) as usize % adversarial::CHURN_PROMPT_ROWS.len();
             i += 1;
             if inflight.load(Ordering::Relaxed) >= s.max_inflight {
                 skipped += 1;
@@ -162,20 +174,32 @@ pub fn soak(
             }
             sent += 1;
             inflight.fetch_add(1, Ordering::Relaxed);
-            let (tally, inflight, bodies, oversized) = (tally.clone(), inflight.clone(), bodies.clone(), oversized.clone());
+            let (tally, inflight, bodies, attacks) = (tally.clone(), inflight.clone(), bodies.clone(), attacks.clone());
             tokio::spawn(async move {
-                if kind != Kind::Normal {
-                    let outcome = match (kind, &oversized) {
-                        (Kind::TooManyChars, Some(o)) => send(addr, "POST", "/v1/classify", &o.0, ATTACK_PATIENCE).await,
-                        (Kind::TooManyTokens, Some(o)) => send(addr, "POST", "/v1/classify", &o.1, ATTACK_PATIENCE).await,
+                if let (Some(a), false) = (&attacks, kind == Kind::Normal) {
+                    let t0 = Instant::now();
+                    let task = format!("/v1/tasks/churn{churn}");
+                    let outcome = match kind {
+                        Kind::TooManyChars => send(addr, "POST", "/v1/classify", &a.too_many_chars, ATTACK_PATIENCE).await,
+                        Kind::TooManyTokens => send(addr, "POST", "/v1/classify", &a.too_many_tokens, ATTACK_PATIENCE).await,
+                        // Churn waits like a normal request (uploads queue for the store's write lock).
+                        Kind::Upload => send(addr, "PUT", &task, &a.uploads[upload], timeout).await,
+                        Kind::Delete => send(addr, "DELETE", &task, b"", timeout).await,
+                        Kind::ChurnClassify => send(addr, "POST", "/v1/classify", &a.churn_classify[churn], timeout).await,
                         _ => adversarial::slow_client(addr, kind, ATTACK_PATIENCE).await.map(|o| (0, o.into_bytes())),
                     };
+                    let secs = t0.elapsed().as_secs_f64();
+                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
                     let outcome = match outcome {
                         Ok((0, closed)) => String::from_utf8_lossy(&closed).into_owned(),
-                        Ok((status, _)) => status.to_string(),
+                        Ok((status, _)) => {
+                            t.attack_latency.entry(kind).or_default().push(secs);
+                            status.to_string()
+                        }
                         Err(e) => e,
                     };
-                    *tally.lock().unwrap_or_else(|e| e.into_inner()).attacks.entry((kind, outcome)).or_default() += 1;
+                    *t.attacks.entry((kind, outcome)).or_default() += 1;
+                    drop(t);
                     inflight.fetch_sub(1, Ordering::Relaxed);
                     return;
                 }
@@ -206,7 +230,7 @@ pub fn soak(
         }
         let total_secs = start.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
-        let max_depth = sampler.await.ok().flatten();
+        let (max_depth, max_kv_bytes) = sampler.await.unwrap_or((None, None));
         let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
         Soak {
             offered: rate,
@@ -217,6 +241,7 @@ pub fn soak(
             unfinished: inflight.load(Ordering::Relaxed),
             tally,
             max_depth,
+            max_kv_bytes,
         }
     })
 }

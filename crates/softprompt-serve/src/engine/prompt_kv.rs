@@ -50,6 +50,11 @@ impl PromptKvStore {
         self.lock().bytes
     }
 
+    /// Most bytes cached at once (`--kv-cache-bytes`).
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
     /// Prompts evicted so far.
     pub fn evictions(&self) -> u64 {
         self.lock().evictions

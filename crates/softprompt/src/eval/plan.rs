@@ -4,8 +4,9 @@
 
 use super::prompt_design::{k_shot_pairs, k_shot_task};
 use super::report::Mode;
-use crate::task::bigbench::{self, Imported, MultipleChoiceExample, SplitSpec};
+use crate::task::bigbench::MultipleChoiceExample;
 use crate::task::formats::{read_labeled, read_pairs, ReadOptions};
+use crate::task::named::{is_task_name, NamedTask};
 use crate::task::{movie, ClassificationTask, LabeledText, TaskMeta, TextPair};
 use crate::{bail, Error, Result};
 use std::path::PathBuf;
@@ -13,38 +14,13 @@ use std::path::PathBuf;
 /// The built-in classification task.
 pub const MOVIE_SENTIMENT: &str = movie::NAME;
 
-/// A split of a named task.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-pub enum Split {
-    Train,
-    Dev,
-    #[default]
-    Test,
-}
-
-impl Split {
-    fn name(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Dev => "dev",
-            Split::Test => "test",
-        }
-    }
-
-    fn pick<T: Clone>(self, train: &[T], dev: &[T], test: &[T]) -> Vec<T> {
-        match self {
-            Split::Train => train.to_vec(),
-            Split::Dev => dev.to_vec(),
-            Split::Test => test.to_vec(),
-        }
-    }
-}
+/// A split of a named task (the split training uses: `task::named`).
+pub use crate::task::named::Split;
 
 /// Where the examples come from.
 #[derive(Clone, Debug)]
 pub enum EvalSource {
-    /// `movie-sentiment` or `bigbench:<task name>`, and the split to evaluate.
+    /// `movie-sentiment` or `bigbench:<task name>` ([`NamedTask`]), and the split to evaluate.
     Task { name: String, split: Split },
     /// A data file evaluated whole, and a file of demonstrations for k-shot prompts.
     File {
@@ -92,7 +68,8 @@ enum Resolved {
 }
 
 impl EvalPlan {
-    /// Resolves `source` (none: the task `saved` names), completes a data file's labels,
+    /// Resolves `source` (none: the test split of the task `saved` names, as `softprompt
+    /// train --data <task>` records it), completes a data file's labels,
     /// verbalizer and template from `given`, then `saved`; draws `shots` demonstrations (with
     /// `seed`) and keeps the first `limit` rows.
     pub fn resolve(
@@ -106,8 +83,8 @@ impl EvalPlan {
         let source = match source {
             Some(s) => s,
             None => match saved.name.as_deref() {
-                Some(MOVIE_SENTIMENT) => EvalSource::Task { name: MOVIE_SENTIMENT.into(), split: Split::Test },
-                _ => bail!("give --task (movie-sentiment, bigbench:<name>) or --data FILE"),
+                Some(name) if is_task_name(name) => EvalSource::Task { name: name.into(), split: Split::Test },
+                _ => bail!("give --task (movie-sentiment, bigbench:<name>, or a data file) or --data FILE"),
             },
         };
         let (resolved, what, skipped) = match source {
@@ -171,25 +148,18 @@ impl EvalPlan {
     }
 }
 
+/// The rows of `split` of the task `name` names: the split training uses.
 fn named_task(name: &str, split: Split) -> Result<Resolved> {
-    if name == MOVIE_SENTIMENT {
-        let task = movie::load()?;
-        let rows = split.pick(&task.train, &task.dev, &task.test);
-        return Ok(Resolved::Class(task, rows));
-    }
-    let Some(bb) = name.strip_prefix("bigbench:") else {
-        bail!("unknown task `{name}` (known: movie-sentiment, bigbench:<name>)");
-    };
-    Ok(match bigbench::load(bb, SplitSpec::default())? {
-        Imported::Classification(t) => {
+    Ok(match NamedTask::load(name)? {
+        NamedTask::Class(t) => {
             let rows = split.pick(&t.train, &t.dev, &t.test);
             Resolved::Class(t, rows)
         }
-        Imported::Text(t) => {
+        NamedTask::Text(t) => {
             let rows = split.pick(&t.train, &t.dev, &t.test);
             Resolved::Text { train: t.train, rows }
         }
-        Imported::MultipleChoice(t) => Resolved::Choice(split.pick(&t.train, &t.dev, &t.test)),
+        NamedTask::Choice(t) => Resolved::Choice(split.pick(&t.train, &t.dev, &t.test)),
     })
 }
 

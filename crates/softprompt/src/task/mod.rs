@@ -69,6 +69,7 @@ pub mod bigbench;
 pub mod formats;
 mod meta;
 pub mod movie;
+pub mod named;
 
 pub use meta::{
     data_source, describe_init, model_sha256, EncoderMeta, ExampleLayout, FieldError, TaskMeta, MAX_LABELS,
