@@ -154,11 +154,23 @@ pub(crate) fn queue(s: &AppState, task: &str, work: Work) -> Result<tokio::sync:
     s.batcher.submit(task, work)
 }
 
-#[derive(Deserialize)]
+/// `stop`: one string or a list (the native and the OpenAI endpoints take both).
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
-enum Stop {
+pub(crate) enum Stop {
     One(String),
     Many(Vec<String>),
+}
+
+impl Stop {
+    /// The stop strings of an optional field (none when absent).
+    pub(crate) fn strings(stop: Option<Stop>) -> Vec<String> {
+        match stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -208,11 +220,7 @@ pub fn generate_job(s: &AppState, body: &[u8]) -> Result<(Arc<Task>, GenItem), A
     if !temperature.is_finite() || temperature < 0.0 {
         return Err(ApiError::bad_request("temperature must be a number >= 0"));
     }
-    let stop = match req.stop {
-        None => vec![],
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
+    let stop = Stop::strings(req.stop);
     check_stop(&stop)?;
     let task = task_or_404(s, &req.task)?;
     let source = encode(s, &task, &req.input)?;

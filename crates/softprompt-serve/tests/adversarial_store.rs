@@ -24,13 +24,7 @@ fn tiny() -> Arc<Model> {
     static MODEL: OnceLock<(tempfile::TempDir, Arc<Model>)> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let root = tempfile::tempdir().unwrap();
-            let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
-            for f in ["config.json", "generation_config.json", "model.safetensors"] {
-                std::fs::copy(fixture.join(f), root.path().join(f)).unwrap();
-            }
-            let tokenizer = common::word_level::word_level_json(&[(0, "<unk>"), (1, "<s>"), (2, "</s>")], 256);
-            std::fs::write(root.path().join("tokenizer.json"), tokenizer).unwrap();
+            let root = common::tiny_llama_dir();
             let model = Arc::new(load_model(root.path(), &Device::Cpu).unwrap());
             (root, model)
         })

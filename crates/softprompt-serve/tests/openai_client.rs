@@ -78,13 +78,7 @@ fn tiny(chat: bool) -> Arc<Model> {
         [true, false]
             .into_iter()
             .map(|with_template| {
-                let root = tempfile::tempdir().unwrap();
-                let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
-                for f in ["config.json", "generation_config.json", "model.safetensors"] {
-                    std::fs::copy(fixture.join(f), root.path().join(f)).unwrap();
-                }
-                let tokenizer = common::word_level::word_level_json(&[(0, "<unk>"), (1, "<s>"), (2, "</s>")], 256);
-                std::fs::write(root.path().join("tokenizer.json"), tokenizer).unwrap();
+                let root = common::tiny_llama_dir();
                 if with_template {
                     let cfg = json!({"chat_template": TINY_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"});
                     std::fs::write(root.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();

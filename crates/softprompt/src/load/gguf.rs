@@ -254,6 +254,11 @@ enum Read {
     F32(Tensor),
 }
 
+/// Tensors decoded to f32 (or kept as candle tensors), by their HF name.
+type DenseTensors = HashMap<String, Tensor>;
+/// Matrices kept in their GGUF blocks, by their HF name.
+type StoredTensors = HashMap<String, Arc<QTensor>>;
+
 /// The tensors `rename` gives a Hugging Face name, after checking
 /// (`gguf_checks::check_referenced`, nothing decoded yet) that `build`, the family's builder
 /// with the parsed config, takes every tensor of the file with its shape. With
@@ -267,7 +272,7 @@ fn read_tensors<T>(
     storage: WeightStorage,
     rename: impl Fn(&str) -> Option<String>,
     build: impl FnOnce(&Weights) -> Result<T>,
-) -> Result<(HashMap<String, Tensor>, HashMap<String, Arc<QTensor>>)> {
+) -> Result<(DenseTensors, StoredTensors)> {
     super::gguf_checks::check_referenced(path, content, &rename, build)?;
     let keep = storage == WeightStorage::Stored && device.is_cpu();
     let mut tensors = HashMap::with_capacity(content.tensor_infos.len());

@@ -18,22 +18,34 @@ pub use crate::kernels::Kernels;
 /// product goes through the frozen matmul, whose backward skips the weight's gradient; same
 /// forward result (candle's own matmul kernel), cheaper backward. Otherwise candle's matmul.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    over_rows(x, w.dim(0)?, b, |x2| {
+        if frozen_matmul::applies(x2, w) {
+            Ok(frozen_matmul::matmul_t(x2, w)?)
+        } else {
+            Ok(x2.matmul(&w.t()?)?)
+        }
+    })
+}
+
+/// Runs `product` (`[rows, K] -> [rows, N]`) on `x [.., K]` flattened to rows, adds the bias
+/// `[N]` and restores the leading dims: `[.., N]`.
+fn over_rows(
+    x: &Tensor,
+    n: usize,
+    b: Option<&Tensor>,
+    product: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.reshape((rows, k))?;
-    let y = if frozen_matmul::applies(&x2, w) {
-        frozen_matmul::matmul_t(&x2, w)?
-    } else {
-        x2.matmul(&w.t()?)?
-    }; // [rows, N]
+    let y = product(&x.reshape((rows, k))?)?; // [rows, N]
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };
     let mut out = dims;
     let last = out.len() - 1;
-    out[last] = w.dim(0)?;
+    out[last] = n;
     Ok(y.reshape(out)?)
 }
 
@@ -45,25 +57,16 @@ pub fn linear_frozen(x: &Tensor, w: &FrozenWeight, b: Option<&Tensor>) -> Result
     if let FrozenWeight::Dense(w) = w {
         return linear(x, w, b);
     }
-    let dims = x.dims().to_vec();
-    let k = dims[dims.len() - 1];
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.reshape((rows, k))?;
     let (n, k2) = w.dims2()?;
-    let y = if k == k2 && rows > 0 && n > 0 && k > 0 && x2.dtype() == DType::F32 && x2.device().is_cpu() {
-        frozen_matmul::stored_matmul_t(&x2, w)?
-    } else {
-        let dense = w.to_f32()?.to_device(x.device())?;
-        x2.matmul(&dense.t()?)?
-    }; // [rows, N]
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = dims;
-    let last = out.len() - 1;
-    out[last] = n;
-    Ok(y.reshape(out)?)
+    over_rows(x, n, b, |x2| {
+        let (rows, k) = x2.dims2()?;
+        if k == k2 && rows > 0 && n > 0 && k > 0 && x2.dtype() == DType::F32 && x2.device().is_cpu() {
+            Ok(frozen_matmul::stored_matmul_t(x2, w)?)
+        } else {
+            let dense = w.to_f32()?.to_device(x2.device())?;
+            Ok(x2.matmul(&dense.t()?)?)
+        }
+    })
 }
 
 /// Softmax over the last dimension. The max is detached: it only keeps `exp` in range and

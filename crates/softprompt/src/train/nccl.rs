@@ -12,7 +12,7 @@
 use crate::train::mpi::{MpiRuntime, MpiWorld};
 use crate::train::parallel::{Collective, Parallel};
 use crate::{bail, Error, Result};
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{group_end, group_start, Comm, Id};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +80,31 @@ unsafe impl Send for Nccl {}
 // SAFETY: as for Send.
 unsafe impl Sync for Nccl {}
 
+impl Nccl {
+    /// `send` copied to the device, and a zeroed device buffer of `recv_len` values.
+    fn upload(&self, send: &[f32], recv_len: usize) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let device_send = self
+            .stream
+            .clone_htod(send)
+            .map_err(|e| driver_error("copy to the device", e))?;
+        let device_recv = self
+            .stream
+            .alloc_zeros::<f32>(recv_len)
+            .map_err(|e| driver_error("allocation", e))?;
+        Ok((device_send, device_recv))
+    }
+
+    /// The device buffer copied back into `recv`.
+    fn download(&self, device: &CudaSlice<f32>, recv: &mut [f32]) -> Result<()> {
+        let host = self
+            .stream
+            .clone_dtoh(device)
+            .map_err(|e| driver_error("copy from the device", e))?;
+        recv.copy_from_slice(&host);
+        Ok(())
+    }
+}
+
 impl Collective for Nccl {
     fn rank(&self) -> usize {
         self.world.rank()
@@ -96,14 +121,7 @@ impl Collective for Nccl {
             bail!("NCCL all-to-all: {} values sent, {} received", send.len(), recv.len());
         }
         let chunk = send.len() / size;
-        let device_send = self
-            .stream
-            .clone_htod(send)
-            .map_err(|e| driver_error("copy to the device", e))?;
-        let mut device_recv = self
-            .stream
-            .alloc_zeros::<f32>(recv.len())
-            .map_err(|e| driver_error("allocation", e))?;
+        let (device_send, mut device_recv) = self.upload(send, recv.len())?;
         // NCCL has no all-to-all: one grouped send and receive per peer.
         group_start().map_err(|e| nccl_error("group start", e))?;
         for peer in 0..size {
@@ -123,34 +141,17 @@ impl Collective for Nccl {
                 .map_err(|e| nccl_error("receive", e))?;
         }
         group_end().map_err(|e| nccl_error("group end", e))?;
-        let host = self
-            .stream
-            .clone_dtoh(&device_recv)
-            .map_err(|e| driver_error("copy from the device", e))?;
-        recv.copy_from_slice(&host);
-        Ok(())
+        self.download(&device_recv, recv)
     }
     fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         if recv.len() != send.len() * self.size() {
             bail!("NCCL all-gather: {} values to receive for {} sent", recv.len(), send.len());
         }
-        let device_send = self
-            .stream
-            .clone_htod(send)
-            .map_err(|e| driver_error("copy to the device", e))?;
-        let mut device_recv = self
-            .stream
-            .alloc_zeros::<f32>(recv.len())
-            .map_err(|e| driver_error("allocation", e))?;
+        let (device_send, mut device_recv) = self.upload(send, recv.len())?;
         self.comm
             .all_gather(&device_send, &mut device_recv)
             .map_err(|e| nccl_error("all-gather", e))?;
-        let host = self
-            .stream
-            .clone_dtoh(&device_recv)
-            .map_err(|e| driver_error("copy from the device", e))?;
-        recv.copy_from_slice(&host);
-        Ok(())
+        self.download(&device_recv, recv)
     }
     fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
         self.world.all_gather_f64(send, recv)

@@ -108,12 +108,16 @@ pub fn shard_range(len: usize, rank: usize, size: usize) -> std::ops::Range<usiz
     start.min(len)..end.min(len)
 }
 
+/// The collective being waited for and since when (`None` between collectives), shared with
+/// the watchdog.
+type Waiting = Mutex<Option<(String, Instant)>>;
+
 /// The collective a training run uses, with its watchdog; cheap to clone. See the module doc.
 #[derive(Clone)]
 pub struct Parallel {
     engine: Arc<dyn Collective>,
     /// What is being waited for and since when; `None` with one rank (no watchdog).
-    watch: Option<Arc<Mutex<Option<(String, Instant)>>>>,
+    watch: Option<Arc<Waiting>>,
     /// Seconds spent in collectives since the last [`Parallel::take_comm_seconds`].
     comm_seconds: Arc<Mutex<f64>>,
 }
@@ -286,7 +290,7 @@ pub const WATCHDOG_EXIT_CODE: i32 = 124;
 /// Polls `watch` until the [`Parallel`] owning it is dropped; aborts the job when one
 /// collective has waited longer than `timeout`.
 fn spawn_watchdog(
-    watch: Weak<Mutex<Option<(String, Instant)>>>,
+    watch: Weak<Waiting>,
     engine: Arc<dyn Collective>,
     timeout: Duration,
 ) {
